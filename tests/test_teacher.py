@@ -12,12 +12,22 @@ from emanorm import EMATeacher, cosine_momentum, warmup_momentum
 
 
 def make_student(norm: str = "bn") -> nn.Module:
-    layers = {"bn": lambda c: nn.BatchNorm2d(c), "gn": lambda c: nn.GroupNorm(2, c), "none": lambda c: nn.Identity()}
+    layers = {
+        "bn": lambda c: nn.BatchNorm2d(c),
+        "gn": lambda c: nn.GroupNorm(2, c),
+        "none": lambda c: nn.Identity(),
+    }
     make_norm = layers[norm]
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), make_norm(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), make_norm(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(3, 4, 3, padding=1),
+        make_norm(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        make_norm(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     )
 
 
@@ -55,13 +65,17 @@ def test_parameters_follow_eq1_exactly(norm):
     teacher.update(student)
     for name, s in student.named_parameters():
         expected = 0.9 * before[name] + 0.1 * s.detach()
-        torch.testing.assert_close(dict(teacher.module.named_parameters())[name], expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            dict(teacher.module.named_parameters())[name], expected, rtol=1e-6, atol=1e-7
+        )
     # an explicit momentum overrides the constructor's
     snapshot = {k: v.clone() for k, v in teacher.module.named_parameters()}
     teacher.update(student, momentum=0.5)
     for name, s in student.named_parameters():
         expected = 0.5 * snapshot[name] + 0.5 * s.detach()
-        torch.testing.assert_close(dict(teacher.module.named_parameters())[name], expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            dict(teacher.module.named_parameters())[name], expected, rtol=1e-6, atol=1e-7
+        )
 
 
 def _stats(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -101,8 +101,11 @@ class EMATeacher(nn.Module):
         self._batch_norms = [m for m in self.module.modules() if isinstance(m, _BatchNorm)]
         batch_norm_names = {n for n, m in self.module.named_modules() if isinstance(m, _BatchNorm)}
         if norm != "bn":
-            missing = [n for n, m in self.module.named_modules()
-                       if isinstance(m, _BatchNorm) and not m.track_running_stats]
+            missing = [
+                n
+                for n, m in self.module.named_modules()
+                if isinstance(m, _BatchNorm) and not m.track_running_stats
+            ]
             if missing:
                 raise ValueError(
                     f"norm={norm!r} needs running statistics, but these BatchNorm layers were built "
@@ -118,7 +121,9 @@ class EMATeacher(nn.Module):
         # Names decide which rule each tensor follows; the lists are built once.
         self._groups: dict[str, list[str]] = {
             "params": [n for n, _ in self.module.named_parameters()],
-            "statistics": [], "other_float": [], "integer": [],
+            "statistics": [],
+            "other_float": [],
+            "integer": [],
         }
         for name, buffer in self.module.named_buffers():
             if not buffer.is_floating_point():
