@@ -1,0 +1,164 @@
+"""Checkpoints: atomic writes, safe loads (never unpickle code), rebuilding a run's backbone."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from emanorm.errors import UserError
+
+CHECKPOINT_NAME = "last.pt"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename: the old file survives a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A run directory or a checkpoint file -> the checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "checkpoints" / CHECKPOINT_NAME
+        if not candidate.is_file():
+            raise UserError(f"no checkpoint in run directory {path} (expected {candidate})")
+        return candidate
+    if not path.is_file():
+        raise UserError(f"checkpoint or run directory not found: {path}")
+    return path
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: a file that carries pickled code fails without running it."""
+    path = resolve_checkpoint_path(path)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
+        raise UserError(
+            f"refusing to load {path}: it holds more than tensors and plain values ({first_line}); "
+            "only load checkpoints you trust with other tools"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise UserError(f"checkpoint {path} is truncated or corrupt: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"checkpoint {path} does not hold a dict, got {type(data).__name__}")
+    return data
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, in tensors and plain values (safe to load)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error listing what differs."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:5])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
+        raise UserError(f"{what} does not match this model: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def build_method_from_config(cfg: dict[str, Any], num_classes: int | None = None) -> nn.Module:
+    """The method a config describes, on CPU, without touching any data."""
+    from emanorm.data import dataset_info
+    from emanorm.train.loop import make_method
+
+    info = dataset_info(cfg["dataset"], cfg.get("data_dir"))
+    return make_method(cfg, info, distributed=False)
+
+
+def load_backbone(path: str | Path, which: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the backbone of a run (a run directory or a ``.pt`` file) with its trained weights."""
+    if which not in ("teacher", "student"):
+        raise UserError(f"--which must be teacher or student, got {which!r}")
+    data = safe_load(path)
+    if "config" not in data or "method" not in data:
+        raise UserError(f"{path} is not an emanorm checkpoint (keys: {', '.join(sorted(data)[:8])})")
+    cfg = data["config"]
+    method = build_method_from_config(cfg)
+    load_matching(method, data["method"], f"checkpoint {path}")
+    encoder = method.encoder(which)
+    encoder.eval()
+    return encoder, cfg
+
+
+def load_method(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The whole trained method of a run (for classifiers and test accuracy)."""
+    data = safe_load(path)
+    if "config" not in data or "method" not in data:
+        raise UserError(f"{path} is not an emanorm checkpoint")
+    method = build_method_from_config(data["config"])
+    load_matching(method, data["method"], f"checkpoint {path}")
+    method.eval()
+    return method, data["config"]

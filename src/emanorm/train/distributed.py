@@ -1,0 +1,90 @@
+"""torchrun / torch.distributed set-up, and the one collective the trainer adds."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from emanorm.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu or auto)")
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto") -> DistInfo:
+    """Read torchrun's environment; one process without it. gloo on CPU, NCCL on GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # A dead peer must stop the job in bounded time rather than hang forever.
+        timeout = timedelta(seconds=float(os.environ.get("EMANORM_DIST_TIMEOUT", "300")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def average_batchnorm_statistics(module: nn.Module) -> None:
+    """Make every rank's BN running statistics their mean, in one all-reduce.
+
+    Local BN leaves each rank with its own statistics; averaging them (a few KB a step) keeps the
+    student's and the teacher's statistics identical on every rank, without DDP's buffer
+    broadcast, which would overwrite them with rank 0's alone.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    stats = [
+        buf
+        for layer in module.modules()
+        if isinstance(layer, _BatchNorm) and layer.track_running_stats
+        for buf in (layer.running_mean, layer.running_var)
+    ]
+    if not stats:
+        return
+    flat = torch.cat([s.reshape(-1).float() for s in stats])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for s in stats:
+        n = s.numel()
+        s.copy_(flat[offset : offset + n].view_as(s))
+        offset += n
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
