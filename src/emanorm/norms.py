@@ -1,0 +1,262 @@
+"""Normalization layers: conversion between BN / SyncBN / GN / IN, split BN and ShuffleBN.
+
+Choices made here (the rest of the package relies on them):
+
+* ``"in"`` is ``nn.GroupNorm(C, C)``: one group per channel is instance normalisation with a
+  per-channel affine, it has no buffers (nothing for an EMA teacher to average) and it accepts
+  any ``(N, C, *)`` input. It is numerically the same as
+  ``nn.InstanceNorm2d(C, affine=True, track_running_stats=False)``.
+* ``"gn"`` uses the largest divisor of ``C`` that is at most ``num_groups``, so every width is
+  valid (``C=48, num_groups=32`` gives 24 groups; ``C=16`` gives 16).
+* ``BatchNorm1d`` (projector / predictor heads) is converted too, because the point of the GN
+  and IN variants is a network with no cross-sample dependency anywhere. On ``(N, C)`` features
+  ``"gn"`` is ``GroupNorm(groups, C)`` (normalises each sample over groups of features; at least
+  8 features per group, since a group of one feature would normalise to zero), while
+  ``"in"`` becomes ``GroupNorm(1, C)`` (layer normalisation with a per-feature affine): instance
+  normalisation of a single value per channel would output the bias alone and erase the input.
+* ``"bn"`` turns ``SyncBatchNorm`` and ``SplitBatchNorm2d`` back into plain ``BatchNorm{1,2,3}d``
+  (running statistics kept); other layers are left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+NORM_KINDS = ("bn", "sync_bn", "gn", "in")
+
+# Remembers which plain class a SyncBatchNorm came from, so "bn" can restore it.
+_SOURCE_ATTR = "_emanorm_bn_class"
+_MIN_1D_GROUP = 8
+_PLAIN_BN = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d}
+
+
+def group_count(channels: int, num_groups: int) -> int:
+    """The largest divisor of ``channels`` that is at most ``num_groups`` (always valid for GN)."""
+    if channels < 1 or num_groups < 1:
+        raise ValueError(f"channels and num_groups must be positive, got {channels} and {num_groups}")
+    for groups in range(min(channels, num_groups), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1  # unreachable: 1 divides everything
+
+
+def _plain_bn_class(layer: _BatchNorm) -> type[_BatchNorm]:
+    if isinstance(layer, SplitBatchNorm2d):
+        return nn.BatchNorm2d
+    if isinstance(layer, nn.SyncBatchNorm):
+        return _PLAIN_BN.get(getattr(layer, _SOURCE_ATTR, "BatchNorm2d"), nn.BatchNorm2d)
+    return type(layer)
+
+
+def _copy_bn_state(src: _BatchNorm, dst: _BatchNorm) -> _BatchNorm:
+    """Copy affine parameters and running statistics; keep device, dtype and requires_grad."""
+    with torch.no_grad():
+        if src.affine:
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+            dst.weight.requires_grad_(src.weight.requires_grad)
+            dst.bias.requires_grad_(src.bias.requires_grad)
+        if src.track_running_stats:
+            dst.running_mean.copy_(src.running_mean)
+            dst.running_var.copy_(src.running_var)
+            dst.num_batches_tracked.copy_(src.num_batches_tracked)
+    dst.train(src.training)
+    return dst
+
+
+def _factory(layer: _BatchNorm) -> dict:
+    ref = layer.weight if layer.affine else layer.running_mean
+    return {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+
+
+def _to_group_norm(layer: _BatchNorm, kind: str, num_groups: int) -> nn.GroupNorm:
+    channels = layer.num_features
+    one_d = isinstance(layer, nn.BatchNorm1d) or getattr(layer, _SOURCE_ATTR, "") == "BatchNorm1d"
+    if kind == "in":  # one group per channel, except GroupNorm(1, C) on 1d features (module docstring)
+        groups = 1 if one_d else channels
+    else:  # on 1d features a group is its features alone: keep at least _MIN_1D_GROUP of them
+        limit = max(1, min(num_groups, channels // _MIN_1D_GROUP)) if one_d else num_groups
+        groups = group_count(channels, limit)
+    gn = nn.GroupNorm(groups, channels, eps=layer.eps, affine=layer.affine, **_factory(layer))
+    if layer.affine:
+        with torch.no_grad():
+            gn.weight.copy_(layer.weight)
+            gn.bias.copy_(layer.bias)
+        gn.weight.requires_grad_(layer.weight.requires_grad)
+        gn.bias.requires_grad_(layer.bias.requires_grad)
+    gn.train(layer.training)
+    return gn
+
+
+def _convert_layer(layer: _BatchNorm, kind: str, num_groups: int) -> nn.Module:
+    if kind in ("gn", "in"):
+        return _to_group_norm(layer, kind, num_groups)
+    if kind == "sync_bn":
+        if isinstance(layer, nn.SyncBatchNorm):
+            return layer
+        sync = nn.SyncBatchNorm(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                                layer.track_running_stats, **_factory(layer))
+        setattr(sync, _SOURCE_ATTR, _plain_bn_class(layer).__name__)
+        return _copy_bn_state(layer, sync)
+    # kind == "bn"
+    cls = _plain_bn_class(layer)
+    if type(layer) is cls:
+        return layer
+    bn = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
+             **_factory(layer))
+    return _copy_bn_state(layer, bn)
+
+
+def convert_norm(module: nn.Module, kind: str, *, num_groups: int = 32) -> nn.Module:
+    """Replace every BatchNorm (plain, Sync, Split; 1d/2d/3d) of ``module`` by ``kind``.
+
+    ``kind`` is one of ``bn``, ``sync_bn``, ``gn``, ``in``; affine weights are copied, and running
+    statistics too between BN variants. Works in place on children and returns the module (a
+    new one when ``module`` itself is a BatchNorm).
+    """
+    if kind not in NORM_KINDS:
+        raise ValueError(f"unknown norm kind {kind!r}; allowed: {', '.join(NORM_KINDS)}")
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be positive, got {num_groups}")
+    if isinstance(module, _BatchNorm):
+        return _convert_layer(module, kind, num_groups)
+    for name, child in module.named_children():
+        new = convert_norm(child, kind, num_groups=num_groups)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from ``num_splits`` equal chunks of the batch.
+
+    Emulates ``num_splits`` GPUs each running plain BN on its own share (MoCo's single-device
+    ShuffleBN). Chunk ``i`` is samples ``[i*n, (i+1)*n)`` with ``n = N // num_splits``. The
+    running statistics are ordinary buffers, updated with the mean over the splits of each
+    split's statistics, so an EMA teacher can average them like any BN. Eval mode is plain BN.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        if int(num_splits) < 1:
+            raise ValueError(f"num_splits must be a positive integer, got {num_splits}")
+        self.num_splits = int(num_splits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if n % s != 0:
+            raise ValueError(f"SplitBatchNorm2d: batch size {n} is not divisible by num_splits={s}")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average, as in nn.BatchNorm
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Put each split's channels side by side: (n/s, s*c, h, w), one batch_norm call.
+        xs = x.view(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)
+        running_mean = running_var = None
+        if self.track_running_stats:
+            running_mean = self.running_mean.repeat(s)
+            running_var = self.running_var.repeat(s)
+        weight = self.weight.repeat(s) if self.affine else None
+        bias = self.bias.repeat(s) if self.affine else None
+        out = F.batch_norm(xs, running_mean, running_var, weight, bias, True, factor, self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.copy_(running_mean.view(s, c).mean(0))
+                self.running_var.copy_(running_var.view(s, c).mean(0))
+        return out.view(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+
+def convert_to_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every ``BatchNorm2d`` by a ``SplitBatchNorm2d`` (state kept).
+
+    ``BatchNorm1d`` layers (heads) stay as they are: split BN emulates per-GPU statistics of the
+    backbone as in MoCo's CIFAR demo. An existing ``SplitBatchNorm2d`` gets the new ``num_splits``.
+    """
+    if int(num_splits) < 1:
+        raise ValueError(f"num_splits must be a positive integer, got {num_splits}")
+    if isinstance(module, SplitBatchNorm2d):
+        module.num_splits = int(num_splits)
+        return module
+    if isinstance(module, nn.BatchNorm2d):
+        split = SplitBatchNorm2d(module.num_features, num_splits, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats, **_factory(module))
+        return _copy_bn_state(module, split)
+    for name, child in module.named_children():
+        new = convert_to_split_bn(child, num_splits)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+# -- ShuffleBN --------------------------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def _gather(x: Tensor) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def shuffle_batch(x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Shuffle a batch across all ranks (MoCo's ShuffleBN); returns ``(x_shuffled, unshuffle_index)``.
+
+    On one process: a random permutation of the batch. Under ``torch.distributed`` with several
+    ranks: the batches of all ranks are gathered, rank 0 draws one permutation and broadcasts it,
+    and each rank keeps its slice. Every rank must pass the same batch size. Meant for the
+    gradient-free teacher/key path: no gradient flows through the gather.
+    """
+    rank, world = _world()
+    if world == 1:
+        perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
+        return x[perm], torch.argsort(perm)
+    local = x.shape[0]
+    x_all = _gather(x)
+    perm = torch.randperm(x_all.shape[0], device=x.device, generator=generator)
+    dist.broadcast(perm, src=0)
+    keep = slice(rank * local, (rank + 1) * local)
+    return x_all[perm[keep]], torch.argsort(perm)[keep]
+
+
+@torch.no_grad()
+def unshuffle_batch(y: Tensor, unshuffle_index: Tensor) -> Tensor:
+    """Undo :func:`shuffle_batch` on the outputs ``y`` (gathers across ranks when distributed)."""
+    _, world = _world()
+    if world == 1:
+        return y[unshuffle_index]
+    return _gather(y)[unshuffle_index]
+
+
+def is_distributed() -> bool:
+    """True under an initialised ``torch.distributed`` group with more than one rank."""
+    return _world()[1] > 1
+
+
+__all__ = [
+    "NORM_KINDS",
+    "SplitBatchNorm2d",
+    "convert_norm",
+    "convert_to_split_bn",
+    "group_count",
+    "is_distributed",
+    "shuffle_batch",
+    "unshuffle_batch",
+]
