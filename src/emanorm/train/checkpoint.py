@@ -129,13 +129,17 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) 
     module.load_state_dict(state, strict=True)
 
 
-def build_method_from_config(cfg: dict[str, Any], num_classes: int | None = None) -> nn.Module:
-    """The method a config describes, on CPU, without touching any data."""
-    from emanorm.data import dataset_info
+def build_method_from_checkpoint(data: dict[str, Any], path: str | Path) -> nn.Module:
+    """The method a checkpoint describes, on CPU, with its weights, without touching any data."""
+    from types import SimpleNamespace
+
     from emanorm.train.loop import make_method
 
-    info = dataset_info(cfg["dataset"], cfg.get("data_dir"))
-    return make_method(cfg, info, distributed=False)
+    if "config" not in data or "method" not in data or "dataset_info" not in data:
+        raise UserError(f"{path} is not an emanorm checkpoint (keys: {', '.join(sorted(data)[:8])})")
+    method = make_method(data["config"], SimpleNamespace(**data["dataset_info"]), distributed=False)
+    load_matching(method, data["method"], f"checkpoint {path}")
+    return method
 
 
 def load_backbone(path: str | Path, which: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
@@ -143,22 +147,15 @@ def load_backbone(path: str | Path, which: str = "teacher") -> tuple[nn.Module, 
     if which not in ("teacher", "student"):
         raise UserError(f"--which must be teacher or student, got {which!r}")
     data = safe_load(path)
-    if "config" not in data or "method" not in data:
-        raise UserError(f"{path} is not an emanorm checkpoint (keys: {', '.join(sorted(data)[:8])})")
-    cfg = data["config"]
-    method = build_method_from_config(cfg)
-    load_matching(method, data["method"], f"checkpoint {path}")
+    method = build_method_from_checkpoint(data, path)
     encoder = method.encoder(which)
     encoder.eval()
-    return encoder, cfg
+    return encoder, {**data["config"], "dataset_info": data["dataset_info"]}
 
 
 def load_method(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The whole trained method of a run (for classifiers and test accuracy)."""
     data = safe_load(path)
-    if "config" not in data or "method" not in data:
-        raise UserError(f"{path} is not an emanorm checkpoint")
-    method = build_method_from_config(data["config"])
-    load_matching(method, data["method"], f"checkpoint {path}")
+    method = build_method_from_checkpoint(data, path)
     method.eval()
     return method, data["config"]
