@@ -1,0 +1,382 @@
+"""The shared base of every method: options, the normalization plan, the teacher, helpers.
+
+A method is an ``nn.Module`` holding a trainable student (plus heads) and, for the EMA-teacher
+methods, an :class:`~emanorm.teacher.EMATeacher`. ``training_step(batch, step)`` returns the
+loss and a dict of float logs; ``after_step(step, total_steps)`` runs after
+``optimizer.step()`` and moves the teacher. ``forward`` is ``training_step`` so that
+``DistributedDataParallel`` can wrap the whole method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from emanorm.models import Classifier
+from emanorm.norms import convert_norm, convert_to_split_bn, is_distributed, shuffle_batch, unshuffle_batch
+from emanorm.teacher import EMATeacher, warmup_momentum
+
+#: Every ``--norm`` value, in the order of the paper's Tables 1 and 8.
+ALL_NORMS = ("default", "bn", "sync_bn", "shuffle_bn", "gn", "in", "eman", "teacher_pn", "student_pn")
+#: Norms whose teacher normalises with running statistics (EMATeacher modes of the same name).
+TEACHER_NORMS = ("eman", "teacher_pn", "student_pn")
+
+BackboneFactory = Callable[[str], nn.Module]
+
+__all__ = [
+    "ALL_NORMS",
+    "TEACHER_NORMS",
+    "Classifier",
+    "Method",
+    "NormPlan",
+    "Projected",
+    "cat_for_splits",
+    "concat_all_gather",
+    "plan_norm",
+    "split_from_splits",
+    "to_floats",
+]
+
+
+@dataclass(frozen=True)
+class NormPlan:
+    """What one ``--norm`` value means for one method.
+
+    Attributes:
+        norm: the value asked for (``default`` included).
+        resolved: ``norm`` with ``default`` replaced by the method's own default; FixMatch keeps
+            ``default`` (its teacher-free form).
+        backbone_kind: the norm layers the backbone is built with (``bn``/``sync_bn``/``gn``/``in``).
+        teacher_mode: the :class:`EMATeacher` mode, or ``None`` where the form has no teacher.
+        shuffle: the teacher's input is shuffled across the (global) batch (ShuffleBN).
+        num_splits: ``> 1`` where the BN layers of the backbone compute statistics per sub-batch
+            (ShuffleBN on one process, emulating ``num_splits`` GPUs); ``1`` otherwise.
+    """
+
+    norm: str
+    resolved: str
+    backbone_kind: str
+    teacher_mode: str | None
+    shuffle: bool = False
+    num_splits: int = 1
+
+
+def plan_norm(
+    method: str, norm: str, *, allowed: Sequence[str], default: str, num_splits: int = 1
+) -> NormPlan:
+    """Resolve ``norm`` for ``method`` (Table 1 / Table 8 of the paper); ``ValueError`` if not allowed."""
+    if norm not in allowed:
+        raise ValueError(f"norm {norm!r} is not valid for method {method!r}; allowed: {', '.join(allowed)}")
+    resolved = default if norm == "default" else norm
+    kind = resolved if resolved in ("sync_bn", "gn", "in") else "bn"
+    if resolved == "default":  # FixMatch's own form: one network, no teacher
+        return NormPlan(norm, resolved, kind, None)
+    if resolved in TEACHER_NORMS:
+        return NormPlan(norm, resolved, kind, resolved)
+    if resolved == "shuffle_bn":
+        # Under DDP every rank's plain BN is already "per GPU"; on one process split BN emulates it.
+        splits = 1 if is_distributed() else int(num_splits)
+        return NormPlan(norm, resolved, kind, "bn", shuffle=True, num_splits=splits)
+    return NormPlan(norm, resolved, kind, "bn")
+
+
+def _check_option(method: str, name: str, value: Any, default: Any) -> Any:
+    """Type-check one option against its default's type (ints are accepted for floats)."""
+    ok = True
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(
+            f"option {name!r} of method {method!r} must be {type(default).__name__}, got {value!r}"
+        )
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """``ValueError`` naming the allowed values unless ``value`` is one of them."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def check_range(
+    name: str, value: float, low: float, high: float = float("inf"), *, low_open: bool = False
+) -> None:
+    """``ValueError`` unless ``low <= value <= high`` (``low < value`` with ``low_open``)."""
+    if (value <= low if low_open else value < low) or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
+
+
+# -- small modules shared by the methods -----------------------------------------------------
+# ``Classifier`` (backbone + ``fc``) comes from emanorm.models and is re-exported here.
+class Projected(nn.Module):
+    """``backbone`` followed by a projection ``head`` (MoCo's MLP, BYOL's projector)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
+# -- batch helpers ---------------------------------------------------------------------------
+def cat_for_splits(parts: Sequence[Tensor], num_splits: int = 1) -> Tensor:
+    """``torch.cat(parts)``, arranged so each of ``num_splits`` equal chunks holds its share of every part.
+
+    With split BN (one process emulating ``num_splits`` GPUs) each emulated GPU must see its
+    own labeled and unlabeled samples together, as ``cat(x_local, u_local)`` would under DDP.
+    """
+    if num_splits <= 1:
+        return torch.cat(list(parts))
+    chunks = []
+    for p in parts:
+        if p.shape[0] % num_splits:
+            raise ValueError(f"batch size {p.shape[0]} is not divisible by num_splits={num_splits}")
+        chunks.append(p.reshape(num_splits, p.shape[0] // num_splits, *p.shape[1:]))
+    return torch.cat(chunks, dim=1).reshape(-1, *parts[0].shape[1:])
+
+
+def split_from_splits(out: Tensor, sizes: Sequence[int], num_splits: int = 1) -> list[Tensor]:
+    """Undo :func:`cat_for_splits` on the outputs: one tensor per part, in the original order."""
+    if num_splits <= 1:
+        return list(out.split(list(sizes)))
+    per = [n // num_splits for n in sizes]
+    grouped = out.reshape(num_splits, sum(per), *out.shape[1:])
+    return [g.reshape(-1, *out.shape[1:]) for g in grouped.split(per, dim=1)]
+
+
+@torch.no_grad()
+def concat_all_gather(x: Tensor) -> Tensor:
+    """Every rank's ``x`` concatenated in rank order (``x`` itself on one process); no gradient."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def to_floats(**values: Tensor | float) -> dict[str, float]:
+    """Log values as Python floats with one device synchronisation for all tensors."""
+    names = [k for k, v in values.items() if isinstance(v, Tensor)]
+    logs = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
+    if names:
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in names]).tolist()
+        logs.update(zip(names, stacked, strict=True))
+    return {k: logs[k] for k in values}
+
+
+def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Top-1 accuracy as a 0-d tensor (no synchronisation)."""
+    return (logits.argmax(dim=1) == targets).float().mean()
+
+
+# -- the base class --------------------------------------------------------------------------
+class Method(nn.Module):
+    """Base class: option checking, the norm plan, student/teacher construction and the API.
+
+    Subclasses set ``name``, ``NORMS`` (allowed ``--norm`` values), ``DEFAULT_NORM``,
+    ``OPTIONS`` (name -> default), the view dicts, and implement ``training_step``.
+    """
+
+    name: ClassVar[str] = "method"
+    NORMS: ClassVar[tuple[str, ...]] = ALL_NORMS
+    DEFAULT_NORM: ClassVar[str] = "bn"
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+    labeled_views: ClassVar[dict[str, str]] = {}
+    unlabeled_views: ClassVar[dict[str, str]] = {}
+    #: False for MoCo, which updates its teacher inside ``training_step``.
+    updates_teacher_after_step: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        backbone_factory: BackboneFactory,
+        num_classes: int,
+        norm: str,
+        momentum: float,
+        eman_momentum: float | None,
+        bn_momentum: float,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            allowed = ", ".join(f"{k}={v!r}" for k, v in self.OPTIONS.items()) or "none"
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} for method {self.name!r}; allowed: {allowed}"
+            )
+        self.options: dict[str, Any] = {
+            k: _check_option(self.name, k, options.get(k, d), d) for k, d in self.OPTIONS.items()
+        }
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+        check_range("momentum", float(momentum), 0.0, 1.0)
+        check_range("bn_momentum", float(bn_momentum), 0.0, 1.0)
+        if eman_momentum is not None:
+            check_range("eman_momentum", float(eman_momentum), 0.0, 1.0)
+        self.num_classes = int(num_classes)
+        self.momentum = float(momentum)
+        self.eman_momentum = None if eman_momentum is None else float(eman_momentum)
+        self.bn_momentum = float(bn_momentum)
+        self.backbone_factory = backbone_factory
+        self.plan = plan_norm(
+            self.name, norm, allowed=self.NORMS, default=self.DEFAULT_NORM,
+            num_splits=self.options.get("num_splits", 1),
+        )
+        self.teacher: EMATeacher | None = None
+        #: The momentum of the latest teacher update (``nan`` before the first one).
+        self.current_momentum = float("nan")
+
+    # -- construction helpers ----------------------------------------------------------------
+    def make_backbone(self) -> nn.Module:
+        """A fresh backbone with the plan's norm layers."""
+        backbone = self.backbone_factory(self.plan.backbone_kind)
+        if not hasattr(backbone, "feature_dim"):
+            raise ValueError("backbone_factory must return a module with a feature_dim attribute")
+        return backbone
+
+    def prepare_student(self, student: nn.Module, heads: Sequence[nn.Module] = ()) -> nn.Module:
+        """Give ``heads`` the backbone's norm kind and apply split BN / BN momentum to ``student``.
+
+        ``heads`` are the parts not made by ``backbone_factory`` (MLP heads with BatchNorm1d): they
+        get GN/IN for the ``gn``/``in`` plans and SyncBN under DDP for ``sync_bn`` (on one process
+        the factory's backbone falls back to BN, and so do the heads).
+        """
+        kind = self.plan.backbone_kind
+        if kind in ("gn", "in") or (kind == "sync_bn" and is_distributed()):
+            for head in heads:
+                convert_norm(head, kind)
+        if self.plan.num_splits > 1:
+            student = convert_to_split_bn(student, self.plan.num_splits)
+        # bn_momentum is PyTorch's BN momentum of every layer that collects running statistics:
+        # the student's too, whose statistics EMAN averages and student PN copies (Table 8's alpha).
+        for layer in student.modules():
+            if isinstance(layer, _BatchNorm):
+                layer.momentum = self.bn_momentum
+        return student
+
+    def make_teacher(self, student: nn.Module, mode: str | None = None) -> EMATeacher:
+        """An :class:`EMATeacher` of ``student`` in the plan's mode (or ``mode``)."""
+        return EMATeacher(
+            student,
+            norm=mode or self.plan.teacher_mode or "bn",
+            momentum=self.momentum,
+            buffer_momentum=self.eman_momentum,
+            bn_momentum=self.bn_momentum,
+        )
+
+    # -- the API -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+        """The loss of one batch and its logs (floats)."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+        """``training_step``: lets ``DistributedDataParallel`` wrap the method."""
+        return self.training_step(batch, step)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after ``optimizer.step()`` with the index of that step: moves the teacher."""
+        if self.teacher is not None and self.updates_teacher_after_step:
+            self.update_teacher(step, total_steps)
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """The teacher momentum of ``step``: constant, optionally with Mean Teacher's warm-up."""
+        m = self.momentum
+        if self.options.get("momentum_warmup", False):
+            m = warmup_momentum(m, step)
+        return m
+
+    @torch.no_grad()
+    def update_teacher(self, step: int, total_steps: int) -> None:
+        """One EMA step of the teacher towards the student."""
+        assert self.teacher is not None
+        m = self.momentum_at(step, total_steps)
+        self.teacher.update(self.teacher_source(), m)
+        self.current_momentum = m
+
+    def teacher_source(self) -> nn.Module:
+        """The student-side module the teacher mirrors."""
+        return self.student
+
+    def teacher_forward(self, x: Tensor) -> Tensor:
+        """The teacher's output on ``x`` (no gradient), shuffled and unshuffled for ShuffleBN."""
+        assert self.teacher is not None
+        with torch.no_grad():
+            if self.plan.shuffle:
+                shuffled, index = shuffle_batch(x)
+                return unshuffle_batch(self.teacher(shuffled), index)
+            return self.teacher(x)
+
+    def student_forward(self, parts: Sequence[Tensor]) -> list[Tensor]:
+        """One student forward over ``cat(parts)``; returns one output per part."""
+        splits = self.plan.num_splits
+        out = self.student(cat_for_splits(parts, splits))
+        return split_from_splits(out, [p.shape[0] for p in parts], splits)
+
+    def encoder(self, which: str = "teacher") -> nn.Module:
+        """The backbone (images -> pooled features) of the teacher or the student, for evaluation.
+
+        The live module is returned: evaluation code that trains it must copy it first.
+        """
+        check_choice("which", which, ("teacher", "student"))
+        if which == "teacher" and self.teacher is not None:
+            return self.teacher.module.backbone
+        return self.student.backbone
+
+    def classifier(self, which: str = "teacher") -> nn.Module | None:
+        """Images -> logits for the semi-supervised methods (``None`` for the self-supervised)."""
+        check_choice("which", which, ("teacher", "student"))
+        return None
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """The modules the optimiser trains (never the teacher)."""
+        return [self.student]
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Optimiser parameter groups; bias and norm parameters excluded when the option says so."""
+        from emanorm.optim import parameter_groups  # imported here: only the optimiser set-up needs it
+
+        groups = parameter_groups(
+            nn.ModuleList(self.trainable_modules()), weight_decay,
+            exclude_bias_and_norm=self.options.get("exclude_bias_and_norm", False),
+        )
+        for group in groups:  # the teacher is never trained, whatever the groups helper does
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        return [g for g in groups if g["params"]]
+
+    # -- EMATeacher works around ----------------------------------------------------------------
+    def _apply(self, fn: Callable, recurse: bool = True) -> Method:  # type: ignore[override]
+        # ``.to(device)`` / ``.double()`` replace buffer tensors, but EMATeacher keeps the tensor
+        # lists it built at construction and would update stale copies (or fail): rebuild them.
+        super()._apply(fn, recurse)
+        for module in self.modules():
+            if isinstance(module, EMATeacher) and hasattr(module, "_tensor_lists"):
+                module._teacher_tensors = module._tensor_lists(module.module)
+                module._cached_student = None
+        return self
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"norm={self.plan.norm!r} (resolved {self.plan.resolved!r}), {opts}"
+
+
+def batch_get(batch: Mapping[str, Tensor], key: str, method: str) -> Tensor:
+    """``batch[key]`` or a ``KeyError`` that says which keys the method needs."""
+    if key not in batch:
+        raise KeyError(f"method {method!r} needs batch key {key!r}; got keys {sorted(batch)}")
+    return batch[key]

@@ -1,0 +1,75 @@
+"""BYOL (Grill et al. 2020): the online network regresses the EMA target's projection of the other view.
+
+Online = backbone + projector + predictor; target = EMA teacher of backbone + projector. The
+loss ``2 - 2 cos(p, z)`` is symmetrised over both view orders (summed, as in BYOL). The target
+momentum follows BYOL's cosine schedule from ``momentum`` to 1 (:func:`emanorm.cosine_momentum`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from emanorm.methods.base import ALL_NORMS, Method, Projected, batch_get, check_range, to_floats
+from emanorm.models import MLPHead
+from emanorm.teacher import cosine_momentum, warmup_momentum
+
+
+def regression_loss(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL's ``2 - 2 cos(p, z)``, averaged over the batch."""
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
+
+
+class BYOL(Method):
+    """BYOL with projector ``feature_dim -> proj_hidden_dim -> proj_dim`` and an MLP predictor."""
+
+    name: ClassVar[str] = "byol"
+    NORMS: ClassVar[tuple[str, ...]] = ALL_NORMS
+    DEFAULT_NORM: ClassVar[str] = "sync_bn"
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        "proj_hidden_dim": 4096,
+        "proj_dim": 256,
+        "pred_hidden_dim": 4096,
+        "num_splits": 8,
+        "momentum_warmup": False,
+        "exclude_bias_and_norm": True,  # BYOL with LARS: no decay / trust ratio for bias and norms
+    }
+    unlabeled_views: ClassVar[dict[str, str]] = {"view1": "byol1", "view2": "byol2"}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        o = self.options
+        for key in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim", "num_splits"):
+            check_range(key, o[key], 1)
+        backbone = self.make_backbone()
+        projector = MLPHead(backbone.feature_dim, o["proj_hidden_dim"], o["proj_dim"])
+        predictor = MLPHead(o["proj_dim"], o["pred_hidden_dim"], o["proj_dim"])
+        online = self.prepare_student(nn.ModuleDict(
+            {"network": Projected(backbone, projector), "predictor": predictor}
+        ), heads=[projector, predictor])
+        self.student = online["network"]
+        self.predictor = online["predictor"]
+        self.teacher = self.make_teacher(self.student)
+
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+        view1 = batch_get(batch, "view1", self.name)
+        view2 = batch_get(batch, "view2", self.name)
+        # Separate forwards per view: each view's BN statistics stay its own, as in BYOL.
+        p1 = self.predictor(self.student(view1))
+        p2 = self.predictor(self.student(view2))
+        z1 = self.teacher_forward(view1)
+        z2 = self.teacher_forward(view2)
+        loss = regression_loss(p1, z2) + regression_loss(p2, z1)
+        return loss, to_floats(loss=loss)
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """BYOL's cosine schedule from ``momentum`` to 1, optionally with Mean Teacher's warm-up."""
+        m = cosine_momentum(self.momentum, step, total_steps)
+        if self.options["momentum_warmup"]:
+            m = warmup_momentum(m, step)
+        return m
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.student, self.predictor]

@@ -1,0 +1,81 @@
+"""Mean Teacher (Tarvainen & Valpola 2017): the EMA-teacher framework the paper starts from.
+
+The student classifies ``cat(x, u_w)`` in one forward; the EMA teacher classifies a second weak
+view ``u_w2``. Loss = CE on the labeled part + ``w(step)`` x MSE between the student's and the
+teacher's class probabilities on the unlabeled part, where ``w`` ramps up with
+``exp(-5 (1 - t)^2)`` over ``rampup_steps`` to ``consistency``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from emanorm.methods.base import ALL_NORMS, Method, accuracy, batch_get, check_range, to_floats
+from emanorm.models import Classifier
+
+
+def sigmoid_rampup(step: int, rampup_steps: int) -> float:
+    """Mean Teacher's ramp-up ``exp(-5 (1 - t)^2)``, ``t = step / rampup_steps`` clipped to [0, 1]."""
+    if rampup_steps <= 0:
+        return 1.0
+    t = min(max(step / rampup_steps, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+class MeanTeacher(Method):
+    """Mean Teacher with a softmax-MSE consistency on unlabeled weak views."""
+
+    name: ClassVar[str] = "meanteacher"
+    NORMS: ClassVar[tuple[str, ...]] = ALL_NORMS
+    DEFAULT_NORM: ClassVar[str] = "bn"
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        "consistency": 100.0,
+        "rampup_steps": 1000,
+        "num_splits": 8,
+        "momentum_warmup": False,
+        "exclude_bias_and_norm": False,
+    }
+    labeled_views: ClassVar[dict[str, str]] = {"x": "weak"}
+    unlabeled_views: ClassVar[dict[str, str]] = {"u_w": "weak", "u_w2": "weak"}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        check_range("consistency", self.options["consistency"], 0.0)
+        check_range("rampup_steps", self.options["rampup_steps"], 0)
+        check_range("num_splits", self.options["num_splits"], 1)
+        self.student = self.prepare_student(Classifier(self.make_backbone(), self.num_classes))
+        self.teacher = self.make_teacher(self.student)
+
+    def consistency_weight(self, step: int) -> float:
+        """The consistency weight at ``step``."""
+        return self.options["consistency"] * sigmoid_rampup(step, self.options["rampup_steps"])
+
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+        x = batch_get(batch, "x", self.name)
+        y = batch_get(batch, "y", self.name)
+        u_w = batch_get(batch, "u_w", self.name)
+        u_w2 = batch_get(batch, "u_w2", self.name)
+        logits_x, logits_u = self.student_forward([x, u_w])
+        logits_t = self.teacher_forward(u_w2)
+        loss_x = F.cross_entropy(logits_x, y)
+        # Mean over samples and classes, i.e. the original's sum / (classes x batch).
+        loss_c = F.mse_loss(torch.softmax(logits_u, dim=1), torch.softmax(logits_t.float(), dim=1))
+        weight = self.consistency_weight(step)
+        loss = loss_x + weight * loss_c
+        values: dict[str, Tensor | float] = {
+            "loss": loss, "loss_x": loss_x, "loss_c": loss_c, "weight_c": weight,
+            "acc_x": accuracy(logits_x, y),
+        }
+        u_y = batch.get("u_y")
+        if u_y is not None:
+            values["teacher_acc_u"] = accuracy(logits_t, u_y)
+        return loss, to_floats(**values)
+
+    def classifier(self, which: str = "teacher") -> nn.Module:
+        super().classifier(which)
+        return self.teacher.module if which == "teacher" else self.student

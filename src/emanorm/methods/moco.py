@@ -1,0 +1,114 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020): a contrastive query/key pair with a key queue.
+
+The query network is the student (backbone + 2-layer MLP head, no BN in the head); the key
+network is the EMA teacher. As in the original MoCo, the teacher is updated inside
+``training_step`` after the query forward and before the key forward, and the keys of the
+global batch are enqueued at the end of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from emanorm.methods.base import (
+    ALL_NORMS,
+    Method,
+    Projected,
+    accuracy,
+    batch_get,
+    check_range,
+    concat_all_gather,
+    to_floats,
+)
+from emanorm.models import MLPHead
+
+
+def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """InfoNCE of L2-normalised queries ``q`` against their keys ``k`` and the negatives ``queue``.
+
+    Returns the cross-entropy loss and the top-1 accuracy of the positive (index 0).
+    """
+    positive = (q * k).sum(dim=1, keepdim=True)
+    negatives = q @ queue.t()
+    logits = torch.cat([positive, negatives], dim=1) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels), accuracy(logits, labels)
+
+
+class MoCo(Method):
+    """MoCo v2 with an EMA key encoder (the teacher) and a queue of ``queue_size`` negatives."""
+
+    name: ClassVar[str] = "moco"
+    NORMS: ClassVar[tuple[str, ...]] = ALL_NORMS
+    DEFAULT_NORM: ClassVar[str] = "shuffle_bn"
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        "dim": 128,
+        "queue_size": 65536,
+        "temperature": 0.2,
+        "symmetric": False,
+        "num_splits": 8,
+        "momentum_warmup": False,
+        "exclude_bias_and_norm": False,
+    }
+    unlabeled_views: ClassVar[dict[str, str]] = {"view1": "moco", "view2": "moco"}
+    updates_teacher_after_step: ClassVar[bool] = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        o = self.options
+        check_range("dim", o["dim"], 1)
+        check_range("queue_size", o["queue_size"], 1)
+        check_range("temperature", o["temperature"], 0.0, low_open=True)
+        check_range("num_splits", o["num_splits"], 1)
+        backbone = self.make_backbone()
+        dim = backbone.feature_dim
+        head = MLPHead(dim, dim, o["dim"], num_layers=2, batch_norm=False)
+        self.student = self.prepare_student(Projected(backbone, head), heads=[head])
+        self.teacher = self.make_teacher(self.student)
+        # Keys are rows; MoCo's random unit-norm initial negatives.
+        self.register_buffer("queue", F.normalize(torch.randn(o["queue_size"], o["dim"]), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+        view1 = batch_get(batch, "view1", self.name)
+        view2 = batch_get(batch, "view2", self.name)
+        symmetric = self.options["symmetric"]
+        q1 = F.normalize(self.student(view1), dim=1)
+        q2 = F.normalize(self.student(view2), dim=1) if symmetric else None
+        # Original MoCo order: momentum update after the query forward, before the key forward.
+        self.update_teacher(step, 0)
+        k2 = F.normalize(self.teacher_forward(view2), dim=1)
+        k1 = F.normalize(self.teacher_forward(view1), dim=1) if symmetric else None
+        # The queue is changed in place at the end of the step; the loss keeps its own copy.
+        queue = self.queue.clone()
+        temperature = self.options["temperature"]
+        loss, acc = info_nce(q1, k2, queue, temperature)
+        if symmetric:
+            loss_21, acc_21 = info_nce(q2, k1, queue, temperature)
+            loss, acc = (loss + loss_21) / 2, (acc + acc_21) / 2
+            self.enqueue(torch.cat([k1, k2]))
+        else:
+            self.enqueue(k2)
+        return loss, to_floats(loss=loss, acc=acc, momentum=self.current_momentum)
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Put the keys of every rank into the queue (oldest keys out); the pointer wraps around."""
+        keys = concat_all_gather(keys)
+        size, batch = self.queue.shape[0], keys.shape[0]
+        if size % batch:
+            lower, upper = max(batch, size // batch * batch), (size // batch + 1) * batch
+            raise ValueError(
+                f"MoCo queue_size {size} must be a multiple of the global key batch {batch} "
+                f"(e.g. {lower} or {upper})"
+            )
+        ptr = int(self.queue_ptr)
+        self.queue[ptr:ptr + batch] = keys.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + batch) % size)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.student]
