@@ -190,3 +190,20 @@ def test_shuffle_unshuffle_distributed(tmp_path) -> None:
     assert not torch.equal(results[0]["shuffled"].sort(0).values, results[0]["x"])
     for r in results:
         torch.testing.assert_close(r["restored"], r["x"] * 2)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: a BN subclass whose forward does more than BN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def test_bn_subclass_with_own_forward_is_not_silently_replaced() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), _BatchNormAct(8))
+    assert convert_norm(net, "bn")[1].__class__ is _BatchNormAct
+    for kind in ("gn", "in", "sync_bn"):
+        with pytest.raises(ValueError, match=r"cannot convert .*_BatchNormAct"):
+            convert_norm(net, kind)
+    with pytest.raises(ValueError, match="cannot convert"):
+        convert_to_split_bn(net, 2)

@@ -92,7 +92,21 @@ def _to_group_norm(layer: _BatchNorm, kind: str, num_groups: int) -> nn.GroupNor
     return gn
 
 
+def _check_convertible(layer: _BatchNorm, kind: str) -> None:
+    # A BN subclass with its own forward (timm's BatchNormAct2d adds an activation) would lose
+    # that behaviour if replaced by a plain layer: refuse rather than change the network silently.
+    known = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, SplitBatchNorm2d)
+    if type(layer) not in known:
+        raise ValueError(
+            f"cannot convert {type(layer).__module__}.{type(layer).__name__} to {kind!r}: only "
+            f"{', '.join(c.__name__ for c in known)} are converted; build the model with the norm you need"
+        )
+
+
 def _convert_layer(layer: _BatchNorm, kind: str, num_groups: int) -> nn.Module:
+    if kind == "bn" and not isinstance(layer, nn.SyncBatchNorm | SplitBatchNorm2d):
+        return layer  # already a BatchNorm; subclasses such as timm's BatchNormAct2d stay as they are
+    _check_convertible(layer, kind)
     if kind in ("gn", "in"):
         return _to_group_norm(layer, kind, num_groups)
     if kind == "sync_bn":
@@ -102,10 +116,8 @@ def _convert_layer(layer: _BatchNorm, kind: str, num_groups: int) -> nn.Module:
                                 layer.track_running_stats, **_factory(layer))
         setattr(sync, _SOURCE_ATTR, _plain_bn_class(layer).__name__)
         return _copy_bn_state(layer, sync)
-    # kind == "bn"
+    # kind == "bn": a SyncBatchNorm or SplitBatchNorm2d back to plain BN
     cls = _plain_bn_class(layer)
-    if type(layer) is cls:
-        return layer
     bn = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
              **_factory(layer))
     return _copy_bn_state(layer, bn)
@@ -191,6 +203,7 @@ def convert_to_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
         module.num_splits = int(num_splits)
         return module
     if isinstance(module, nn.BatchNorm2d):
+        _check_convertible(module, "split_bn")
         split = SplitBatchNorm2d(module.num_features, num_splits, module.eps, module.momentum, module.affine,
                                  module.track_running_stats, **_factory(module))
         return _copy_bn_state(module, split)

@@ -1,0 +1,23 @@
+"""Backbones and heads."""
+
+from emanorm.models.backbones import (
+    BACKBONES,
+    Classifier,
+    ResNet2x,
+    SmallResNet,
+    WideResNet,
+    build_backbone,
+    build_classifier,
+)
+from emanorm.models.heads import MLPHead
+
+__all__ = [
+    "BACKBONES",
+    "Classifier",
+    "MLPHead",
+    "ResNet2x",
+    "SmallResNet",
+    "WideResNet",
+    "build_backbone",
+    "build_classifier",
+]
