@@ -22,7 +22,7 @@ B = 4  # batch size per view (divisible by num_splits=2)
 # Small hyper-parameters so every test stays fast on a shared CPU.
 SMALL = {
     "moco": {"dim": 4, "queue_size": 8, "num_splits": 2},
-    "byol": {"proj_hidden_dim": 8, "proj_dim": 4, "pred_hidden_dim": 8, "num_splits": 2},
+    "byol": {"hidden_dim": 8, "proj_dim": 4, "num_splits": 2},
     "fixmatch": {"num_splits": 2, "threshold": 0.3},
     "meanteacher": {"num_splits": 2, "rampup_steps": 2},
     "supervised": {},

@@ -23,15 +23,17 @@ def regression_loss(p: Tensor, z: Tensor) -> Tensor:
 
 
 class BYOL(Method):
-    """BYOL with projector ``feature_dim -> proj_hidden_dim -> proj_dim`` and an MLP predictor."""
+    """BYOL with MLP projector and predictor (both ``hidden_dim`` wide, ``proj_dim`` out).
+
+    ``momentum`` is the base of the cosine schedule (the paper: 0.98 at batch 512).
+    """
 
     name: ClassVar[str] = "byol"
     NORMS: ClassVar[tuple[str, ...]] = ALL_NORMS
     DEFAULT_NORM: ClassVar[str] = "sync_bn"
     OPTIONS: ClassVar[dict[str, Any]] = {
-        "proj_hidden_dim": 4096,
+        "hidden_dim": 4096,  # projector and predictor hidden width
         "proj_dim": 256,
-        "pred_hidden_dim": 4096,
         "num_splits": 8,
         "momentum_warmup": False,
         "exclude_bias_and_norm": True,  # BYOL with LARS: no decay / trust ratio for bias and norms
@@ -41,11 +43,11 @@ class BYOL(Method):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         o = self.options
-        for key in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim", "num_splits"):
+        for key in ("hidden_dim", "proj_dim", "num_splits"):
             check_range(key, o[key], 1)
         backbone = self.make_backbone()
-        projector = MLPHead(backbone.feature_dim, o["proj_hidden_dim"], o["proj_dim"])
-        predictor = MLPHead(o["proj_dim"], o["pred_hidden_dim"], o["proj_dim"])
+        projector = MLPHead(backbone.feature_dim, o["hidden_dim"], o["proj_dim"])
+        predictor = MLPHead(o["proj_dim"], o["hidden_dim"], o["proj_dim"])
         online = self.prepare_student(nn.ModuleDict(
             {"network": Projected(backbone, projector), "predictor": predictor}
         ), heads=[projector, predictor])

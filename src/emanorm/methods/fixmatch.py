@@ -23,6 +23,7 @@ from emanorm.methods.base import (
     batch_get,
     check_choice,
     check_range,
+    concat_all_gather,
     to_floats,
 )
 from emanorm.models import Classifier
@@ -112,9 +113,10 @@ class FixMatch(Method):
         """Class probabilities of the weak view, sharpened by ``temperature``, optionally aligned."""
         probs = torch.softmax(logits_w.detach().float() / self.options["temperature"], dim=1)
         if self.options["distribution"] == "align":
-            # Distribution alignment towards a uniform prior (ReMixMatch); per-rank running mean.
+            # Distribution alignment towards a uniform prior (ReMixMatch), over the global batch so
+            # that every rank keeps the same running mean.
             prior = self.class_prior
-            prior.lerp_(probs.mean(dim=0), 1.0 - self.options["distribution_momentum"])
+            prior.lerp_(concat_all_gather(probs).mean(dim=0), 1.0 - self.options["distribution_momentum"])
             probs = probs / prior
             probs = probs / probs.sum(dim=1, keepdim=True)
         return probs
