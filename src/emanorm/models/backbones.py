@@ -51,10 +51,11 @@ class SmallResNet(nn.Module):
 
     Stem: 3x3 conv stride 2 (28 -> 14), 32 channels, BN, ReLU; then one torchvision
     ``BasicBlock`` per stage with 32 (14x14), 64 (7x7) and 128 (4x4) channels; global average
-    pool: ``feature_dim = 128``, about 0.31M parameters. The stride-2 stem is what makes it fast:
-    a full-resolution stem was about 5x slower. Measured on this 2-core CPU (shared), batch 256,
-    28x28x1, forward + backward + SGD step: about 2,200 img/s in NCHW and 2,700 img/s with
-    ``channels_last`` (a 28x28 stem with the same stages: about 420 / 550 img/s).
+    pool: ``feature_dim = 128``, about 0.31M parameters. The stride-2 stem is what makes it fast.
+    Measured on the 2-core development CPU, batch 256, 28x28x1, forward + backward + SGD step,
+    torch 2.14: about 2,000-2,200 img/s in NCHW and 2,700-3,000 img/s with ``channels_last``
+    (when no other process shares the cores); the same stages behind a stride-1 stem (stage 1 at
+    28x28) ran at about 420 / 550 img/s.
     """
 
     def __init__(self, in_channels: int = 1, widths: tuple[int, int, int] = (32, 64, 128)) -> None:
