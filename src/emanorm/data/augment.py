@@ -1,0 +1,460 @@
+"""Batched augmentation presets with fresh randomness per sample, on whatever device the batch lives.
+
+torchvision's v2 transforms draw one set of parameters per call, so applied to a batch every image
+gets the same crop. Here each op draws its parameters per sample (on the CPU, from an optional
+``torch.Generator``, so a seed gives the same draws on CPU and CUDA), then applies them vectorised:
+crops and flips as one ``grid_sample`` or one gather, colour jitter with per-sample factors, blur
+as a grouped convolution, and RandAugment by grouping the samples that drew the same op and sign
+and calling ``torchvision.transforms.v2.functional`` on each group. docs/data.md lists every preset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
+
+from emanorm.data.datasets import DataError, DatasetInfo, resize_center_crop
+
+AUGMENTATIONS = ("none", "weak", "strong", "moco", "byol1", "byol2")
+
+Generator = torch.Generator | None
+
+
+def _uniform(n: int, lo: float, hi: float, g: Generator) -> Tensor:
+    return torch.rand(n, generator=g) * (hi - lo) + lo
+
+
+def _coin(n: int, p: float, g: Generator) -> Tensor:
+    return torch.rand(n, generator=g) < p
+
+
+def _rows(mask: Tensor) -> Tensor:
+    return mask.nonzero().squeeze(1)
+
+
+def _gray(x: Tensor) -> Tensor:
+    """ITU-R 601 luma as in torchvision's rgb_to_grayscale, keeping a channel dim of 1."""
+    if x.shape[1] == 1:
+        return x
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def rgb_to_hsv(x: Tensor) -> Tensor:
+    """(B, 3, H, W) RGB in [0, 1] to HSV with hue in [0, 1)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    d = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, ((g - b) / d) % 6,
+                    torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4)) / 6
+    h = torch.where(delta > 0, h, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    return torch.stack([h, s, maxc], 1)
+
+
+def hsv_to_rgb(x: Tensor) -> Tensor:
+    """Inverse of ``rgb_to_hsv``: f(n) = V - V*S*clamp(min(k, 4 - k), 0, 1) with k = (n + 6H) mod 6."""
+    h, s, v = x.unbind(1)
+
+    def channel(n: float) -> Tensor:
+        k = (n + h * 6) % 6
+        return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+    return torch.stack([channel(5), channel(3), channel(1)], 1)
+
+
+# Per-sample colour ops: ``f`` has shape (n, 1, 1, 1); formulas follow torchvision's functional ops.
+def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
+    return (x * f).clamp_(0, 1)
+
+
+def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (f * x + (1 - f) * mean).clamp_(0, 1)
+
+
+def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    return (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
+
+
+def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    hsv = rgb_to_hsv(x)
+    h = (hsv[:, 0] + f[:, 0]) % 1.0
+    return hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], 1))
+
+
+class _Op:
+    """One augmentation step: ``op(x, generator) -> x`` on a float batch in [0, 1]; never in place."""
+
+    def __call__(self, x: Tensor, g: Generator) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class RandomResizedCropFlip(_Op):
+    """torchvision's RandomResizedCrop box sampling (10 tries, then a centre crop) per sample, plus a
+    horizontal flip with probability ``flip_p``; crop, resize and flip are one bilinear grid_sample."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5) -> None:
+        self.size, self.scale, self.ratio, self.flip_p = size, scale, ratio, flip_p
+
+    def boxes(self, n: int, height: int, width: int, g: Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-sample (top, left, h, w) as float tensors, same distribution as torchvision's get_params."""
+        area = height * width
+        tries = 10
+        target = (torch.rand(n, tries, generator=g) * (self.scale[1] - self.scale[0]) + self.scale[0]) * area
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(torch.rand(n, tries, generator=g) * (hi - lo) + lo)
+        w = torch.sqrt(target * aspect).round()
+        h = torch.sqrt(target / aspect).round()
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = ok.int().argmax(1, keepdim=True)  # first valid try
+        w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+        top = torch.floor(torch.rand(n, generator=g) * (height - h + 1))
+        left = torch.floor(torch.rand(n, generator=g) * (width - w + 1))
+        # Fallback when no try fits: the largest centred crop whose ratio is within bounds.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            fw, fh = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            fw, fh = round(height * self.ratio[1]), height
+        else:
+            fw, fh = width, height
+        found = ok.any(1)
+        w = torch.where(found, w, torch.full_like(w, fw))
+        h = torch.where(found, h, torch.full_like(h, fh))
+        top = torch.where(found, top, torch.full_like(top, (height - fh) // 2))
+        left = torch.where(found, left, torch.full_like(left, (width - fw) // 2))
+        return top, left, h, w
+
+    def __call__(self, x: Tensor, g: Generator) -> Tensor:
+        b, c, height, width = x.shape
+        top, left, h, w = self.boxes(b, height, width, g)
+        sign = torch.where(_coin(b, self.flip_p, g), -1.0, 1.0)
+        # Sampling grid in grid_sample's normalised coordinates (align_corners=False: -1/+1 are the outer
+        # pixel edges): output pixel centre u maps to scale * u + centre, so the box maps exactly.
+        params = torch.stack([w / width * sign, (2 * left + w) / width - 1,
+                              h / height, (2 * top + h) / height - 1], 1)
+        params = params.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        u = (torch.arange(self.size, device=x.device, dtype=x.dtype) * 2 + 1) / self.size - 1
+        gx = params[:, 0, None, None] * u[None, None, :] + params[:, 1, None, None]
+        gy = params[:, 2, None, None] * u[None, :, None] + params[:, 3, None, None]
+        grid = torch.stack(torch.broadcast_tensors(gx, gy), -1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class RandomTranslateFlip(_Op):
+    """Reflect-pad by ``pad`` and take a random crop of the original size (FixMatch's weak
+    augmentation: translate up to 12.5%), plus a horizontal flip; one gather for the whole batch."""
+
+    def __init__(self, pad: int, flip_p: float = 0.5) -> None:
+        self.pad, self.flip_p = pad, flip_p
+
+    def __call__(self, x: Tensor, g: Generator) -> Tensor:
+        b, _, height, width = x.shape
+        p = self.pad
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=g)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=g)
+        flip = _coin(b, self.flip_p, g)
+        cols = torch.arange(width)
+        cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)
+        rows = dy[:, None] + torch.arange(height)
+        xp = F.pad(x, (p, p, p, p), mode="reflect").permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
+        dev = x.device
+        bi = torch.arange(b, device=dev)[:, None, None]
+        out = xp[bi, rows.to(dev, non_blocking=True)[:, :, None], cols.to(dev, non_blocking=True)[:, None, :]]
+        return out.permute(0, 3, 1, 2)
+
+
+class ColorJitter(_Op):
+    """With probability ``p`` per sample: brightness, contrast, saturation and hue jitter in a random
+    order drawn per sample (as torchvision's ColorJitter), factors drawn per sample."""
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float,
+                 channels: int = 3) -> None:
+        if channels == 1:  # no colour to shift in a grey image
+            saturation, hue = 0.0, 0.0
+        self.brightness, self.contrast, self.saturation, self.hue, self.p = brightness, contrast, saturation, hue, p
+
+    def __call__(self, x: Tensor, g: Generator) -> Tensor:
+        rows = _rows(_coin(x.shape[0], self.p, g))
+        n = rows.numel()
+        strengths = (self.brightness, self.contrast, self.saturation, self.hue)
+        factors = [_uniform(n, 1 - s, 1 + s, g) for s in strengths[:3]] + [_uniform(n, -self.hue, self.hue, g)]
+        order = torch.rand(n, 4, generator=g).argsort(1)
+        if n == 0:
+            return x
+        fns = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        rows_d = rows.to(x.device, non_blocking=True)
+        sub = x.index_select(0, rows_d)
+        for k in range(4):
+            for op in range(4):
+                if strengths[op] == 0:
+                    continue
+                sel = _rows(order[:, k] == op)
+                if sel.numel() == 0:
+                    continue
+                sel_d = sel.to(x.device, non_blocking=True)
+                f = factors[op][sel].to(x.device, x.dtype, non_blocking=True).view(-1, 1, 1, 1)
+                sub[sel_d] = fns[op](sub.index_select(0, sel_d), f)
+        return x.index_copy(0, rows_d, sub)
+
+
+class RandomGrayscale(_Op):
+    """Replace an RGB image by its luma (kept 3-channel) with probability ``p`` per sample."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, x: Tensor, g: Generator) -> Tensor:
+        m = _coin(x.shape[0], self.p, g).to(x.device, non_blocking=True).view(-1, 1, 1, 1)
+        return torch.where(m, _gray(x).expand_as(x), x)
+
+
+class GaussianBlur(_Op):
+    """With probability ``p`` per sample, a Gaussian blur with sigma ~ U(sigma) drawn per sample,
+    ``kernel_size`` taps, reflect padding (torchvision's kernel); one grouped separable convolution."""
+
+    def __init__(self, kernel_size: int, sigma: tuple[float, float] = (0.1, 2.0), p: float = 0.5) -> None:
+        self.kernel_size, self.sigma, self.p = kernel_size, sigma, p
+
+    def __call__(self, x: Tensor, g: Generator) -> Tensor:
+        b, c, height, width = x.shape
+        rows = _rows(_coin(b, self.p, g))
+        sig = _uniform(rows.numel(), *self.sigma, g)
+        n, k = rows.numel(), self.kernel_size
+        if n == 0:
+            return x
+        half = k // 2
+        t = torch.arange(-half, half + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (t / sig[:, None]) ** 2)
+        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)
+        kernel = kernel.to(x.device, x.dtype, non_blocking=True)
+        rows_d = rows.to(x.device, non_blocking=True)
+        sub = (x if n == b else x.index_select(0, rows_d)).reshape(1, n * c, height, width)
+        sub = F.pad(sub, (half, half, half, half), mode="reflect")
+        sub = F.conv2d(sub, kernel.view(n * c, 1, k, 1), groups=n * c)
+        sub = F.conv2d(sub, kernel.view(n * c, 1, 1, k), groups=n * c).view(n, c, height, width)
+        return sub if n == b else x.index_copy(0, rows_d, sub)
+
+
+class RandomSolarize(_Op):
+    """Invert pixels >= ``threshold`` with probability ``p`` per sample."""
+
+    def __init__(self, p: float, threshold: float = 0.5) -> None:
+        self.p, self.threshold = p, threshold
+
+    def __call__(self, x: Tensor, g: Generator) -> Tensor:
+        m = _coin(x.shape[0], self.p, g).to(x.device, non_blocking=True).view(-1, 1, 1, 1)
+        return torch.where(m & (x >= self.threshold), 1 - x, x)
+
+
+class Cutout(_Op):
+    """Fill a square of side ``fraction * size`` at a uniform random centre (clipped at the borders)
+    with grey ``fill``, in every sample (as FixMatch's strong augmentation)."""
+
+    def __init__(self, fraction: float, fill: float = 0.5) -> None:
+        self.fraction, self.fill = fraction, fill
+
+    def __call__(self, x: Tensor, g: Generator) -> Tensor:
+        b, _, height, width = x.shape
+        half_h, half_w = self.fraction * height / 2, self.fraction * width / 2
+        cy, cx = _uniform(b, 0, height, g), _uniform(b, 0, width, g)
+        y0, y1 = (cy - half_h).round()[:, None], (cy + half_h).round()[:, None]
+        x0, x1 = (cx - half_w).round()[:, None], (cx + half_w).round()[:, None]
+        ys, xs = torch.arange(height), torch.arange(width)
+        m = ((ys >= y0) & (ys < y1))[:, None, :, None] & ((xs >= x0) & (xs < x1))[:, None, None, :]
+        return torch.where(m.to(x.device, non_blocking=True), torch.full_like(x[:1, :1, :1, :1], self.fill), x)
+
+
+class RandAugment(_Op):
+    """RandAugment(num_ops, magnitude) with torchvision's op set, magnitudes and op definitions, drawn
+    per sample: each round draws an op (and a sign) per sample, then each group of samples sharing
+    (op, sign) goes through ``torchvision.transforms.v2.functional`` at once."""
+
+    OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+           "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+    SIGNED = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+                        "Contrast", "Sharpness"})
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 10, num_magnitude_bins: int = 31,
+                 fill: float | None = None) -> None:
+        if not 0 <= magnitude < num_magnitude_bins:
+            raise DataError(f"RandAugment magnitude={magnitude} must be in [0, {num_magnitude_bins})")
+        self.num_ops, self.magnitude, self.num_magnitude_bins, self.fill = num_ops, magnitude, num_magnitude_bins, fill
+
+    def op_magnitude(self, op: str, height: int, width: int) -> float:
+        """torchvision RandAugment's magnitude of ``op`` at bin ``magnitude`` (unsigned)."""
+        frac = self.magnitude / (self.num_magnitude_bins - 1)
+        if op in ("ShearX", "ShearY"):
+            return 0.3 * frac
+        if op == "TranslateX":
+            return 150.0 / 331.0 * width * frac
+        if op == "TranslateY":
+            return 150.0 / 331.0 * height * frac
+        if op == "Rotate":
+            return 30.0 * frac
+        if op in ("Brightness", "Color", "Contrast", "Sharpness"):
+            return 0.9 * frac
+        if op == "Posterize":
+            return float(int(round(8 - self.magnitude / ((self.num_magnitude_bins - 1) / 4))))
+        if op == "Solarize":
+            return 1.0 - frac
+        return 0.0
+
+    def apply(self, x: Tensor, op: str, magnitude: float) -> Tensor:
+        """Apply one op to a float batch in [0, 1], exactly as torchvision's RandAugment would."""
+        fill = None if self.fill is None else [self.fill] * x.shape[1]
+        if op == "ShearX":
+            return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(magnitude)), 0.0],
+                             interpolation=TF.InterpolationMode.NEAREST, fill=fill, center=[0, 0])
+        if op == "ShearY":
+            return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(magnitude))],
+                             interpolation=TF.InterpolationMode.NEAREST, fill=fill, center=[0, 0])
+        if op in ("TranslateX", "TranslateY"):
+            shift = [int(magnitude), 0] if op == "TranslateX" else [0, int(magnitude)]
+            return TF.affine(x, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0],
+                             interpolation=TF.InterpolationMode.NEAREST, fill=fill)
+        if op == "Rotate":
+            return TF.rotate(x, angle=magnitude, interpolation=TF.InterpolationMode.NEAREST, fill=fill)
+        if op == "Brightness":
+            return TF.adjust_brightness(x, 1.0 + magnitude)
+        if op == "Color":
+            return TF.adjust_saturation(x, 1.0 + magnitude)
+        if op == "Contrast":
+            return TF.adjust_contrast(x, 1.0 + magnitude)
+        if op == "Sharpness":
+            return TF.adjust_sharpness(x, 1.0 + magnitude)
+        if op == "Posterize":
+            return TF.posterize(x, bits=int(magnitude))
+        if op == "Solarize":
+            return TF.solarize(x, threshold=magnitude)
+        if op == "AutoContrast":
+            return TF.autocontrast(x)
+        if op == "Equalize":
+            return TF.equalize(x)
+        return x
+
+    def __call__(self, x: Tensor, g: Generator) -> Tensor:
+        b, _, height, width = x.shape
+        signed = torch.tensor([op in self.SIGNED for op in self.OPS])
+        for _ in range(self.num_ops):
+            op = torch.randint(len(self.OPS), (b,), generator=g)
+            negative = (torch.rand(b, generator=g) <= 0.5) & signed[op]
+            key = op * 2 + negative.long()
+            out = None
+            for k in torch.unique(key).tolist():
+                name = self.OPS[k // 2]
+                if name == "Identity":
+                    continue
+                mag = self.op_magnitude(name, height, width) * (-1.0 if k % 2 else 1.0)
+                rows = _rows(key == k).to(x.device, non_blocking=True)
+                if out is None:
+                    out = x.clone()
+                out[rows] = self.apply(x.index_select(0, rows), name, mag)
+            x = x if out is None else out
+        return x
+
+
+class BatchAugment(nn.Module):
+    """A preset: uint8 or float ``(B, C, H, W)`` on any device -> normalised float32, per-sample random.
+
+    ``forward(x, generator=None)``: ``generator`` is an optional CPU ``torch.Generator`` for every
+    random draw (the default generator otherwise), so a seed reproduces the batch on any device.
+    Float inputs are taken to be in [0, 1]. Inputs not at ``info.image_size`` are first resized
+    (shorter side) and centre-cropped.
+    """
+
+    def __init__(self, preset: str, info: DatasetInfo, ops: list[_Op]) -> None:
+        super().__init__()
+        self.preset, self.info, self.ops = preset, info, list(ops)
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def extra_repr(self) -> str:
+        return f"preset={self.preset!r}, size={self.info.image_size}, ops=[{', '.join(map(repr, self.ops))}]"
+
+    def _mean_std(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._stats:
+            self._stats[device] = (torch.tensor(self.info.mean, device=device).view(1, -1, 1, 1),
+                                   torch.tensor(self.info.std, device=device).view(1, -1, 1, 1))
+        return self._stats[device]
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.info.channels:
+            raise DataError(f"augmentation {self.preset!r} for {self.info.name} expects (B, {self.info.channels}, H, W), "
+                            f"got {tuple(x.shape)}")
+        if generator is not None and generator.device.type != "cpu":
+            raise DataError(f"augmentation generator must be a CPU torch.Generator, got one on {generator.device}")
+        x = x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x.to(torch.float32)
+        size = self.info.image_size
+        if tuple(x.shape[-2:]) != (size, size):
+            x = resize_center_crop(x, size)
+        for op in self.ops:
+            x = op(x, generator)
+        mean, std = self._mean_std(x.device)
+        return ((x - mean) / std).contiguous()
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """About 10% of the image side, odd (23 at 224 px, as SimCLR/BYOL; 9 at 96; 3 at 28/32)."""
+    k = max(3, int(0.1 * image_size))
+    return k if k % 2 else k + 1
+
+
+def build_augmentation(preset: str, info: DatasetInfo, *, blur: bool | None = None,
+                       cutout: float | None = None) -> BatchAugment:
+    """The named preset (one of ``AUGMENTATIONS``) for a dataset's size and channels.
+
+    ``blur`` overrides whether MoCo/BYOL presets blur (default: only above 32 px, as the CIFAR
+    recipes of MoCo's demo and SimCLR drop it); ``cutout`` overrides the side fraction of the
+    ``strong`` preset's Cutout (default 0.5 up to 96 px, none at larger sizes; 0 turns it off).
+    """
+    if preset not in AUGMENTATIONS:
+        raise DataError(f"unknown augmentation {preset!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    size, channels = info.image_size, info.channels
+    large = size >= 128
+    blur = size > 32 if blur is None else blur
+    cutout = (0.5 if size <= 96 else 0.0) if cutout is None else cutout
+    if not 0.0 <= cutout <= 1.0:
+        raise DataError(f"cutout={cutout} must be in [0, 1]")
+    # FixMatch's weak view: RandomResizedCrop + flip at ImageNet scale (the paper), translate 12.5% below.
+    weak: list[_Op] = ([RandomResizedCropFlip(size, (0.08, 1.0))] if large
+                       else [RandomTranslateFlip(round(0.125 * size))])
+
+    def ssl(scale: tuple[float, float], saturation: float, blur_p: float, solarize_p: float) -> list[_Op]:
+        ops: list[_Op] = [RandomResizedCropFlip(size, scale),
+                          ColorJitter(0.4, 0.4, saturation, 0.1, p=0.8, channels=channels)]
+        if channels == 3:
+            ops.append(RandomGrayscale(0.2))
+        if blur and blur_p > 0:
+            ops.append(GaussianBlur(blur_kernel_size(size), (0.1, 2.0), p=blur_p))
+        if solarize_p > 0:
+            ops.append(RandomSolarize(solarize_p))
+        return ops
+
+    ops: list[_Op]
+    if preset == "none":
+        ops = []
+    elif preset == "weak":
+        ops = weak
+    elif preset == "strong":
+        ops = [*weak, RandAugment(2, 10)] + ([Cutout(cutout)] if cutout > 0 else [])
+    elif preset == "moco":
+        ops = ssl((0.2, 1.0), 0.4, 0.5, 0.0)
+    elif preset == "byol1":
+        ops = ssl((0.08, 1.0), 0.2, 1.0, 0.0)
+    else:  # byol2
+        ops = ssl((0.08, 1.0), 0.2, 0.1, 0.2)
+    return BatchAugment(preset, info, ops)

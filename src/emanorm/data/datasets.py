@@ -1,0 +1,517 @@
+"""Datasets as uint8 image batches: small sets live in memory, ImageFolder trees decode from files.
+
+Every dataset answers ``fetch(indices) -> uint8 (B, C, H, W)`` so the batch stream can move raw
+bytes to the device and augment there. Readers are written against the published on-disk layouts
+(IDX, CIFAR python pickles, STL-10 binary, ImageFolder); see docs/data.md.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import pickle
+import struct
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+from emanorm.errors import UserError
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder")
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_CACHE_DIR = Path(os.environ.get("EMANORM_DATA_CACHE", Path.home() / ".cache" / "emanorm" / "datasets"))
+# torchvision.datasets.folder.IMG_EXTENSIONS, so our file order is ImageFolder's order.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(UserError, ValueError):
+    """Malformed data or a bad data argument; the message names the file or value."""
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+    """Data missing where it was looked for; the message names the places and the layout expected."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts a model and the augmentations need about a dataset."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_INFO = {
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": DatasetInfo("stl10", 10, 3, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagenet": DatasetInfo("imagenet", 1000, 3, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "folder": DatasetInfo("folder", 0, 3, 224, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+SPLITS = {
+    "fashion_mnist": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
+    "imagenet": ("train", "val"),
+    "folder": ("train", "val", "test", "unlabeled"),
+}
+# Aliases accepted everywhere: "val" and "test" name the held-out split of every dataset.
+_ALIASES = {"val": "test", "test": "val"}
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def dataset_info(name: str, *, image_size: int | None = None) -> DatasetInfo:
+    """Static info of a dataset without loading it (``num_classes`` of file datasets is a default)."""
+    _check_name(name)
+    info = _INFO[name]
+    if image_size is not None and image_size != info.image_size:
+        if name not in ("imagenet", "folder"):
+            raise DataError(f"{name} images are {info.image_size}px; image_size={image_size} is only for "
+                            "imagenet and folder")
+        info = DatasetInfo(info.name, info.num_classes, info.channels, image_size, info.mean, info.std)
+    return info
+
+
+def pretrain_split(name: str) -> str:
+    """The split a self-supervised run pre-trains on (STL-10 adds its 100k unlabeled images)."""
+    _check_name(name)
+    return "train+unlabeled" if name == "stl10" else "train"
+
+
+def _resolve_split(name: str, split: str) -> str:
+    allowed = SPLITS[name]
+    if split in allowed:
+        return split
+    if _ALIASES.get(split) in allowed:
+        return _ALIASES[split]
+    raise DataError(f"unknown split {split!r} for {name}; choose one of {', '.join(allowed)}")
+
+
+class ImageDataset:
+    """A sized collection of images with integer targets (-1 where unknown)."""
+
+    info: DatasetInfo
+    targets: Tensor
+    split: str
+    in_memory: bool = True
+
+    def __len__(self) -> int:
+        return int(self.targets.numel())
+
+    def fetch(self, indices: Sequence[int] | Tensor) -> Tensor:
+        """uint8 images ``(B, C, H, W)`` at ``info.image_size`` for the given dataset indices."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.fetch([index])[0], int(self.targets[index])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.info.name!r}, split={self.split!r}, n={len(self)})"
+
+
+class TensorImageDataset(ImageDataset):
+    """Images held as one uint8 tensor ``(N, C, H, W)``: ``fetch`` is a tensor index."""
+
+    def __init__(self, images: Tensor, targets: Tensor, info: DatasetInfo, split: str) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != info.channels:
+            raise DataError(f"{info.name}: expected uint8 images (N, {info.channels}, H, W), "
+                            f"got {images.dtype} {tuple(images.shape)}")
+        if images.shape[0] != targets.numel():
+            raise DataError(f"{info.name}: {images.shape[0]} images but {targets.numel()} targets")
+        self.images = images
+        self.targets = targets.long()
+        self.info = info
+        self.split = split
+
+    def fetch(self, indices: Sequence[int] | Tensor) -> Tensor:
+        return self.images[torch.as_tensor(indices, dtype=torch.long)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files
+
+
+def _decode_with_pil(path: str, channels: int) -> Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB" if channels == 3 else "L")
+        arr = np.asarray(im, dtype=np.uint8)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_image_file(path: str | Path, channels: int = 3) -> Tensor:
+    """Decode one image file to uint8 ``(C, H, W)``; raise DataError naming the file if unreadable.
+
+    torchvision.io decodes JPEG/PNG/GIF/WebP; Pillow is the fallback for the other ImageFolder
+    formats (BMP, PPM/PGM, TIFF) and for CMYK or otherwise unusual files.
+    """
+    path = str(path)
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            img = decode_image(path, mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+        if img.dtype != torch.uint8:  # 16-bit PNG
+            img = TF.to_dtype(img, torch.uint8, scale=True)
+        return img
+    except Exception as tv_err:
+        try:
+            return _decode_with_pil(path, channels)
+        except Exception as pil_err:
+            raise DataError(f"cannot decode image file {path}: {pil_err or tv_err}") from pil_err
+
+
+def resize_center_crop(img: Tensor, size: int, crop_fraction: float = 1.0) -> Tensor:
+    """Resize the shorter side to ``size / crop_fraction`` (antialiased), then centre-crop ``size``."""
+    short = round(size / crop_fraction)
+    if min(img.shape[-2:]) != short:
+        img = TF.resize(img, [short], antialias=True)
+    if tuple(img.shape[-2:]) != (size, size):
+        img = TF.center_crop(img, [size, size])
+    return img
+
+
+class FileImageDataset(ImageDataset):
+    """Images decoded from files at fetch time and resized to ``info.image_size``.
+
+    ``on_corrupt="error"`` (default): an unreadable file raises a DataError naming it when it is
+    fetched. ``"skip"``: every file is decoded once here and unreadable ones are dropped with a
+    warning naming them (costs a full decoding pass; meant for small folders).
+    """
+
+    in_memory = False
+
+    def __init__(self, paths: Sequence[str], targets: Tensor, info: DatasetInfo, split: str, *,
+                 classes: Sequence[str] = (), root: str | Path = "", crop_fraction: float = 1.0,
+                 on_corrupt: str = "error") -> None:
+        if on_corrupt not in ("error", "skip"):
+            raise DataError(f"on_corrupt={on_corrupt!r}; choose 'error' or 'skip'")
+        if not 0.0 < crop_fraction <= 1.0:
+            raise DataError(f"crop_fraction={crop_fraction} must be in (0, 1]")
+        paths = [str(p) for p in paths]
+        targets = torch.as_tensor(targets, dtype=torch.long)
+        if on_corrupt == "skip":
+            good = [i for i, p in enumerate(paths) if _readable(p, info.channels)]
+            if len(good) < len(paths):
+                bad = sorted(set(range(len(paths))) - set(good))
+                warnings.warn(f"skipping {len(bad)} unreadable image(s): " + ", ".join(paths[i] for i in bad),
+                              stacklevel=2)
+            paths = [paths[i] for i in good]
+            targets = targets[torch.as_tensor(good, dtype=torch.long)]
+        self.paths = paths
+        self.targets = targets
+        self.info = info
+        self.split = split
+        self.classes = list(classes)
+        self.root = str(root)
+        self.crop_fraction = crop_fraction
+
+    def load(self, index: int) -> Tensor:
+        img = decode_image_file(self.paths[index], self.info.channels)
+        return resize_center_crop(img, self.info.image_size, self.crop_fraction)
+
+    def fetch(self, indices: Sequence[int] | Tensor) -> Tensor:
+        idx = torch.as_tensor(indices, dtype=torch.long).tolist()
+        if not idx:
+            s = self.info.image_size
+            return torch.empty((0, self.info.channels, s, s), dtype=torch.uint8)
+        return torch.stack([self.load(i) for i in idx])
+
+
+def _readable(path: str, channels: int) -> bool:
+    try:
+        decode_image_file(path, channels)
+        return True
+    except DataError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST (IDX)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of unsigned bytes into an array of its shape."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DataError(f"cannot read IDX file {path}: {err}") from err
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != math.prod(dims):
+        raise DataError(f"{path}: IDX header says {dims} ({math.prod(dims)} values) but holds {arr.size}")
+    return arr.reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for sub in (directory, directory / "FashionMNIST" / "raw", directory / "fashion-mnist"):
+        for name in (stem + ".gz", stem):
+            if (sub / name).is_file():
+                return sub / name
+    return None
+
+
+def _fashion_mnist_dir(data_dir: Path | None, download: bool) -> Path:
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+    tried = ([data_dir] if data_dir is not None else []) + [FASHION_MNIST_SYSTEM_DIR]
+    for d in tried:
+        if all(_find_idx(d, s) for s in stems):
+            return d
+    target = data_dir if data_dir is not None else DEFAULT_CACHE_DIR / "fashion-mnist"
+    if download:
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(str(target), train=True, download=True)
+            FashionMNIST(str(target), train=False, download=True)
+            if all(_find_idx(target, s) for s in stems):
+                return target
+        except Exception as err:  # no network, proxy, disk full...
+            warnings.warn(f"Fashion-MNIST download into {target} failed: {err}", stacklevel=3)
+        tried.append(target)
+    raise DataNotFoundError(
+        "Fashion-MNIST not found: looked for train-/t10k- images-idx3-ubyte[.gz] and labels-idx1-ubyte[.gz] in "
+        + ", ".join(str(d) for d in tried)
+        + ("" if download else " (download disabled)")
+        + "; install it with `apt-get install dataset-fashion-mnist` or pass data_dir")
+
+
+def _load_fashion_mnist(data_dir: Path | None, split: str, download: bool) -> TensorImageDataset:
+    d = _fashion_mnist_dir(data_dir, download)
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_find_idx(d, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(d, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"Fashion-MNIST in {d}: images {images.shape} and labels {labels.shape} do not match")
+    info = _INFO["fashion_mnist"]
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"Fashion-MNIST in {d}: images are {images.shape[1:]}, expected (28, 28)")
+    return TensorImageDataset(torch.from_numpy(images.copy()).unsqueeze(1),
+                              torch.from_numpy(labels.astype(np.int64)), info, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10/100 (python pickles)
+
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+
+
+def _load_cifar(name: str, root: Path, split: str) -> TensorImageDataset:
+    # Read the pickles ourselves: torchvision.datasets.CIFAR10 refuses any file whose md5 differs from
+    # the official archive, which rules out subsets and test stand-ins, and its error names no path.
+    sub, train_files, test_files, label_key = _CIFAR[name]
+    base = root / sub if (root / sub).is_dir() else root
+    files = train_files if split == "train" else test_files
+    layout = f"{root}/{sub}/{{{','.join(train_files + test_files)}}} (the python-pickle CIFAR archive, extracted)"
+    missing = [f for f in files if not (base / f).is_file()]
+    if missing:
+        raise DataNotFoundError(f"{name}: {base / missing[0]} not found; expected {layout}")
+    data, labels = [], []
+    for f in files:
+        path = base / f
+        try:
+            with open(path, "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+            arr = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            lab = np.asarray(entry[label_key], dtype=np.int64)
+        except Exception as err:
+            raise DataError(f"{name}: {path} is not a CIFAR pickle with 'data' and {label_key!r} "
+                            f"({type(err).__name__}: {err})") from err
+        if len(arr) != len(lab):
+            raise DataError(f"{name}: {path} has {len(arr)} images but {len(lab)} labels")
+        data.append(arr)
+        labels.append(lab)
+    info = _INFO[name]
+    targets = torch.from_numpy(np.concatenate(labels))
+    if targets.numel() and (targets.min() < 0 or targets.max() >= info.num_classes):
+        raise DataError(f"{name}: labels in {base} outside [0, {info.num_classes})")
+    return TensorImageDataset(torch.from_numpy(np.concatenate(data)), targets, info, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# STL-10 (binary)
+
+_STL_SHAPE = (3, 96, 96)
+
+
+def _stl_count(path: Path) -> int:
+    size = path.stat().st_size
+    per = math.prod(_STL_SHAPE)
+    if size % per:
+        raise DataError(f"stl10: {path} holds {size} bytes, not a multiple of one 3x96x96 image ({per})")
+    return size // per
+
+
+def _load_stl10(root: Path, split: str) -> TensorImageDataset:
+    base = root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
+    parts = {"train": ["train"], "test": ["test"], "unlabeled": ["unlabeled"],
+             "train+unlabeled": ["train", "unlabeled"]}[split]
+    layout = (f"{root}/stl10_binary/{{train_X.bin,train_y.bin,test_X.bin,test_y.bin,unlabeled_X.bin}} "
+              "(the STL-10 binary archive, extracted)")
+    for p in parts:
+        for suffix in ("_X.bin",) + (("_y.bin",) if p != "unlabeled" else ()):
+            if not (base / f"{p}{suffix}").is_file():
+                raise DataNotFoundError(f"stl10: {base / (p + suffix)} not found; expected {layout}")
+    counts = [_stl_count(base / f"{p}_X.bin") for p in parts]
+    images = torch.empty((sum(counts), *_STL_SHAPE), dtype=torch.uint8)
+    targets = []
+    start = 0
+    for p, n in zip(parts, counts, strict=True):
+        mm = np.memmap(base / f"{p}_X.bin", dtype=np.uint8, mode="r", shape=(n, *_STL_SHAPE))
+        # The binary stores each plane column-major: transpose H and W, in chunks to bound memory.
+        for i in range(0, n, 8192):
+            chunk = np.ascontiguousarray(mm[i:i + 8192].transpose(0, 1, 3, 2))
+            images[start + i:start + i + len(chunk)] = torch.from_numpy(chunk)
+        del mm
+        if p == "unlabeled":
+            targets.append(torch.full((n,), -1, dtype=torch.long))
+        else:
+            y = np.fromfile(base / f"{p}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+            if len(y) != n or (n and (y.min() < 0 or y.max() > 9)):
+                raise DataError(f"stl10: {base / (p + '_y.bin')} holds {len(y)} labels in 1..10 expected for "
+                                f"{n} images")
+            targets.append(torch.from_numpy(y))
+        start += n
+    return TensorImageDataset(images, torch.cat(targets), _INFO["stl10"], split)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder trees
+
+
+def _has_images(d: Path) -> bool:
+    return any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in os.scandir(d))
+
+
+def _class_dirs(d: Path) -> list[str]:
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        return find_classes(str(d))[0]
+    except FileNotFoundError:
+        return []
+
+
+def scan_image_folder(d: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Files and targets of an ImageFolder tree in torchvision's order, or of a flat folder (targets -1).
+
+    ``classes`` (e.g. the train split's) fixes the class-to-index map of a val/test split.
+    """
+    from torchvision.datasets.folder import make_dataset
+
+    own = _class_dirs(d)
+    if own:
+        if classes is None:
+            classes = own
+        unknown = sorted(set(own) - set(classes))
+        if unknown:
+            raise DataError(f"{d}: class folder(s) {unknown[:5]} not among the {len(classes)} training classes")
+        samples = make_dataset(str(d), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
+                               allow_empty=True)
+        if _has_images(d):
+            warnings.warn(f"{d}: image files beside the class folders are ignored", stacklevel=3)
+        paths, targets = [s[0] for s in samples], [s[1] for s in samples]
+        return paths, targets, list(classes)
+    paths = sorted(str(d / e.name) for e in os.scandir(d) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+    return paths, [-1] * len(paths), []
+
+
+_FOLDER_LAYOUT = ("an ImageFolder tree DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg (or test/), "
+                  "or a flat folder of images (unlabeled)")
+
+
+def _load_folder(name: str, root: Path, split: str, image_size: int | None, crop_fraction: float,
+                 on_corrupt: str) -> FileImageDataset:
+    if not root.is_dir():
+        raise DataNotFoundError(f"{name}: data_dir {root} is not a directory; expected {_FOLDER_LAYOUT}")
+    held_out = [root / "val", root / "test"]
+    if split == "test":
+        held_out.reverse()
+    split_layout = any((root / s).is_dir() for s in ("train", "val", "test", "unlabeled"))
+    if not split_layout:  # the root itself is the one (training) split: ImageFolder or flat
+        d = root if split in ("train", "unlabeled") else None
+    elif split in ("train", "unlabeled"):
+        candidates = ([root / "unlabeled"] if split == "unlabeled" else []) + [root / "train"]
+        d = next((c for c in candidates if c.is_dir()), None)
+    else:
+        d = next((c for c in held_out if c.is_dir()), None)
+    if d is None:
+        raise DataNotFoundError(f"{name}: no {split} split under {root}; expected {_FOLDER_LAYOUT}")
+    train_classes = None
+    if d.name in ("val", "test") and (root / "train").is_dir():
+        train_classes = _class_dirs(root / "train") or None
+    paths, targets, classes = scan_image_folder(d, train_classes)
+    if not paths:
+        raise DataNotFoundError(f"{name}: no images ({', '.join(IMG_EXTENSIONS)}) found under {d}; "
+                                f"expected {_FOLDER_LAYOUT}")
+    base = dataset_info(name, image_size=image_size)
+    info = DatasetInfo(name, len(classes), 3, base.image_size, base.mean, base.std)
+    return FileImageDataset(paths, torch.tensor(targets, dtype=torch.long), info, split, classes=classes,
+                            root=root, crop_fraction=crop_fraction, on_corrupt=on_corrupt)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *, image_size: int | None = None,
+                 crop_fraction: float = 1.0, on_corrupt: str = "error", download: bool = True) -> ImageDataset:
+    """Load split ``split`` of dataset ``name`` (one of ``DATASETS``); see docs/data.md for layouts.
+
+    ``image_size``, ``crop_fraction`` (resize the shorter side to ``image_size / crop_fraction`` before
+    the centre crop) and ``on_corrupt`` apply to file datasets (imagenet, folder); ``download`` lets
+    Fashion-MNIST fall back to a torchvision download when no local copy is found.
+    """
+    _check_name(name)
+    split = _resolve_split(name, split)
+    if image_size is not None:
+        dataset_info(name, image_size=image_size)  # validates
+    root = Path(data_dir).expanduser() if data_dir is not None else None
+    if name == "fashion_mnist":
+        return _load_fashion_mnist(root, split, download)
+    if root is None:
+        raise DataNotFoundError(f"{name} needs data_dir; expected "
+                                + {"cifar10": "DIR/cifar-10-batches-py/ (python-pickle layout)",
+                                   "cifar100": "DIR/cifar-100-python/ (python-pickle layout)",
+                                   "stl10": "DIR/stl10_binary/ (binary layout)"}.get(name, _FOLDER_LAYOUT))
+    if not root.is_dir():
+        raise DataNotFoundError(f"{name}: data_dir {root} is not a directory")
+    if name in _CIFAR:
+        return _load_cifar(name, root, split)
+    if name == "stl10":
+        return _load_stl10(root, split)
+    return _load_folder(name, root, split, image_size, crop_fraction, on_corrupt)

@@ -1,0 +1,170 @@
+"""Shared fixtures: tiny stand-in datasets in every on-disk layout emanorm.data reads.
+
+Each ``*_dir`` fixture is session-scoped and returns the ``data_dir`` to pass to
+``emanorm.data.load_dataset``. Image content encodes the label so tests can check the pairing:
+class ``k`` images are brightest in channel ``k % 3`` (RGB layouts) or have mean ~ 20 * k (grey).
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emanorm.data.datasets import FASHION_MNIST_SYSTEM_DIR
+
+# -- writers (plain functions, usable from any test) ------------------------------------------------
+
+
+def class_images(labels: np.ndarray, channels: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 (N, C, H, W) noise whose channel ``label % C`` is bright (C=3) or whose level follows the label."""
+    rng = np.random.RandomState(seed)
+    x = rng.randint(0, 60, size=(len(labels), channels, height, width)).astype(np.uint8)
+    for i, y in enumerate(labels):
+        if channels == 3:
+            x[i, y % 3] += 180
+        else:
+            x[i] += np.uint8(min(20 * y, 190))
+    return x
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write uint8 ``array`` as a gzipped IDX file."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_fashion_mnist(root: Path, n_train: int = 120, n_test: int = 40) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", class_images(labels, 1, 28, 28, seed)[:, 0])
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def write_cifar(root: Path, name: str = "cifar10", per_file: int = 20, n_test: int = 30) -> Path:
+    """The python-pickle layout: cifar-10-batches-py/data_batch_{1..5},test_batch or cifar-100-python/train,test."""
+    classes = 10 if name == "cifar10" else 100
+    sub = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    sub.mkdir(parents=True, exist_ok=True)
+    files = ([(f"data_batch_{i}", per_file) for i in range(1, 6)] if name == "cifar10"
+             else [("train", 5 * per_file)]) + [("test_batch" if name == "cifar10" else "test", n_test)]
+    offset = 0
+    for fname, n in files:
+        labels = (np.arange(offset, offset + n) % classes).astype(np.int64)
+        data = class_images(labels, 3, 32, 32, seed=offset).reshape(n, -1)
+        entry = {"data": data, ("labels" if name == "cifar10" else "fine_labels"): labels.tolist()}
+        if name == "cifar100":
+            entry["coarse_labels"] = (labels // 5).tolist()
+        with open(sub / fname, "wb") as f:
+            pickle.dump(entry, f)
+        offset += n
+    return root
+
+
+def write_stl10(root: Path, n_train: int = 20, n_test: int = 10, n_unlabeled: int = 30) -> Path:
+    """The binary layout: stl10_binary/{train,test,unlabeled}_X.bin (planes stored column-major), *_y.bin (1..10)."""
+    sub = root / "stl10_binary"
+    sub.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 3), ("test", n_test, 4), ("unlabeled", n_unlabeled, 5)):
+        labels = np.arange(n) % 10
+        images = class_images(labels, 3, 96, 96, seed)
+        images[:, :, 0, :] = 255  # a bright top row: a wrong H/W transpose would show as a bright left column
+        images.transpose(0, 1, 3, 2).tofile(sub / f"{split}_X.bin")
+        if split != "unlabeled":
+            (labels + 1).astype(np.uint8).tofile(sub / f"{split}_y.bin")
+    return root
+
+
+def write_image(path: Path, array: np.ndarray) -> None:
+    """Save uint8 (C, H, W) as PNG/JPEG/BMP by the file suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
+    img.save(path, quality=95) if path.suffix in (".jpg", ".jpeg") else img.save(path)
+
+
+_SIZES = ((40, 30), (30, 52), (64, 64), (24, 36))
+
+
+def write_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), n_train: int = 6,
+                       n_val: int = 2, val_name: str = "val") -> Path:
+    """root/train/<class>/*.{png,jpg} and root/<val_name>/<class>/*: varied sizes and formats."""
+    for split, n in (("train", n_train), (val_name, n_val)):
+        for k, cls in enumerate(classes):
+            imgs = class_images(np.full(n, k), 3, 64, 64, seed=k)
+            for i in range(n):
+                h, w = _SIZES[i % len(_SIZES)]
+                suffix = (".png", ".jpg", ".bmp")[i % 3]
+                write_image(root / split / cls / f"img_{i:02d}{suffix}", imgs[i, :, :h, :w])
+    return root
+
+
+def write_flat_folder(root: Path, n: int = 12) -> Path:
+    """A flat folder of unlabeled images (SSL on a user's own pictures)."""
+    imgs = class_images(np.arange(n) % 3, 3, 64, 64, seed=9)
+    for i in range(n):
+        h, w = _SIZES[i % len(_SIZES)]
+        write_image(root / f"photo_{i:03d}{('.png', '.jpg')[i % 2]}", imgs[i, :, :h, :w])
+    return root
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    """The real Fashion-MNIST (60000/10000) installed by `apt-get install dataset-fashion-mnist`."""
+    if not (FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real Fashion-MNIST not in {FASHION_MNIST_SYSTEM_DIR}")
+    return FASHION_MNIST_SYSTEM_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_fashion_mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """IDX .gz stand-in: 120 train / 40 test 28x28 grey images, labels i % 10."""
+    return write_fashion_mnist(tmp_path_factory.mktemp("fashion_mnist"))
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CIFAR-10 pickle stand-in: 100 train / 30 test, labels i % 10."""
+    return write_cifar(tmp_path_factory.mktemp("cifar10"), "cifar10")
+
+
+@pytest.fixture(scope="session")
+def cifar100_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CIFAR-100 pickle stand-in: 200 train / 100 test, labels i % 100."""
+    return write_cifar(tmp_path_factory.mktemp("cifar100"), "cifar100", per_file=40, n_test=100)
+
+
+@pytest.fixture(scope="session")
+def stl10_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """STL-10 binary stand-in: 20 train / 10 test / 30 unlabeled 96x96 images."""
+    return write_stl10(tmp_path_factory.mktemp("stl10"))
+
+
+@pytest.fixture(scope="session")
+def imagenet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ImageFolder stand-in (also a `folder` dataset): train/ 3 classes x 6, val/ 3 x 2; PNG, JPEG, BMP."""
+    return write_image_folder(tmp_path_factory.mktemp("imagenet"))
+
+
+@pytest.fixture(scope="session")
+def unlabeled_folder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A flat folder of 12 unlabeled images of mixed sizes."""
+    return write_flat_folder(tmp_path_factory.mktemp("flat"))
+
+
+@pytest.fixture(scope="session")
+def corrupt_folder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ImageFolder with 2 classes x 3 images, where train/b/broken.jpg is not an image."""
+    root = write_image_folder(tmp_path_factory.mktemp("corrupt"), classes=("a", "b"), n_train=3, n_val=1)
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    return root
