@@ -498,3 +498,51 @@ def test_method_logs_are_python_floats_and_forward_is_training_step():
     loss_b, logs_b = method.training_step(batch, 0)
     assert logs_a == logs_b and all(type(v) is float for v in logs_a.values())
     torch.testing.assert_close(loss_a, loss_b)
+
+
+# -- two processes (gloo, CPU) ------------------------------------------------------------------
+def _ddp_worker(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same initial weights and queue on both ranks
+        out = {}
+        for name, norm in [("moco", "shuffle_bn"), ("fixmatch", "shuffle_bn"), ("fixmatch", "align")]:
+            options = {"queue_size": 4 * B * world} if name == "moco" else {}
+            if norm == "align":
+                norm, options = "eman", {"distribution": "align"}
+            method = make(name, norm, **options)
+            assert method.plan.num_splits == 1  # real per-rank BN, no split emulation
+            model = nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
+            opt = torch.optim.SGD(method.parameter_groups(0.0), lr=0.05)
+            for step in range(2):
+                loss, _ = model(make_batch(method, seed=10 * rank + step), step)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                method.after_step(step, 10)
+            out[name + norm + str(options)] = {k: v.clone() for k, v in method.state_dict().items()
+                                                if k in ("queue", "queue_ptr", "class_prior")}
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_share_queue_and_prior_and_shuffle_across_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    for key, state in results[0].items():
+        for name, value in state.items():
+            assert torch.equal(value, results[1][key][name]), (key, name)
+    moco = next(v for k, v in results[0].items() if k.startswith("moco"))
+    assert int(moco["queue_ptr"]) == 2 * 2 * B  # 2 steps x 2 ranks x B keys
