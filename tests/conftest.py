@@ -22,7 +22,7 @@ from emanorm.data.datasets import FASHION_MNIST_SYSTEM_DIR
 
 
 def class_images(labels: np.ndarray, channels: int, height: int, width: int, seed: int = 0) -> np.ndarray:
-    """uint8 (N, C, H, W) noise whose channel ``label % C`` is bright (C=3) or whose level follows the label."""
+    """uint8 (N, C, H, W) noise: channel ``label % 3`` bright (C=3), or level rising with the label (C=1)."""
     rng = np.random.RandomState(seed)
     x = rng.randint(0, 60, size=(len(labels), channels, height, width)).astype(np.uint8)
     for i, y in enumerate(labels):
@@ -50,7 +50,7 @@ def write_fashion_mnist(root: Path, n_train: int = 120, n_test: int = 40) -> Pat
 
 
 def write_cifar(root: Path, name: str = "cifar10", per_file: int = 20, n_test: int = 30) -> Path:
-    """The python-pickle layout: cifar-10-batches-py/data_batch_{1..5},test_batch or cifar-100-python/train,test."""
+    """Pickle layout: cifar-10-batches-py/{data_batch_1..5,test_batch} or cifar-100-python/{train,test}."""
     classes = 10 if name == "cifar10" else 100
     sub = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     sub.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def write_cifar(root: Path, name: str = "cifar10", per_file: int = 20, n_test: i
 
 
 def write_stl10(root: Path, n_train: int = 20, n_test: int = 10, n_unlabeled: int = 30) -> Path:
-    """The binary layout: stl10_binary/{train,test,unlabeled}_X.bin (planes stored column-major), *_y.bin (1..10)."""
+    """Binary layout: stl10_binary/{train,test,unlabeled}_X.bin (planes column-major), *_y.bin (1..10)."""
     sub = root / "stl10_binary"
     sub.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", n_train, 3), ("test", n_test, 4), ("unlabeled", n_unlabeled, 5)):

@@ -52,7 +52,8 @@ def rgb_to_hsv(x: Tensor) -> Tensor:
     h = torch.where(maxc == r, ((g - b) / d) % 6,
                     torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4)) / 6
     h = torch.where(delta > 0, h, torch.zeros_like(h))
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    safe_max = torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    s = torch.where(maxc > 0, delta / safe_max, torch.zeros_like(maxc))
     return torch.stack([h, s, maxc], 1)
 
 
@@ -140,7 +141,7 @@ class RandomResizedCropFlip(_Op):
         return top, left, h, w
 
     def __call__(self, x: Tensor, g: Generator) -> Tensor:
-        b, c, height, width = x.shape
+        b, _, height, width = x.shape
         top, left, h, w = self.boxes(b, height, width, g)
         sign = torch.where(_coin(b, self.flip_p, g), -1.0, 1.0)
         # Sampling grid in grid_sample's normalised coordinates (align_corners=False: -1/+1 are the outer
@@ -186,13 +187,15 @@ class ColorJitter(_Op):
                  channels: int = 3) -> None:
         if channels == 1:  # no colour to shift in a grey image
             saturation, hue = 0.0, 0.0
-        self.brightness, self.contrast, self.saturation, self.hue, self.p = brightness, contrast, saturation, hue, p
+        self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
+        self.hue, self.p = hue, p
 
     def __call__(self, x: Tensor, g: Generator) -> Tensor:
         rows = _rows(_coin(x.shape[0], self.p, g))
         n = rows.numel()
         strengths = (self.brightness, self.contrast, self.saturation, self.hue)
-        factors = [_uniform(n, 1 - s, 1 + s, g) for s in strengths[:3]] + [_uniform(n, -self.hue, self.hue, g)]
+        factors = [_uniform(n, 1 - s, 1 + s, g) for s in strengths[:3]]
+        factors.append(_uniform(n, -self.hue, self.hue, g))
         order = torch.rand(n, 4, generator=g).argsort(1)
         if n == 0:
             return x
@@ -276,7 +279,8 @@ class Cutout(_Op):
         x0, x1 = (cx - half_w).round()[:, None], (cx + half_w).round()[:, None]
         ys, xs = torch.arange(height), torch.arange(width)
         m = ((ys >= y0) & (ys < y1))[:, None, :, None] & ((xs >= x0) & (xs < x1))[:, None, None, :]
-        return torch.where(m.to(x.device, non_blocking=True), torch.full_like(x[:1, :1, :1, :1], self.fill), x)
+        fill = torch.full_like(x[:1, :1, :1, :1], self.fill)
+        return torch.where(m.to(x.device, non_blocking=True), fill, x)
 
 
 class RandAugment(_Op):
@@ -293,7 +297,8 @@ class RandAugment(_Op):
                  fill: float | None = None) -> None:
         if not 0 <= magnitude < num_magnitude_bins:
             raise DataError(f"RandAugment magnitude={magnitude} must be in [0, {num_magnitude_bins})")
-        self.num_ops, self.magnitude, self.num_magnitude_bins, self.fill = num_ops, magnitude, num_magnitude_bins, fill
+        self.num_ops, self.magnitude = num_ops, magnitude
+        self.num_magnitude_bins, self.fill = num_magnitude_bins, fill
 
     def op_magnitude(self, op: str, height: int, width: int) -> float:
         """torchvision RandAugment's magnitude of ``op`` at bin ``magnitude`` (unsigned)."""
@@ -309,7 +314,7 @@ class RandAugment(_Op):
         if op in ("Brightness", "Color", "Contrast", "Sharpness"):
             return 0.9 * frac
         if op == "Posterize":
-            return float(int(round(8 - self.magnitude / ((self.num_magnitude_bins - 1) / 4))))
+            return float(round(8 - self.magnitude / ((self.num_magnitude_bins - 1) / 4)))
         if op == "Solarize":
             return 1.0 - frac
         return 0.0
@@ -317,11 +322,11 @@ class RandAugment(_Op):
     def apply(self, x: Tensor, op: str, magnitude: float) -> Tensor:
         """Apply one op to a float batch in [0, 1], exactly as torchvision's RandAugment would."""
         fill = None if self.fill is None else [self.fill] * x.shape[1]
-        if op == "ShearX":
-            return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(magnitude)), 0.0],
-                             interpolation=TF.InterpolationMode.NEAREST, fill=fill, center=[0, 0])
-        if op == "ShearY":
-            return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(magnitude))],
+        if op in ("ShearX", "ShearY"):
+            # torchvision shears by atan(magnitude) degrees about the top-left corner
+            deg = math.degrees(math.atan(magnitude))
+            shear = [deg, 0.0] if op == "ShearX" else [0.0, deg]
+            return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=shear,
                              interpolation=TF.InterpolationMode.NEAREST, fill=fill, center=[0, 0])
         if op in ("TranslateX", "TranslateY"):
             shift = [int(magnitude), 0] if op == "TranslateX" else [0, int(magnitude)]
@@ -393,10 +398,10 @@ class BatchAugment(nn.Module):
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.info.channels:
-            raise DataError(f"augmentation {self.preset!r} for {self.info.name} expects (B, {self.info.channels}, H, W), "
-                            f"got {tuple(x.shape)}")
+            raise DataError(f"augmentation {self.preset!r} for {self.info.name} expects "
+                            f"(B, {self.info.channels}, H, W), got {tuple(x.shape)}")
         if generator is not None and generator.device.type != "cpu":
-            raise DataError(f"augmentation generator must be a CPU torch.Generator, got one on {generator.device}")
+            raise DataError(f"augmentation generator must be a CPU torch.Generator, not {generator.device}")
         x = x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x.to(torch.float32)
         size = self.info.image_size
         if tuple(x.shape[-2:]) != (size, size):

@@ -27,7 +27,8 @@ from emanorm.errors import UserError
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder")
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-DEFAULT_CACHE_DIR = Path(os.environ.get("EMANORM_DATA_CACHE", Path.home() / ".cache" / "emanorm" / "datasets"))
+DEFAULT_CACHE_DIR = Path(os.environ.get("EMANORM_DATA_CACHE",
+                                        Path.home() / ".cache" / "emanorm" / "datasets"))
 # torchvision.datasets.folder.IMG_EXTENSIONS, so our file order is ImageFolder's order.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -266,6 +267,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes for {ndim} dimensions)")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != math.prod(dims):
@@ -301,7 +304,7 @@ def _fashion_mnist_dir(data_dir: Path | None, download: bool) -> Path:
             warnings.warn(f"Fashion-MNIST download into {target} failed: {err}", stacklevel=3)
         tried.append(target)
     raise DataNotFoundError(
-        "Fashion-MNIST not found: looked for train-/t10k- images-idx3-ubyte[.gz] and labels-idx1-ubyte[.gz] in "
+        "Fashion-MNIST not found: looked for {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] in "
         + ", ".join(str(d) for d in tried)
         + ("" if download else " (download disabled)")
         + "; install it with `apt-get install dataset-fashion-mnist` or pass data_dir")
@@ -336,7 +339,8 @@ def _load_cifar(name: str, root: Path, split: str) -> TensorImageDataset:
     sub, train_files, test_files, label_key = _CIFAR[name]
     base = root / sub if (root / sub).is_dir() else root
     files = train_files if split == "train" else test_files
-    layout = f"{root}/{sub}/{{{','.join(train_files + test_files)}}} (the python-pickle CIFAR archive, extracted)"
+    layout = (f"{root}/{sub}/{{{','.join(train_files + test_files)}}} "
+              "(the python-pickle CIFAR archive, extracted)")
     missing = [f for f in files if not (base / f).is_file()]
     if missing:
         raise DataNotFoundError(f"{name}: {base / missing[0]} not found; expected {layout}")
@@ -427,7 +431,8 @@ def _class_dirs(d: Path) -> list[str]:
         return []
 
 
-def scan_image_folder(d: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+def scan_image_folder(d: Path, classes: Sequence[str] | None = None
+                      ) -> tuple[list[str], list[int], list[str]]:
     """Files and targets of an ImageFolder tree in torchvision's order, or of a flat folder (targets -1).
 
     ``classes`` (e.g. the train split's) fixes the class-to-index map of a val/test split.
@@ -440,14 +445,16 @@ def scan_image_folder(d: Path, classes: Sequence[str] | None = None) -> tuple[li
             classes = own
         unknown = sorted(set(own) - set(classes))
         if unknown:
-            raise DataError(f"{d}: class folder(s) {unknown[:5]} not among the {len(classes)} training classes")
+            raise DataError(f"{d}: class folder(s) {unknown[:5]} not among the {len(classes)} "
+                            "training classes")
         samples = make_dataset(str(d), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
                                allow_empty=True)
         if _has_images(d):
             warnings.warn(f"{d}: image files beside the class folders are ignored", stacklevel=3)
         paths, targets = [s[0] for s in samples], [s[1] for s in samples]
         return paths, targets, list(classes)
-    paths = sorted(str(d / e.name) for e in os.scandir(d) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+    paths = sorted(str(d / e.name) for e in os.scandir(d)
+                   if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
     return paths, [-1] * len(paths), []
 
 
@@ -488,8 +495,9 @@ def _load_folder(name: str, root: Path, split: str, image_size: int | None, crop
 # ---------------------------------------------------------------------------------------------
 
 
-def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *, image_size: int | None = None,
-                 crop_fraction: float = 1.0, on_corrupt: str = "error", download: bool = True) -> ImageDataset:
+def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *,
+                 image_size: int | None = None, crop_fraction: float = 1.0, on_corrupt: str = "error",
+                 download: bool = True) -> ImageDataset:
     """Load split ``split`` of dataset ``name`` (one of ``DATASETS``); see docs/data.md for layouts.
 
     ``image_size``, ``crop_fraction`` (resize the shorter side to ``image_size / crop_fraction`` before

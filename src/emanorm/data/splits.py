@@ -15,7 +15,8 @@ SPLIT_COLUMN = "Index"
 
 
 def select_labeled(targets: Tensor, num_classes: int, *, labels_per_class: int | None = None,
-                   fraction: float | None = None, index_csv: str | Path | None = None, seed: int = 0) -> Tensor:
+                   fraction: float | None = None, index_csv: str | Path | None = None,
+                   seed: int = 0) -> Tensor:
     """Sorted dataset indices of the labeled subset.
 
     Exactly one of ``labels_per_class`` (that many per class), ``fraction`` (that share of each

@@ -19,7 +19,8 @@ _MAIN, _CYCLED, _AUGMENT = 0, 1, 2
 
 def _seed(*words: int) -> int:
     """A 63-bit seed from integers, well mixed (so nearby (epoch, step) pairs give unrelated streams)."""
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    state = np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
 
 
 def _generator(*words: int) -> torch.Generator:
@@ -42,7 +43,8 @@ class _Part:
         if batch_size < 1:
             raise DataError(f"{name} batch size {batch_size} must be >= 1")
         self.name, self.dataset, self.views = name, dataset, dict(views)
-        idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.long).cpu()
+        idx = (torch.arange(len(dataset)) if indices is None
+               else torch.as_tensor(indices, dtype=torch.long).cpu())
         if idx.numel() == 0:
             raise DataError(f"{name} indices are empty")
         if idx.min() < 0 or idx.max() >= len(dataset):
@@ -83,7 +85,8 @@ class BatchStream:
 
     def __init__(self, labeled: ImageDataset | None = None, labeled_indices: Tensor | None = None,
                  unlabeled: ImageDataset | None = None, unlabeled_indices: Tensor | None = None, *,
-                 labeled_views: Mapping[str, str] | None = None, unlabeled_views: Mapping[str, str] | None = None,
+                 labeled_views: Mapping[str, str] | None = None,
+                 unlabeled_views: Mapping[str, str] | None = None,
                  batch_size: int = 64, unlabeled_batch_size: int | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu", num_workers: int = 0,
                  return_index: bool = False, augment_options: Mapping[str, object] | None = None) -> None:
@@ -119,8 +122,9 @@ class BatchStream:
         self.return_index = return_index
         self.epoch, self.start_step = 0, 0
         if self.steps_per_epoch == 0:
-            raise DataError(f"{self.main.name} set of {len(self.main.indices)} images is smaller than one global "
-                            f"batch of {self.main.global_batch} (world_size {world_size} x {self.main.batch_size})")
+            raise DataError(f"{self.main.name} set of {len(self.main.indices)} images is smaller than one "
+                            f"global batch of {self.main.global_batch} "
+                            f"(world_size {world_size} x {self.main.batch_size})")
         options = dict(augment_options or {})
         infos = {p.name: p.dataset.info for p in self._parts()}
         self.augment: dict[tuple[str, str], BatchAugment] = {
@@ -235,7 +239,8 @@ def eval_batches(dataset: ImageDataset, batch_size: int, device: str | torch.dev
     augment = build_augmentation("none", dataset.info)
     if num_workers > 0 and not dataset.in_memory and chunks:
         fetcher = _StepFetcher([dataset], [[c] for c in chunks])
-        loader = DataLoader(fetcher, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda")
+        loader = DataLoader(fetcher, batch_size=None, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
         images = (f[0] for f in loader)
     else:
         images = (dataset.fetch(c) for c in chunks)
