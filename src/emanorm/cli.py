@@ -46,7 +46,9 @@ def add_train_parser(subparsers: Any) -> None:
     from emanorm.train.config import METHODS, NORMS
 
     p = subparsers.add_parser(
-        "train", help="train a method (the main job)", description=TRAIN_HELP,
+        "train",
+        help="train a method (the main job)",
+        description=TRAIN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = p.add_argument_group("what to train")
@@ -54,50 +56,101 @@ def add_train_parser(subparsers: Any) -> None:
     what.add_argument("--norm", help=f"one of {', '.join(NORMS)} (default eman)")
     what.add_argument("--dataset", help="fashion_mnist, cifar10, cifar100, stl10, imagenet, folder")
     what.add_argument("--data-dir", help="where the dataset lives (standard layouts; see docs/data.md)")
-    what.add_argument("--backbone", help="small, resnet18, resnet50, resnet50x2, resnet18_cifar, wrn28_2, timm:NAME")
+    what.add_argument(
+        "--backbone", help="small, resnet18, resnet50, resnet50x2, resnet18_cifar, wrn28_2, timm:NAME"
+    )
     what.add_argument("--config", help="a preset name (see `emanorm presets`) or a YAML file")
     labels = p.add_argument_group("labels (semi-supervised methods)").add_mutually_exclusive_group()
     labels.add_argument("--labels-per-class", type=int, help="labeled images per class")
     labels.add_argument("--label-fraction", type=float, help="fraction of labels per class, e.g. 0.01 or 0.1")
-    labels.add_argument("--label-index-csv", help="a CSV with column Index (the paper's ImageNet 1%%/10%% files)")
+    labels.add_argument(
+        "--label-index-csv", help="a CSV with column Index (the paper's ImageNet 1%%/10%% files)"
+    )
     budget = p.add_argument_group("budget").add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, help="passes over the (unlabeled) training set")
     budget.add_argument("--max-steps", type=int, help="optimizer steps")
     opt = p.add_argument_group("optimisation and teacher")
-    opt.add_argument("--batch-size", type=int, help="global batch (labeled batch for semi-supervised methods)")
-    opt.add_argument("--unlabeled-ratio", type=int, help="unlabeled batch = ratio x batch size (FixMatch's mu)")
+    opt.add_argument(
+        "--batch-size", type=int, help="global batch (labeled batch for semi-supervised methods)"
+    )
+    opt.add_argument(
+        "--unlabeled-ratio", type=int, help="unlabeled batch = ratio x batch size (FixMatch's mu)"
+    )
     opt.add_argument("--lr", type=float, help="initial learning rate")
     opt.add_argument("--optimizer", help="sgd, lars or adamw")
     opt.add_argument("--ema-momentum", type=float, help="teacher parameter momentum m of Eq. 1")
-    opt.add_argument("--eman-momentum", type=float, help="EMAN statistics momentum of Eq. 9 (Table 8); default: = m")
-    opt.add_argument("--bn-momentum", type=float, help="PyTorch BN momentum for statistics a teacher collects itself")
-    opt.add_argument("--method-arg", action="append", type=_key_value, metavar="KEY=VALUE",
-                     help="a method option, e.g. threshold=0.95 (repeatable; see docs/methods.md)")
+    opt.add_argument(
+        "--eman-momentum", type=float, help="EMAN statistics momentum of Eq. 9 (Table 8); default: = m"
+    )
+    opt.add_argument(
+        "--bn-momentum", type=float, help="PyTorch BN momentum for statistics a teacher collects itself"
+    )
+    opt.add_argument(
+        "--method-arg",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="a method option, e.g. threshold=0.95 (repeatable; see docs/methods.md)",
+    )
     run = p.add_argument_group("running")
     run.add_argument("--seed", type=int)
     run.add_argument("--out", help="run directory (default runs/<method>-<norm>-<dataset>-s<seed>)")
     run.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
-    run.add_argument("--force", action="store_true", help="overwrite a finished run, or resume despite a changed config")
+    run.add_argument(
+        "--force", action="store_true", help="overwrite a finished run, or resume despite a changed config"
+    )
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument("--num-workers", type=int, help="data loader workers (file datasets)")
     run.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="autocast (auto: bf16 on GPU)")
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
-    run.add_argument("--eval-every", type=int, help="kNN / test-accuracy monitor every N epochs (0: only at the end)")
-    run.add_argument("--checkpoint-every-steps", type=int, help="also checkpoint every N steps (0: per epoch)")
+    run.add_argument(
+        "--eval-every", type=int, help="kNN / test-accuracy monitor every N epochs (0: only at the end)"
+    )
+    run.add_argument(
+        "--checkpoint-every-steps", type=int, help="also checkpoint every N steps (0: per epoch)"
+    )
     run.add_argument("--init-from", help="start the backbone from a run directory or checkpoint")
     run.add_argument("--init-which", choices=["teacher", "student"], help="which network of --init-from")
-    run.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
-                     help="override any config key, e.g. --set warmup_epochs=5 (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set warmup_epochs=5 (repeatable)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
-        "method", "norm", "dataset", "data_dir", "backbone", "labels_per_class", "label_fraction",
-        "label_index_csv", "epochs", "max_steps", "batch_size", "unlabeled_ratio", "lr", "optimizer",
-        "ema_momentum", "eman_momentum", "bn_momentum", "seed", "out", "device", "num_workers", "amp",
-        "compile", "eval_every", "checkpoint_every_steps", "init_from", "init_which",
+        "method",
+        "norm",
+        "dataset",
+        "data_dir",
+        "backbone",
+        "labels_per_class",
+        "label_fraction",
+        "label_index_csv",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "unlabeled_ratio",
+        "lr",
+        "optimizer",
+        "ema_momentum",
+        "eman_momentum",
+        "bn_momentum",
+        "seed",
+        "out",
+        "device",
+        "num_workers",
+        "amp",
+        "compile",
+        "eval_every",
+        "checkpoint_every_steps",
+        "init_from",
+        "init_which",
     )
     overrides = {k: getattr(args, k) for k in keys}
     for key, value in args.set or []:

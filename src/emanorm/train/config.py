@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 1,
     "knn_k": 20,
     "knn_bank_size": 10000,
-    "knn_query_size": 10000,
+    "monitor_test_size": None,
     # machinery
     "seed": 0,
     "device": "auto",
@@ -161,7 +161,11 @@ def _positive(cfg: dict[str, Any], key: str, kind: type = int, allow_none: bool 
     value = cfg[key]
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and int(value) != value)
+    ):
         raise UserError(f"{key} must be a positive {kind.__name__}, got {value!r}")
     if value <= 0:
         raise UserError(f"{key} must be positive, got {value!r}")
@@ -176,8 +180,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
             raise UserError(f"unknown {key} {cfg[key]!r}; allowed: {shown}")
     for key in ("epochs", "max_steps", "batch_size", "unlabeled_ratio", "labels_per_class"):
         _positive(cfg, key)
-    for key in ("log_every", "knn_k", "knn_bank_size", "knn_query_size"):
+    for key in ("log_every", "knn_k", "knn_bank_size"):
         _positive(cfg, key, allow_none=False)
+    _positive(cfg, "monitor_test_size")
     _positive(cfg, "lr", float, allow_none=False)
     for key in ("eval_every", "num_workers", "checkpoint_every_steps", "warmup_epochs", "weight_decay"):
         value = cfg[key]

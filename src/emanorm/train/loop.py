@@ -124,7 +124,7 @@ class RunLogger:
 # -- evaluation during training ----------------------------------------------------------------------
 @torch.no_grad()
 def _features(encoder: nn.Module, dataset: Any, indices: torch.Tensor, device: torch.device, amp) -> Any:
-    from emanorm.data import eval_batches
+    from emanorm.data.stream import eval_batches
 
     feats, labels = [], []
     for images, targets in eval_batches(dataset, 512, device, indices=indices):
@@ -147,7 +147,10 @@ def evaluate_during_training(
     gen = torch.Generator().manual_seed(cfg["seed"])
     labeled = (train_ds.targets >= 0).nonzero().flatten()
     bank = labeled[torch.randperm(len(labeled), generator=gen)[: cfg["knn_bank_size"]]]
-    queries = torch.arange(min(len(test_ds), cfg["knn_query_size"]))
+    test_size = (
+        len(test_ds) if cfg["monitor_test_size"] is None else min(len(test_ds), cfg["monitor_test_size"])
+    )
+    queries = torch.arange(test_size)
     for which in ("teacher", "student"):
         encoder = method.encoder(which)
         bank_f, bank_y = _features(encoder, train_ds, bank, device, amp)
@@ -156,15 +159,12 @@ def evaluate_during_training(
         results[f"knn_{which}"] = 100.0 * (pred.to(query_y.device) == query_y).float().mean().item()
         classifier = method.classifier(which) if cfg["method"] in SEMI_SUPERVISED else None
         if classifier is not None:
-            correct = total = 0
-            from emanorm.data import eval_batches
-
-            for images, targets in eval_batches(test_ds, 512, device):
-                with amp():
-                    logits = classifier(images)
-                correct += (logits.argmax(1) == targets.to(device)).sum().item()
-                total += len(targets)
-            results[f"test_acc_{which}"] = 100.0 * correct / total
+            # a Classifier is backbone + fc: reuse the features instead of a second pass
+            if getattr(classifier, "backbone", None) is encoder and hasattr(classifier, "fc"):
+                logits = classifier.fc(query_f.to(next(classifier.fc.parameters()).dtype))
+            else:
+                logits = _features(classifier, test_ds, queries, device, amp)[0]
+            results[f"test_acc_{which}"] = 100.0 * (logits.argmax(1) == query_y).float().mean().item()
     method.train(was_training)
     return results
 
@@ -251,19 +251,33 @@ def _load_dataset(name: str, split: str, data_dir: str | None) -> Any:
         raise UserError(str(err).splitlines()[0] if str(err) else repr(err)) from None
 
 
-def train(cfg: dict[str, Any], *, resume: bool = False, force: bool = False, progress: bool = True) -> dict:
-    """Run (or continue) the training a resolved config describes; returns the summary."""
-    from emanorm.data import BatchStream, write_split_csv
-    from emanorm.optim import build_optimizer
+def train(
+    cfg: dict[str, Any],
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    return_method: bool = False,
+) -> Any:
+    """Run (or continue) the training a resolved config describes.
 
+    Returns the summary, or ``(summary, method)`` with ``return_method`` (for use as a library).
+    """
     dist_info = init_distributed(cfg["device"])
     try:
-        return _train(cfg, dist_info, resume, force, progress, BatchStream, write_split_csv, build_optimizer)
+        summary, method = _train(cfg, dist_info, resume, force, progress)
+        return (summary, method) if return_method else summary
     finally:
         cleanup()
 
 
-def _train(cfg, dist_info: DistInfo, resume, force, progress, BatchStream, write_split_csv, build_optimizer):
+def _train(
+    cfg: dict[str, Any], dist_info: DistInfo, resume: bool, force: bool, progress: bool
+) -> tuple[dict[str, Any], nn.Module]:
+    from emanorm.data import write_split_csv
+    from emanorm.data.stream import BatchStream
+    from emanorm.optim import build_optimizer
+
     device = dist_info.device
     if cfg["out"] is None:
         cfg["out"] = default_run_dir(cfg)
@@ -273,7 +287,7 @@ def _train(cfg, dist_info: DistInfo, resume, force, progress, BatchStream, write
     run_dir = Path(cfg["out"])
     if cfg["batch_size"] % dist_info.world_size:
         raise UserError(
-            f"batch_size {cfg['batch_size']} must be divisible by the number of processes {dist_info.world_size}"
+            f"batch_size {cfg['batch_size']} must be divisible by the process count {dist_info.world_size}"
         )
     if cfg["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -304,9 +318,9 @@ def _train(cfg, dist_info: DistInfo, resume, force, progress, BatchStream, write
         raise UserError(f"method {cfg['method']} declares no views")
     unlabeled_indices = torch.arange(len(train_ds))
     stream = BatchStream(
-        labeled_dataset=train_ds if has_labeled else None,
+        labeled=train_ds if has_labeled else None,
         labeled_indices=labeled if has_labeled else None,
-        unlabeled_dataset=train_ds if has_unlabeled else None,
+        unlabeled=train_ds if has_unlabeled else None,
         unlabeled_indices=unlabeled_indices if has_unlabeled else None,
         labeled_views=method.labeled_views,
         unlabeled_views=method.unlabeled_views,
@@ -320,9 +334,7 @@ def _train(cfg, dist_info: DistInfo, resume, force, progress, BatchStream, write
     )
     steps_per_epoch = stream.steps_per_epoch
     if steps_per_epoch < 1:
-        raise UserError(
-            f"the dataset is too small for batch size {cfg['batch_size']}: zero steps per epoch"
-        )
+        raise UserError(f"the dataset is too small for batch size {cfg['batch_size']}: zero steps per epoch")
     total_steps = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = int(cfg["warmup_epochs"] * steps_per_epoch)
@@ -494,4 +506,4 @@ def _train(cfg, dist_info: DistInfo, resume, force, progress, BatchStream, write
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     barrier()
-    return summary
+    return summary, method
