@@ -43,31 +43,6 @@ def _gray(x: Tensor) -> Tensor:
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
-def rgb_to_hsv(x: Tensor) -> Tensor:
-    """(B, 3, H, W) RGB in [0, 1] to HSV with hue in [0, 1)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    delta = maxc - minc
-    d = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(maxc == r, ((g - b) / d) % 6,
-                    torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4)) / 6
-    h = torch.where(delta > 0, h, torch.zeros_like(h))
-    safe_max = torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    s = torch.where(maxc > 0, delta / safe_max, torch.zeros_like(maxc))
-    return torch.stack([h, s, maxc], 1)
-
-
-def hsv_to_rgb(x: Tensor) -> Tensor:
-    """Inverse of ``rgb_to_hsv``: f(n) = V - V*S*clamp(min(k, 4 - k), 0, 1) with k = (n + 6H) mod 6."""
-    h, s, v = x.unbind(1)
-
-    def channel(n: float) -> Tensor:
-        k = (n + h * 6) % 6
-        return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
-
-    return torch.stack([channel(5), channel(3), channel(1)], 1)
-
-
 # Per-sample colour ops: ``f`` has shape (n, 1, 1, 1); formulas follow torchvision's functional ops.
 def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
     return (x * f).clamp_(0, 1)
@@ -85,11 +60,26 @@ def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
 
 
 def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
+    """Rotate the HSV hue by ``f`` (in turns, per sample), fused: RGB -> HSV -> RGB in one pass.
+
+    HSV keeps V = max and V*S = max - min, so only the hue (in sixths of a turn) is computed, as
+    torchvision does (r, then g, then b wins a tie for the max); RGB comes back through the closed
+    form V - delta * clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6, n = 5, 3, 1. Works per channel
+    plane (elementwise ops), which is several times faster on CPU than reductions over dim 1.
+    """
     if x.shape[1] == 1:
         return x
-    hsv = rgb_to_hsv(x)
-    h = (hsv[:, 0] + f[:, 0]) % 1.0
-    return hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], 1))
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    delta = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv = 1 / delta.clamp_min(1e-12)
+    h6 = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2, (r - g) * inv + 4))
+    h6 = h6 + 6 * f[:, 0]
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = (h6 + n) % 6
+        out.append(maxc - delta * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
+    return torch.stack(out, 1)
 
 
 class _Op:
@@ -164,7 +154,7 @@ class RandomTranslateFlip(_Op):
         self.pad, self.flip_p = pad, flip_p
 
     def __call__(self, x: Tensor, g: Generator) -> Tensor:
-        b, _, height, width = x.shape
+        b, c, height, width = x.shape
         p = self.pad
         dy = torch.randint(0, 2 * p + 1, (b,), generator=g)
         dx = torch.randint(0, 2 * p + 1, (b,), generator=g)
@@ -172,11 +162,10 @@ class RandomTranslateFlip(_Op):
         cols = torch.arange(width)
         cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)
         rows = dy[:, None] + torch.arange(height)
-        xp = F.pad(x, (p, p, p, p), mode="reflect").permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
-        dev = x.device
-        bi = torch.arange(b, device=dev)[:, None, None]
-        out = xp[bi, rows.to(dev, non_blocking=True)[:, :, None], cols.to(dev, non_blocking=True)[:, None, :]]
-        return out.permute(0, 3, 1, 2)
+        xp = F.pad(x, (p, p, p, p), mode="reflect")
+        rows = rows.to(x.device, non_blocking=True)[:, None, :, None].expand(b, c, height, width + 2 * p)
+        cols = cols.to(x.device, non_blocking=True)[:, None, None, :].expand(b, c, height, width)
+        return xp.gather(2, rows).gather(3, cols)
 
 
 class ColorJitter(_Op):
@@ -211,7 +200,7 @@ class ColorJitter(_Op):
                     continue
                 sel_d = sel.to(x.device, non_blocking=True)
                 f = factors[op][sel].to(x.device, x.dtype, non_blocking=True).view(-1, 1, 1, 1)
-                sub[sel_d] = fns[op](sub.index_select(0, sel_d), f)
+                sub.index_copy_(0, sel_d, fns[op](sub.index_select(0, sel_d), f))
         return x.index_copy(0, rows_d, sub)
 
 
@@ -260,8 +249,12 @@ class RandomSolarize(_Op):
         self.p, self.threshold = p, threshold
 
     def __call__(self, x: Tensor, g: Generator) -> Tensor:
-        m = _coin(x.shape[0], self.p, g).to(x.device, non_blocking=True).view(-1, 1, 1, 1)
-        return torch.where(m & (x >= self.threshold), 1 - x, x)
+        rows = _rows(_coin(x.shape[0], self.p, g))
+        if rows.numel() == 0:
+            return x
+        rows = rows.to(x.device, non_blocking=True)
+        sub = x.index_select(0, rows)
+        return x.index_copy(0, rows, torch.where(sub >= self.threshold, 1 - sub, sub))
 
 
 class Cutout(_Op):
@@ -368,7 +361,7 @@ class RandAugment(_Op):
                 rows = _rows(key == k).to(x.device, non_blocking=True)
                 if out is None:
                     out = x.clone()
-                out[rows] = self.apply(x.index_select(0, rows), name, mag)
+                out.index_copy_(0, rows, self.apply(x.index_select(0, rows), name, mag))
             x = x if out is None else out
         return x
 
