@@ -1,0 +1,70 @@
+"""Evaluation of frozen or fine-tuned backbones: kNN, retrieval, linear, fine-tuning, low-shot, export.
+
+See docs/evaluation.md for each protocol and how it relates to the paper's.
+"""
+
+from emanorm.evaluation.commands import add_eval_parsers, add_export_parser
+from emanorm.evaluation.export import EXPORT_FORMATS, backbone_state_dict, export_backbone, load_exported
+from emanorm.evaluation.features import (
+    TensorImages,
+    assert_frozen,
+    assert_state_unchanged,
+    dataset_batches,
+    extract_features,
+    iterate_dataset,
+    resolve_device,
+    state_snapshot,
+)
+from emanorm.evaluation.finetune import DEFAULT_BACKBONE_LRS, BackboneClassifier, finetune, train_finetune
+from emanorm.evaluation.knn import knn_accuracy, knn_predict
+from emanorm.evaluation.linear import (
+    DEFAULT_LINEAR_LRS,
+    linear_probe,
+    stratified_split,
+    topk_accuracies,
+    train_linear,
+)
+from emanorm.evaluation.lowshot import (
+    DEFAULT_COSTS,
+    DEFAULT_SHOTS,
+    LowShotTask,
+    MulticlassSVMTask,
+    lowshot_svm,
+    select_cost,
+)
+from emanorm.evaluation.retrieval import retrieval_scores
+
+__all__ = [
+    "DEFAULT_BACKBONE_LRS",
+    "DEFAULT_COSTS",
+    "DEFAULT_LINEAR_LRS",
+    "DEFAULT_SHOTS",
+    "EXPORT_FORMATS",
+    "BackboneClassifier",
+    "LowShotTask",
+    "MulticlassSVMTask",
+    "TensorImages",
+    "add_eval_parsers",
+    "add_export_parser",
+    "assert_frozen",
+    "assert_state_unchanged",
+    "backbone_state_dict",
+    "dataset_batches",
+    "export_backbone",
+    "extract_features",
+    "finetune",
+    "iterate_dataset",
+    "knn_accuracy",
+    "knn_predict",
+    "linear_probe",
+    "load_exported",
+    "lowshot_svm",
+    "resolve_device",
+    "retrieval_scores",
+    "select_cost",
+    "state_snapshot",
+    "stratified_split",
+    "topk_accuracies",
+    "train_finetune",
+    "train_linear",
+]

@@ -1,0 +1,647 @@
+"""The ``emanorm eval {knn,linear,finetune,retrieval,lowshot}`` and ``emanorm export`` commands.
+
+``add_eval_parsers(subparsers)`` and ``add_export_parser(subparsers)`` add the parsers; each leaf
+parser sets ``func(args) -> int``. Every result is written as JSON (default
+``RUN_DIR/eval_<protocol>_<which>.json``) and printed as a small table. Mistakes a user can fix
+raise :class:`emanorm.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from emanorm.errors import UserError
+from emanorm.evaluation.export import EXPORT_FORMATS, backbone_state_dict, export_backbone, load_exported
+from emanorm.evaluation.features import (
+    ImageSource,
+    assert_frozen,
+    dataset_batches,
+    extract_features,
+    resolve_device,
+)
+from emanorm.evaluation.finetune import DEFAULT_BACKBONE_LRS, finetune
+from emanorm.evaluation.knn import knn_predict
+from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS, linear_probe
+from emanorm.evaluation.lowshot import DEFAULT_SHOTS, lowshot_svm
+from emanorm.evaluation.retrieval import retrieval_scores
+
+PROTOCOLS = ("knn", "linear", "finetune", "retrieval", "lowshot")
+WHICH = ("teacher", "student")
+_CONFIG_KEYS = ("method", "norm", "backbone", "dataset", "seed", "steps", "epochs")
+
+
+# --- the upstream pieces, behind small functions (tests replace them with fakes) -------------------
+
+
+def _load_backbone(path: str, which: str) -> tuple[nn.Module, dict[str, Any]]:
+    """``emanorm.train.checkpoint.load_backbone`` with user-facing errors."""
+    if not Path(path).exists():
+        raise UserError(f"no run directory or checkpoint at '{path}'")
+    try:
+        from emanorm.train.checkpoint import load_backbone
+    except ImportError as err:  # the trainer is a separate part of the package
+        raise UserError(f"cannot load runs: emanorm.train.checkpoint is unavailable ({err})") from err
+    try:
+        backbone, config = load_backbone(path, which=which)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise UserError(f"cannot load the {which} backbone from '{path}': {err}") from err
+    return backbone, dict(config or {})
+
+
+def _load_dataset(name: str, split: str, data_dir: str | None) -> ImageSource:
+    from emanorm.data import load_dataset
+
+    return load_dataset(name, split, data_dir=data_dir)
+
+
+def _augmentation(preset: str, info: Any) -> nn.Module:
+    from emanorm.data import build_augmentation
+
+    return build_augmentation(preset, info)
+
+
+def _select_labeled(targets: Tensor, num_classes: int, **kwargs: Any) -> Tensor:
+    from emanorm.data import select_labeled
+
+    return select_labeled(targets, num_classes, **kwargs)
+
+
+# --- argument parsing --------------------------------------------------------------------------------
+
+
+def _fraction(text: str) -> float:
+    """``0.1`` or ``10%`` -> 0.1, in (0, 1]."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        msg = f"label fraction must be a number like 0.1 or 10%, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"label fraction must be in (0, 1] (or (0%, 100%]), got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or a checkpoint .pt file")
+    p.add_argument("--which", choices=WHICH, default="teacher", help="network to evaluate (default: teacher)")
+    p.add_argument("--dataset", help="dataset name (default: the run's)")
+    p.add_argument("--data-dir", help="dataset directory (default: the run's)")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--labels-per-class", type=_positive_int, metavar="K", help="use K training labels per class"
+    )
+    labels.add_argument(
+        "--label-fraction", type=_fraction, metavar="F", help="use a fraction of training labels: 0.01 or 1%%"
+    )
+    labels.add_argument("--index-csv", metavar="FILE", help="labeled subset as a CSV with column Index")
+    p.add_argument("--seed", type=int, help="seed of the labeled subset and of training (default: the run's)")
+    p.add_argument("--test-split", default="auto", help="evaluation split (default: 'test', else 'val')")
+    p.add_argument(
+        "--out", metavar="FILE.json", help="result file (default: RUN_DIR/eval_<name>_<which>.json)"
+    )
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=256, help="images per forward pass (default: 256)"
+    )
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``eval`` with one subcommand per protocol to an ``argparse`` subparsers object."""
+    common = _common_parser()
+    ev = subparsers.add_parser(
+        "eval",
+        help="evaluate a trained backbone",
+        description="Evaluate a run's teacher or student backbone.",
+    )
+    sub = ev.add_subparsers(dest="protocol", metavar="{" + ",".join(PROTOCOLS) + "}", required=True)
+
+    knn = sub.add_parser("knn", parents=[common], help="weighted kNN on frozen features (train -> test)")
+    knn.add_argument("--k", type=_positive_int, default=20, help="neighbours (default: 20)")
+    knn.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default: 0.07)")
+    knn.set_defaults(func=run_knn)
+
+    lin = sub.add_parser("linear", parents=[common], help="linear classifier on frozen features")
+    lin.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LINEAR_LRS), help="lr grid")
+    lin.add_argument("--epochs", type=_positive_int, default=50)
+    lin.add_argument("--probe-batch-size", type=_positive_int, default=256, help="classifier batch size")
+    lin.add_argument("--weight-decay", type=float, default=0.0)
+    lin.add_argument(
+        "--val-fraction", type=float, default=0.1, help="validation share of the labels for the lr"
+    )
+    lin.add_argument("--repeats", type=_positive_int, default=1, help="label subsets (seeds seed..seed+N-1)")
+    lin.set_defaults(func=run_linear)
+
+    ft = sub.add_parser("finetune", parents=[common], help="fine-tune backbone + classifier on the labels")
+    ft.add_argument("--backbone-lrs", type=float, nargs="+", default=list(DEFAULT_BACKBONE_LRS))
+    ft.add_argument(
+        "--classifier-lr", type=float, default=0.1, help="paper: 1.0 for 1%% labels, 0.1 for 10%%"
+    )
+    ft.add_argument("--epochs", type=_positive_int, default=50)
+    ft.add_argument("--weight-decay", type=float, default=0.0)
+    ft.add_argument(
+        "--val-fraction", type=float, default=0.1, help="validation share of the labels for the lr"
+    )
+    ft.add_argument("--repeats", type=_positive_int, default=1, help="label subsets (seeds seed..seed+N-1)")
+    ft.set_defaults(func=run_finetune)
+
+    ret = sub.add_parser("retrieval", parents=[common], help="top-k mAP / recall (train = database)")
+    ret.add_argument("--topk", type=_positive_int, default=1000)
+    ret.set_defaults(func=run_retrieval)
+
+    low = sub.add_parser("lowshot", parents=[common], help="linear SVMs on k images per class")
+    low.add_argument("--shots", type=_positive_int, nargs="+", default=list(DEFAULT_SHOTS))
+    low.add_argument("--draws", type=_positive_int, default=5)
+    low.add_argument(
+        "--val-per-class", type=_positive_int, default=10, help="validation images per class for C"
+    )
+    low.set_defaults(func=run_lowshot)
+    return ev
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``export`` (backbone weights for torchvision / safetensors) to a subparsers object."""
+    p = subparsers.add_parser(
+        "export",
+        help="export a backbone's weights",
+        description="Write a run's backbone state_dict (classifier excluded), loadable with strict=True "
+        "into the matching torchvision model whose fc is nn.Identity().",
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory or a checkpoint .pt file")
+    p.add_argument("--which", choices=WHICH, default="teacher")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="torchvision")
+    p.add_argument("--out", metavar="PATH", help="default: RUN_DIR/export/backbone_<which>.{pth,safetensors}")
+    p.set_defaults(func=run_export)
+    return p
+
+
+# --- shared set-up -----------------------------------------------------------------------------------
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run directory of a run directory or of a checkpoint file (``RUN_DIR/checkpoints/x.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+@dataclass
+class EvalContext:
+    """Everything a protocol needs once the run and the data are loaded."""
+
+    args: argparse.Namespace
+    backbone: nn.Module
+    config: dict[str, Any]
+    dataset: str
+    data_dir: str | None
+    test_split: str
+    train_set: ImageSource
+    test_set: ImageSource
+    info: Any
+    num_classes: int
+    device: torch.device
+    transform: nn.Module
+    seed: int
+    test_indices: Tensor
+    labels: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def progress(self) -> bool:
+        return not self.args.no_progress
+
+    def labeled(self, seed: int | None = None) -> Tensor:
+        """Training indices with labels: the requested subset (for ``seed``) or every labeled image."""
+        targets = torch.as_tensor(self.train_set.targets).long()
+        a = self.args
+        if a.labels_per_class is None and a.label_fraction in (None, 1.0) and a.index_csv is None:
+            return torch.nonzero(targets >= 0).flatten()
+        try:
+            idx = _select_labeled(
+                targets,
+                self.num_classes,
+                labels_per_class=a.labels_per_class,
+                fraction=None if a.labels_per_class else a.label_fraction,
+                index_csv=a.index_csv,
+                seed=self.seed if seed is None else seed,
+            )
+        except (ValueError, FileNotFoundError) as err:
+            raise UserError(f"cannot select the labeled subset: {err}") from err
+        return torch.as_tensor(idx, dtype=torch.long)
+
+    def features(self, dataset: ImageSource, indices: Tensor, desc: str) -> tuple[Tensor, Tensor]:
+        batches = dataset_batches(dataset, indices, self.args.batch_size)
+        return extract_features(
+            self.backbone,
+            batches,
+            self.device,
+            transform=self.transform,
+            amp=self.args.amp,
+            progress=self.progress,
+            desc=desc,
+        )
+
+
+def _label_setting(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """(JSON description, file-name suffix) of the requested label subset."""
+    if args.labels_per_class is not None:
+        return {"labels_per_class": args.labels_per_class}, f"_{args.labels_per_class}perclass"
+    if args.index_csv is not None:
+        return {"index_csv": str(args.index_csv)}, f"_{Path(args.index_csv).stem}"
+    if args.label_fraction not in (None, 1.0):
+        return {"label_fraction": args.label_fraction}, f"_{args.label_fraction * 100:g}pct"
+    return {"label_fraction": 1.0}, ""
+
+
+def _load_split(name: str, split: str, data_dir: str | None) -> ImageSource:
+    try:
+        return _load_dataset(name, split, data_dir)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise UserError(f"cannot load split '{split}' of dataset '{name}': {err}") from err
+
+
+def _load_test_split(name: str, split: str, data_dir: str | None) -> tuple[ImageSource, str]:
+    if split != "auto":
+        return _load_split(name, split, data_dir), split
+    errors = []
+    for candidate in ("test", "val"):
+        try:
+            return _load_dataset(name, candidate, data_dir), candidate
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            errors.append(f"{candidate}: {err}")
+    raise UserError(f"dataset '{name}' has no 'test' or 'val' split ({'; '.join(errors)}); pass --test-split")
+
+
+def prepare(args: argparse.Namespace) -> EvalContext:
+    """Load the backbone, the datasets and the evaluation transform for an ``eval`` command."""
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available; use cpu or auto")
+    backbone, config = _load_backbone(args.run, args.which)
+    dataset = args.dataset or config.get("dataset")
+    if not dataset:
+        raise UserError(f"the run at '{args.run}' records no dataset; pass --dataset")
+    data_dir = args.data_dir or config.get("data_dir")
+    train_set = _load_split(dataset, "train", data_dir)
+    test_set, test_split = _load_test_split(dataset, args.test_split, data_dir)
+    info = getattr(train_set, "info", None)
+    num_classes = getattr(info, "num_classes", None)
+    if not num_classes:  # an info without a class count (e.g. a generic folder dataset)
+        num_classes = int(torch.as_tensor(train_set.targets).max()) + 1
+    test_targets = torch.as_tensor(test_set.targets).long()
+    test_indices = torch.nonzero(test_targets >= 0).flatten()
+    if len(test_indices) == 0:
+        raise UserError(f"split '{test_split}' of '{dataset}' has no labels to evaluate against")
+    seed = args.seed if args.seed is not None else int(config.get("seed", 0) or 0)
+    backbone.to(device)
+    labels, _ = _label_setting(args)
+    return EvalContext(
+        args=args,
+        backbone=backbone,
+        config=config,
+        dataset=dataset,
+        data_dir=data_dir,
+        test_split=test_split,
+        train_set=train_set,
+        test_set=test_set,
+        info=info,
+        num_classes=int(num_classes),
+        device=device,
+        transform=_augmentation("none", info),
+        seed=seed,
+        test_indices=test_indices,
+        labels=labels,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (Tensor, np.ndarray, np.generic)):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def format_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    """A two-column plain-text table."""
+    width = max([len(name) for name, _ in rows] + [6])
+    lines = [title, f"  {'metric':<{width}}  value", f"  {'-' * width}  {'-' * 12}"]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def finish(
+    ctx: EvalContext,
+    protocol: str,
+    results: dict[str, Any],
+    settings: dict[str, Any],
+    rows: Sequence[tuple[str, str]],
+) -> int:
+    """Write the JSON record, print the table, return the exit status 0."""
+    args = ctx.args
+    _, suffix = _label_setting(args)
+    if args.dataset and args.dataset != ctx.config.get("dataset"):
+        suffix += f"_{args.dataset}"
+    out = Path(args.out) if args.out else run_dir_of(args.run) / f"eval_{protocol}_{args.which}{suffix}.json"
+    record = {
+        "protocol": protocol,
+        "which": args.which,
+        "checkpoint": str(args.run),
+        "dataset": ctx.dataset,
+        "data_dir": ctx.data_dir,
+        "test_split": ctx.test_split,
+        "labels": ctx.labels,
+        "seed": ctx.seed,
+        "device": str(ctx.device),
+        "settings": settings,
+        "results": results,
+        "run_config": {k: ctx.config[k] for k in _CONFIG_KEYS if k in ctx.config},
+        "elapsed_s": round(time.time() - ctx.started, 2),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+    labels = ", ".join(f"{k}={v}" for k, v in ctx.labels.items())
+    print(format_table(f"{protocol} | {args.which} | {ctx.dataset} ({ctx.test_split}) | {labels}", rows))
+    print(f"wrote {out}")
+    return 0
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """A protocol's ValueError comes from a user's setting (too few labels, bad grid): one line."""
+    try:
+        yield
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std())
+
+
+# --- handlers ----------------------------------------------------------------------------------------
+
+
+def run_knn(args: argparse.Namespace) -> int:
+    """``emanorm eval knn``: labeled training images are the database, the test split the queries."""
+    ctx = prepare(args)
+    with assert_frozen(ctx.backbone):
+        db_f, db_y = ctx.features(ctx.train_set, ctx.labeled(), "train features")
+        q_f, q_y = ctx.features(ctx.test_set, ctx.test_indices, "test features")
+    with _user_errors():
+        pred = knn_predict(
+            db_f.to(ctx.device),
+            db_y.to(ctx.device),
+            q_f.to(ctx.device),
+            k=args.k,
+            temperature=args.temperature,
+            num_classes=ctx.num_classes,
+        )
+    top1 = float((pred.cpu() == q_y).float().mean())
+    results = {"top1": top1, "num_database": len(db_y), "num_queries": len(q_y)}
+    return finish(
+        ctx,
+        "knn",
+        results,
+        {"k": args.k, "temperature": args.temperature},
+        [("top-1 %", _pct(top1)), ("k", str(args.k)), ("database", str(len(db_y)))],
+    )
+
+
+def run_retrieval(args: argparse.Namespace) -> int:
+    """``emanorm eval retrieval``: labeled training images are the database, the test split the queries."""
+    ctx = prepare(args)
+    with assert_frozen(ctx.backbone):
+        db_f, db_y = ctx.features(ctx.train_set, ctx.labeled(), "database features")
+        q_f, q_y = ctx.features(ctx.test_set, ctx.test_indices, "query features")
+    with _user_errors():
+        scores = retrieval_scores(
+            db_f.to(ctx.device), db_y.to(ctx.device), q_f.to(ctx.device), q_y.to(ctx.device), topk=args.topk
+        )
+    results = {**scores, "num_database": len(db_y), "num_queries": len(q_y)}
+    return finish(
+        ctx,
+        "retrieval",
+        results,
+        {"topk": args.topk},
+        [(f"mAP@{args.topk} %", _pct(scores["map"])), (f"recall@{args.topk} %", _pct(scores["recall"]))],
+    )
+
+
+def run_linear(args: argparse.Namespace) -> int:
+    """``emanorm eval linear``: frozen features cached once, lr searched on a validation split."""
+    ctx = prepare(args)
+    seeds = [ctx.seed + r for r in range(args.repeats)]
+    subsets = [ctx.labeled(s) for s in seeds]
+    union = torch.unique(torch.cat(subsets))
+    row = torch.full((len(ctx.train_set),), -1, dtype=torch.long)
+    row[union] = torch.arange(len(union))
+    runs = []
+    # The whole protocol runs under the frozen check: no weight or BN statistic may move.
+    with assert_frozen(ctx.backbone):
+        f_u, y_u = ctx.features(ctx.train_set, union, "train features")
+        f_t, y_t = ctx.features(ctx.test_set, ctx.test_indices, "test features")
+        for seed, subset in zip(seeds, subsets, strict=True):
+            with _user_errors():
+                runs.append(
+                    linear_probe(
+                        f_u[row[subset]],
+                        y_u[row[subset]],
+                        f_t,
+                        y_t,
+                        num_classes=ctx.num_classes,
+                        lrs=args.lrs,
+                        epochs=args.epochs,
+                        batch_size=args.probe_batch_size,
+                        weight_decay=args.weight_decay,
+                        val_fraction=args.val_fraction,
+                        seed=seed,
+                        device=ctx.device,
+                        progress=ctx.progress,
+                    )
+                )
+    top1, top1_std = _mean_std([r["top1"] for r in runs])  # type: ignore[misc]
+    top5, top5_std = _mean_std([r["top5"] for r in runs])  # type: ignore[misc]
+    results = {"top1": top1, "top5": top5, "top1_std": top1_std, "top5_std": top5_std, "runs": runs}
+    settings = {
+        "lrs": args.lrs,
+        "epochs": args.epochs,
+        "batch_size": args.probe_batch_size,
+        "weight_decay": args.weight_decay,
+        "val_fraction": args.val_fraction,
+        "seeds": seeds,
+        "features": "cached once from the eval transform (no augmentation)",
+    }
+    rows = [
+        ("top-1 %", _pct(top1)),
+        ("top-5 %", _pct(top5)),
+        ("best lr", ", ".join(f"{r['best_lr']:g}" for r in runs)),
+        ("train labels", str(runs[0]["num_train"])),
+    ]
+    if len(runs) > 1:
+        rows.insert(1, ("top-1 std", _pct(top1_std)))
+    return finish(ctx, "linear", results, settings, rows)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """``emanorm eval finetune``: whole network, weak augmentation, backbone lr searched on validation."""
+    ctx = prepare(args)
+    seeds = [ctx.seed + r for r in range(args.repeats)]
+    augment = _augmentation("weak", ctx.info)
+    runs = []
+    with assert_frozen(ctx.backbone):  # finetune trains a copy; the loaded backbone stays as it was
+        for seed in seeds:
+            with _user_errors():
+                runs.append(
+                    finetune(
+                        ctx.backbone,
+                        ctx.train_set,
+                        ctx.labeled(seed),
+                        ctx.test_set,
+                        num_classes=ctx.num_classes,
+                        augment=augment,
+                        eval_transform=ctx.transform,
+                        backbone_lrs=args.backbone_lrs,
+                        classifier_lr=args.classifier_lr,
+                        epochs=args.epochs,
+                        batch_size=args.batch_size,
+                        weight_decay=args.weight_decay,
+                        val_fraction=args.val_fraction,
+                        seed=seed,
+                        device=ctx.device,
+                        amp=args.amp,
+                        test_indices=ctx.test_indices,
+                        progress=ctx.progress,
+                    )
+                )
+    top1, top1_std = _mean_std([r["top1"] for r in runs])  # type: ignore[misc]
+    top5, top5_std = _mean_std([r["top5"] for r in runs])  # type: ignore[misc]
+    results = {"top1": top1, "top5": top5, "top1_std": top1_std, "top5_std": top5_std, "runs": runs}
+    settings = {
+        "backbone_lrs": args.backbone_lrs,
+        "classifier_lr": args.classifier_lr,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "weight_decay": args.weight_decay,
+        "val_fraction": args.val_fraction,
+        "seeds": seeds,
+        "augmentation": "weak",
+    }
+    rows = [
+        ("top-1 %", _pct(top1)),
+        ("top-5 %", _pct(top5)),
+        ("backbone lr", ", ".join(f"{r['best_backbone_lr']:g}" for r in runs)),
+        ("train labels", str(runs[0]["num_train"])),
+    ]
+    return finish(ctx, "finetune", results, settings, rows)
+
+
+def run_lowshot(args: argparse.Namespace) -> int:
+    """``emanorm eval lowshot``: linear SVMs on k labeled images per class, C picked on training data."""
+    ctx = prepare(args)
+    pool = ctx.labeled()
+    pool_labels = torch.as_tensor(ctx.train_set.targets).long()[pool]
+
+    def pool_features(positions: np.ndarray) -> Tensor:
+        return ctx.features(ctx.train_set, pool[torch.as_tensor(positions)], "train features")[0]
+
+    with assert_frozen(ctx.backbone):
+        f_t, y_t = ctx.features(ctx.test_set, ctx.test_indices, "test features")
+        with _user_errors():
+            res = lowshot_svm(
+                pool_features,
+                pool_labels,
+                f_t,
+                y_t,
+                shots=args.shots,
+                draws=args.draws,
+                seed=ctx.seed,
+                val_per_class=args.val_per_class,
+                progress=ctx.progress,
+            )
+    rows = [(f"{k}-shot %", f"{_pct(v['mean'])} +- {_pct(v['std'])}") for k, v in res["per_shot"].items()]
+    settings = {
+        "shots": res["shots"],
+        "draws": args.draws,
+        "costs": res["costs"],
+        "val_per_class": args.val_per_class,
+        "features": "L2-normalised, frozen",
+    }
+    return finish(ctx, "lowshot", res, settings, rows)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``emanorm export``: the backbone's state_dict for torchvision or safetensors."""
+    backbone, config = _load_backbone(args.run, args.which)
+    suffix = ".pth" if args.format == "torchvision" else ".safetensors"
+    out = Path(args.out) if args.out else run_dir_of(args.run) / "export" / f"backbone_{args.which}{suffix}"
+    metadata = {"which": args.which, "source": str(args.run)}
+    metadata.update({k: str(config[k]) for k in ("backbone", "method", "norm", "dataset") if k in config})
+    export_backbone(backbone, out, args.format, metadata=metadata)
+    # Read the file back: what was written is exactly the backbone's state.
+    expected, written = backbone_state_dict(backbone), load_exported(out)
+    if expected.keys() != written.keys() or any(not torch.equal(expected[k], written[k]) for k in expected):
+        raise RuntimeError(f"export check failed: {out} does not match the backbone")
+    print(f"wrote {out} ({len(written)} tensors, {args.format})")
+    arch = str(config.get("backbone", ""))
+    import torchvision
+
+    if args.format == "torchvision" and callable(getattr(torchvision.models, arch, None)):
+        print(
+            f"load: m = torchvision.models.{arch}(); m.fc = torch.nn.Identity(); "
+            f"m.load_state_dict(torch.load('{out}', weights_only=True))"
+        )
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "knn": run_knn,
+    "linear": run_linear,
+    "finetune": run_finetune,
+    "retrieval": run_retrieval,
+    "lowshot": run_lowshot,
+    "export": run_export,
+}
