@@ -14,11 +14,13 @@ from emanorm.data.datasets import (
     pretrain_split,
 )
 from emanorm.data.splits import read_split_csv, select_labeled, write_split_csv
+from emanorm.data.stream import BatchStream, eval_batches
 
 __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
     "BatchAugment",
+    "BatchStream",
     "DataError",
     "DataNotFoundError",
     "DatasetInfo",
@@ -27,6 +29,7 @@ __all__ = [
     "TensorImageDataset",
     "build_augmentation",
     "dataset_info",
+    "eval_batches",
     "load_dataset",
     "pretrain_split",
     "read_split_csv",
