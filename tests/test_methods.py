@@ -62,8 +62,9 @@ def make_batch(method: Method, seed: int = 0) -> dict[str, torch.Tensor]:
              for k in (*method.labeled_views, *method.unlabeled_views)}
     if method.labeled_views:
         batch["y"] = torch.randint(0, NUM_CLASSES, (B,), generator=gen)
-    if "u_w" in batch:
-        batch["u_y"] = torch.randint(0, NUM_CLASSES, (B,), generator=gen)
+    if "u_w" in batch:  # diagnostics only, -1 = unknown (as BatchStream's "y_u")
+        batch["y_u"] = torch.randint(0, NUM_CLASSES, (B,), generator=gen)
+        batch["y_u"][0] = -1
     return batch
 
 
@@ -81,6 +82,15 @@ def train(method: Method, steps: int = 2, total: int = 10) -> list[dict[str, flo
         method.after_step(step, total)
         all_logs.append(logs)
     return all_logs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra intra-op threads only contend for the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 VALID = [(name, norm) for name, cls in METHODS.items() for norm in cls.NORMS]
@@ -220,10 +230,17 @@ def test_fixmatch_pseudo_labels_come_from_teacher_and_threshold_masks():
         teacher_pl = method.teacher(batch["u_w"]).argmax(1)
     _, logs = method.training_step(batch, 0)
     assert logs["mask"] == 1.0
-    assert logs["pl_acc"] == pytest.approx((teacher_pl == batch["u_y"]).float().mean().item())
+    known = batch["y_u"] >= 0
+    expected = (teacher_pl == batch["y_u"])[known].float().mean().item()
+    assert logs["pl_acc"] == pytest.approx(expected) and logs["pl_precision"] == pytest.approx(expected)
+    # The older key name works too; unknown targets only: nothing to log.
+    batch["u_y"] = batch.pop("y_u")
+    assert method.training_step(batch, 0)[1]["pl_acc"] == pytest.approx(expected)
+    batch["u_y"] = torch.full_like(batch["u_y"], -1)
+    assert "pl_acc" not in method.training_step(batch, 0)[1]
     method = make("fixmatch", "eman", threshold=1.0)
     _, logs = method.training_step(make_batch(method), 0)
-    assert logs["mask"] == 0.0 and logs["loss_u"] == 0.0 and "pl_precision" not in logs
+    assert logs["mask"] == 0.0 and logs["loss_u"] == 0.0 and "pl_precision" not in logs and "pl_acc" in logs
 
 
 def test_fixmatch_distribution_alignment_runs_and_tracks_prior():
@@ -504,6 +521,7 @@ def test_method_logs_are_python_floats_and_forward_is_training_step():
 def _ddp_worker(rank: int, world: int, port: int, results) -> None:
     import torch.distributed as dist
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # same initial weights and queue on both ranks

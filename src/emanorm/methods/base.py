@@ -379,6 +379,23 @@ class Method(nn.Module):
         return f"norm={self.plan.norm!r} (resolved {self.plan.resolved!r}), {opts}"
 
 
+def unlabeled_targets(batch: Mapping[str, Tensor]) -> Tensor | None:
+    """Ground truth of the unlabeled part for diagnostics only: ``"y_u"`` (BatchStream) or ``"u_y"``.
+
+    Entries of -1 are unknown; ``None`` when the batch has no such key.
+    """
+    for key in ("y_u", "u_y"):
+        if key in batch:
+            return batch[key]
+    return None
+
+
+def masked_mean(values: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum(values * weights) / sum(weights), sum(weights))``; 0 when the weights sum to 0."""
+    total = weights.sum()
+    return (values * weights).sum() / total.clamp_min(1.0), total
+
+
 def batch_get(batch: Mapping[str, Tensor], key: str, method: str) -> Tensor:
     """``batch[key]`` or a ``KeyError`` that says which keys the method needs."""
     if key not in batch:

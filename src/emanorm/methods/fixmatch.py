@@ -24,7 +24,9 @@ from emanorm.methods.base import (
     check_choice,
     check_range,
     concat_all_gather,
+    masked_mean,
     to_floats,
+    unlabeled_targets,
 )
 from emanorm.models import Classifier
 from emanorm.teacher import EMATeacher
@@ -97,15 +99,18 @@ class FixMatch(Method):
             "loss": loss, "loss_x": loss_x, "loss_u": loss_u, "mask": mask.mean(),
             "acc_x": accuracy(logits_x, y),
         }
-        u_y = batch.get("u_y")
+        u_y = unlabeled_targets(batch)
         if u_y is not None:
-            correct = (pseudo == u_y).float()
-            values["pl_acc"] = correct.mean()
-            values["pl_precision"] = (correct * mask).sum() / mask.sum().clamp_min(1.0)
-            values["mask_count"] = mask.sum()
+            correct, known = (pseudo == u_y).float(), (u_y >= 0).float()
+            values["pl_acc"], values["known"] = masked_mean(correct, known)
+            values["pl_precision"], values["confident_known"] = masked_mean(correct, known * mask)
         logs = to_floats(**values)
-        if u_y is not None and logs.pop("mask_count") == 0:
-            logs.pop("pl_precision")  # undefined without confident samples
+        if u_y is not None:
+            # Undefined without known targets (or without confident known samples): not logged.
+            if logs.pop("known") == 0:
+                logs.pop("pl_acc")
+            if logs.pop("confident_known") == 0:
+                logs.pop("pl_precision")
         return loss, logs
 
     @torch.no_grad()

@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from emanorm.methods.base import ALL_NORMS, Method, accuracy, batch_get, check_range, to_floats
+from emanorm.methods.base import (
+    ALL_NORMS,
+    Method,
+    accuracy,
+    batch_get,
+    check_range,
+    masked_mean,
+    to_floats,
+    unlabeled_targets,
+)
 from emanorm.models import Classifier
 
 
@@ -71,10 +80,14 @@ class MeanTeacher(Method):
             "loss": loss, "loss_x": loss_x, "loss_c": loss_c, "weight_c": weight,
             "acc_x": accuracy(logits_x, y),
         }
-        u_y = batch.get("u_y")
+        u_y = unlabeled_targets(batch)
         if u_y is not None:
-            values["teacher_acc_u"] = accuracy(logits_t, u_y)
-        return loss, to_floats(**values)
+            correct = (logits_t.argmax(dim=1) == u_y).float()
+            values["teacher_acc_u"], values["known"] = masked_mean(correct, (u_y >= 0).float())
+        logs = to_floats(**values)
+        if u_y is not None and logs.pop("known") == 0:
+            logs.pop("teacher_acc_u")  # no known targets in this batch
+        return loss, logs
 
     def classifier(self, which: str = "teacher") -> nn.Module:
         super().classifier(which)
