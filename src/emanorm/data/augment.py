@@ -352,17 +352,18 @@ class RandAugment(_Op):
             op = torch.randint(len(self.OPS), (b,), generator=g)
             negative = (torch.rand(b, generator=g) <= 0.5) & signed[op]
             key = op * 2 + negative.long()
-            out = None
-            for k in torch.unique(key).tolist():
+            # Sort the batch by (op, sign) so each group is a contiguous slice: one gather in, one
+            # scatter out, and no per-group indexing.
+            order = torch.argsort(key, stable=True)
+            keys, counts = torch.unique_consecutive(key[order], return_counts=True)
+            order_d = order.to(x.device, non_blocking=True)
+            xs = x.index_select(0, order_d)
+            pieces = []
+            for piece, k in zip(xs.split(counts.tolist()), keys.tolist(), strict=True):
                 name = self.OPS[k // 2]
-                if name == "Identity":
-                    continue
                 mag = self.op_magnitude(name, height, width) * (-1.0 if k % 2 else 1.0)
-                rows = _rows(key == k).to(x.device, non_blocking=True)
-                if out is None:
-                    out = x.clone()
-                out.index_copy_(0, rows, self.apply(x.index_select(0, rows), name, mag))
-            x = x if out is None else out
+                pieces.append(self.apply(piece, name, mag))
+            x = torch.empty_like(xs).index_copy_(0, order_d, torch.cat(pieces))
         return x
 
 
