@@ -89,10 +89,12 @@ def test_generator_reproduces_and_float_input(preset: str) -> None:
     assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, c)
 
 
-def test_input_resized_and_errors() -> None:
+def test_input_resized_empty_and_errors() -> None:
     info = _info(3, 32)
     y = build_augmentation("none", info)(_images(2, 3, 48))
     assert y.shape == (2, 3, 32, 32)
+    for preset in AUGMENTATIONS:
+        assert build_augmentation(preset, info)(_images(0, 3, 32)).shape == (0, 3, 32, 32)
     with pytest.raises(ValueError, match="none, weak, strong, moco, byol1, byol2"):
         build_augmentation("simclr", info)
     with pytest.raises(ValueError, match=r"expects \(B, 3, H, W\)"):

@@ -400,8 +400,9 @@ class BatchAugment(nn.Module):
         size = self.info.image_size
         if tuple(x.shape[-2:]) != (size, size):
             x = resize_center_crop(x, size)
-        for op in self.ops:
-            x = op(x, generator)
+        if x.shape[0]:
+            for op in self.ops:
+                x = op(x, generator)
         mean, std = self._mean_std(x.device)
         return ((x - mean) / std).contiguous()
 
