@@ -1,6 +1,7 @@
 """Throughput of the augmentation presets against per-sample PIL pipelines (the usual DataLoader way).
 
     python -m emanorm.data.bench --size 28 --channels 1 --batch 256 --threads 1
+    python -m emanorm.data.bench --stream     # whole BatchStream steps on Fashion-MNIST
 
 Times are CPU seconds of this process (``time.process_time``), median of ``--repeats`` batches, so
 other jobs on a shared machine disturb them less than wall-clock would.
@@ -72,6 +73,30 @@ def run(size: int, channels: int, batch: int, repeats: int, pil: bool) -> list[d
     return rows
 
 
+def run_stream(repeats: int) -> None:
+    """CPU cost of whole BatchStream steps (fetch + every view) on Fashion-MNIST, per method shape."""
+    from emanorm.data.datasets import load_dataset
+    from emanorm.data.splits import select_labeled
+    from emanorm.data.stream import BatchStream
+
+    ds = load_dataset("fashion_mnist", "train")
+    labeled = select_labeled(ds.targets, 10, labels_per_class=25)
+    shapes = {
+        "fixmatch 64+320 (weak; weak+strong)": dict(
+            labeled=ds, labeled_indices=labeled, unlabeled=ds, labeled_views={"x": "weak"},
+            unlabeled_views={"u_w": "weak", "u_s": "strong"}, batch_size=64, unlabeled_batch_size=320),
+        "moco 256 x 2 views": dict(unlabeled=ds, unlabeled_views={"q": "moco", "k": "moco"}, batch_size=256),
+        "byol 256 x 2 views": dict(unlabeled=ds, unlabeled_views={"v1": "byol1", "v2": "byol2"},
+                                   batch_size=256),
+    }
+    for name, kw in shapes.items():
+        it = iter(BatchStream(**kw))
+        batch = next(it)
+        seconds = _median_seconds(lambda it=it: next(it), repeats)
+        images = sum(v.shape[0] for v in batch.values() if v.dim() == 4)
+        print(f"{name:38s} {seconds * 1000:6.1f} ms/step  {images / seconds:8.0f} augmented img/s")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=28)
@@ -80,8 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-pil", action="store_true", help="skip the per-sample PIL reference")
+    p.add_argument("--stream", action="store_true", help="time whole BatchStream steps instead")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.stream:
+        run_stream(args.repeats)
+        return
     print(f"# {args.size}x{args.size}x{args.channels}, batch {args.batch}, {args.threads} thread(s), "
           f"torch {torch.__version__}")
     print(f"{'preset':8s} {'batched img/s':>14s} {'PIL img/s':>10s} {'speed-up':>9s}")
