@@ -277,3 +277,35 @@ def test_cosine_and_warmup_momentum():
     assert warmup_momentum(0.999, 10**6) == 0.999
     with pytest.raises(ValueError):
         cosine_momentum(0.99, 1, 0)
+
+
+def test_teacher_pn_statistics_untouched_by_evaluation_passes():
+    student = make_student()
+    teacher = EMATeacher(student, norm="teacher_pn")
+    teacher.train()
+    before = _stats(teacher.module)
+    teacher.module.eval()
+    teacher.module(torch.randn(4, 3, 6, 6))  # an evaluation pass over the backbone
+    teacher.eval()
+    teacher(torch.randn(4, 3, 6, 6))  # an eval-mode forward through the wrapper
+    for name, value in _stats(teacher.module).items():
+        assert torch.equal(value, before[name])
+
+
+def test_update_after_moving_the_teacher():
+    """.to()/.double() replace tensors; the fused lists must follow them."""
+    student = make_student()
+    teacher = EMATeacher(student, momentum=0.5)
+    teacher.double()
+    student.double()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.update(student)
+    for p_s, p_t in zip(student.parameters(), teacher.module.parameters(), strict=True):
+        assert p_t.dtype == torch.float64
+    teacher.float()
+    student.float()
+    teacher.update(student, momentum=0.0)
+    for p_s, p_t in zip(student.parameters(), teacher.module.parameters(), strict=True):
+        assert torch.equal(p_s, p_t)

@@ -114,9 +114,12 @@ class EMATeacher(nn.Module):
         if norm in ("bn", "teacher_pn"):
             for layer in self._batch_norms:
                 layer.momentum = self.bn_momentum
+        # Teacher PN folds a batch into the statistics only in training forwards through this
+        # wrapper, never in evaluation passes over teacher.module.
+        self._collecting = False
         if norm == "teacher_pn":
             for layer in self._batch_norms:
-                layer.register_forward_hook(_update_statistics_after_forward)
+                layer.register_forward_hook(self._update_statistics_after_forward)
 
         # Names decide which rule each tensor follows; the lists are built once.
         self._groups: dict[str, list[str]] = {
@@ -151,8 +154,32 @@ class EMATeacher(nn.Module):
             # Guard against someone calling teacher.module.train() directly.
             for layer in self._batch_norms:
                 layer.training = False
-        with torch.no_grad():
-            return self.module(*args, **kwargs)
+        self._collecting = self.norm == "teacher_pn" and self.training
+        try:
+            with torch.no_grad():
+                return self.module(*args, **kwargs)
+        finally:
+            self._collecting = False
+
+    def _update_statistics_after_forward(self, layer: _BatchNorm, inputs: tuple[Tensor, ...], _: Tensor) -> None:
+        """Teacher PN (Eq. 4): after normalising with the previous statistics, fold this batch in."""
+        if not self._collecting:
+            return
+        x = inputs[0].detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = x.numel() // x.shape[1]
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=count > 1)
+        a = layer.momentum if layer.momentum is not None else 0.1
+        layer.running_mean.lerp_(mean.to(layer.running_mean.dtype), a)
+        layer.running_var.lerp_(var.to(layer.running_var.dtype), a)
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        # .to(), .cuda(), .double() may replace tensors: the fused lists must point at the new ones.
+        result = super()._apply(fn, *args, **kwargs)
+        self._teacher_tensors = self._tensor_lists(self.module)
+        self._cached_student = None
+        return result
 
     # -- update ------------------------------------------------------------------------------
     def _tensor_lists(self, model: nn.Module) -> dict[str, list[Tensor]]:
@@ -209,14 +236,3 @@ class EMATeacher(nn.Module):
             extra += f", bn_momentum={self.bn_momentum}"
         return extra
 
-
-def _update_statistics_after_forward(layer: _BatchNorm, inputs: tuple[Tensor, ...], _: Tensor) -> None:
-    """Teacher PN (Eq. 4): after normalising with the previous statistics, fold this batch in."""
-    x = inputs[0].detach()
-    dims = [d for d in range(x.dim()) if d != 1]
-    count = x.numel() // x.shape[1]
-    mean = x.mean(dim=dims)
-    var = x.var(dim=dims, unbiased=count > 1)
-    a = layer.momentum if layer.momentum is not None else 0.1
-    layer.running_mean.lerp_(mean.to(layer.running_mean.dtype), a)
-    layer.running_var.lerp_(var.to(layer.running_var.dtype), a)

@@ -364,16 +364,6 @@ class Method(nn.Module):
         return [g for g in groups if g["params"]]
 
     # -- EMATeacher works around ----------------------------------------------------------------
-    def _apply(self, fn: Callable, recurse: bool = True) -> Method:  # type: ignore[override]
-        # ``.to(device)`` / ``.double()`` replace buffer tensors, but EMATeacher keeps the tensor
-        # lists it built at construction and would update stale copies (or fail): rebuild them.
-        super()._apply(fn, recurse)
-        for module in self.modules():
-            if isinstance(module, EMATeacher) and hasattr(module, "_tensor_lists"):
-                module._teacher_tensors = module._tensor_lists(module.module)
-                module._cached_student = None
-        return self
-
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"norm={self.plan.norm!r} (resolved {self.plan.resolved!r}), {opts}"

@@ -26,6 +26,9 @@ DEFAULTS: dict[str, Any] = {
     "dataset": "fashion_mnist",
     "data_dir": None,
     "backbone": "small",
+    "image_size": None,
+    "on_corrupt": "error",
+    "augment_options": {},
     "init_from": None,
     "init_which": "teacher",
     # labels (semi-supervised methods)
@@ -79,6 +82,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "amp": ("auto", "bf16", "fp16", "off"),
     "channels_last": ("auto", True, False),
     "init_which": ("teacher", "student"),
+    "on_corrupt": ("error", "skip"),
 }
 
 
@@ -183,6 +187,11 @@ def validate_config(cfg: dict[str, Any]) -> None:
     for key in ("log_every", "knn_k", "knn_bank_size"):
         _positive(cfg, key, allow_none=False)
     _positive(cfg, "monitor_test_size")
+    _positive(cfg, "image_size")
+    if not isinstance(cfg["augment_options"], dict):
+        raise UserError(
+            f"augment_options must be a mapping (e.g. {{blur: true}}), got {cfg['augment_options']!r}"
+        )
     _positive(cfg, "lr", float, allow_none=False)
     for key in ("eval_every", "num_workers", "checkpoint_every_steps", "warmup_epochs", "weight_decay"):
         value = cfg[key]

@@ -7,6 +7,7 @@ evaluation and checkpoints. Methods are known only through their small interface
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -39,7 +40,7 @@ class NonFiniteLossError(UserError):
 
 
 # -- building blocks -------------------------------------------------------------------------------
-def make_method(cfg: dict[str, Any], info: Any, distributed: bool) -> nn.Module:
+def make_method(cfg: dict[str, Any], info: Any, distributed: bool, device_type: str = "cpu") -> nn.Module:
     """The method a config asks for, with backbones built for the norm it needs."""
     from emanorm.methods import build_method
     from emanorm.models import build_backbone
@@ -52,6 +53,11 @@ def make_method(cfg: dict[str, Any], info: Any, distributed: bool) -> nn.Module:
                 log.info("SyncBN on one process is plain BN: falling back to bn")
                 warned.append(True)
             kind = "bn"
+        if kind == "sync_bn" and device_type != "cuda":
+            raise UserError(
+                "SyncBN across processes needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU); "
+                "on CPU use --norm bn or --norm eman"
+            )
         return build_backbone(
             cfg["backbone"], in_channels=info.channels, image_size=info.image_size, norm=kind
         )
@@ -124,7 +130,7 @@ class RunLogger:
 # -- evaluation during training ----------------------------------------------------------------------
 @torch.no_grad()
 def _features(encoder: nn.Module, dataset: Any, indices: torch.Tensor, device: torch.device, amp) -> Any:
-    from emanorm.data.stream import eval_batches
+    from emanorm.data import eval_batches
 
     feats, labels = [], []
     for images, targets in eval_batches(dataset, 512, device, indices=indices):
@@ -242,11 +248,17 @@ def _labeled_indices(cfg: dict[str, Any], train_ds: Any) -> torch.Tensor | None:
         raise UserError(str(err)) from None
 
 
-def _load_dataset(name: str, split: str, data_dir: str | None) -> Any:
+def _load_dataset(cfg: dict[str, Any], split: str) -> Any:
     from emanorm.data import load_dataset
 
     try:
-        return load_dataset(name, split, data_dir=data_dir)
+        return load_dataset(
+            cfg["dataset"],
+            split,
+            data_dir=cfg["data_dir"],
+            image_size=cfg["image_size"],
+            on_corrupt=cfg["on_corrupt"],
+        )
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise UserError(str(err).splitlines()[0] if str(err) else repr(err)) from None
 
@@ -274,8 +286,7 @@ def train(
 def _train(
     cfg: dict[str, Any], dist_info: DistInfo, resume: bool, force: bool, progress: bool
 ) -> tuple[dict[str, Any], nn.Module]:
-    from emanorm.data import write_split_csv
-    from emanorm.data.stream import BatchStream
+    from emanorm.data import BatchStream, write_split_csv
     from emanorm.optim import build_optimizer
 
     device = dist_info.device
@@ -294,15 +305,25 @@ def _train(
     torch.manual_seed(cfg["seed"])
 
     # data
-    train_ds = _load_dataset(cfg["dataset"], "train", cfg["data_dir"])
-    test_ds = _load_dataset(cfg["dataset"], "test", cfg["data_dir"])
+    from emanorm.data import pretrain_split
+
+    train_ds = _load_dataset(cfg, "train")
+    test_ds = _load_dataset(cfg, "test")
     info = train_ds.info
     labeled = _labeled_indices(cfg, train_ds)
     if labeled is None:
         labeled = (train_ds.targets >= 0).nonzero().flatten()
+    split_digest = hashlib.sha1(labeled.cpu().numpy().tobytes()).hexdigest()
+    if dist_info.distributed:  # a split drawn per rank would silently train on different labels
+        digests: list[Any] = [None] * dist_info.world_size
+        dist.all_gather_object(digests, split_digest)
+        if len(set(digests)) != 1:
+            raise UserError(
+                f"the labeled split differs between ranks ({digests}); check --data-dir on every node"
+            )
 
     # method
-    method = make_method(cfg, info, dist_info.distributed).to(device)
+    method = make_method(cfg, info, dist_info.distributed, device.type).to(device)
     channels_last = cfg["channels_last"] is True or (cfg["channels_last"] == "auto" and device.type == "cuda")
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
@@ -316,11 +337,16 @@ def _train(
     has_unlabeled = bool(method.unlabeled_views)
     if not has_labeled and not has_unlabeled:
         raise UserError(f"method {cfg['method']} declares no views")
-    unlabeled_indices = torch.arange(len(train_ds))
+    # STL-10 adds its 100k unlabeled images to the unlabeled side
+    unlabeled_split = pretrain_split(cfg["dataset"])
+    unlabeled_ds = (
+        train_ds if unlabeled_split == "train" or not has_unlabeled else _load_dataset(cfg, unlabeled_split)
+    )
+    unlabeled_indices = torch.arange(len(unlabeled_ds))
     stream = BatchStream(
         labeled=train_ds if has_labeled else None,
         labeled_indices=labeled if has_labeled else None,
-        unlabeled=train_ds if has_unlabeled else None,
+        unlabeled=unlabeled_ds if has_unlabeled else None,
         unlabeled_indices=unlabeled_indices if has_unlabeled else None,
         labeled_views=method.labeled_views,
         unlabeled_views=method.unlabeled_views,
@@ -331,6 +357,7 @@ def _train(
         world_size=dist_info.world_size,
         device=device,
         num_workers=cfg["num_workers"],
+        augment_options=cfg["augment_options"],
     )
     steps_per_epoch = stream.steps_per_epoch
     if steps_per_epoch < 1:
@@ -498,6 +525,7 @@ def _train(
         "steps": global_step,
         "epochs": total_epochs,
         "labeled": len(labeled),
+        "labeled_split_sha1": split_digest,
         "init_from": cfg["init_from"],
         "wall_clock_s": round(wall, 1),
         "run_dir": str(run_dir),
