@@ -314,7 +314,7 @@ def test_finetune_separate_learning_rates():
     assert model.fc.weight.abs().max() > 0.05  # initialised N(0, 0.01), moved by lr 0.5
 
 
-def test_finetune_searches_backbone_lr_on_validation_and_is_reproducible():
+def test_finetune_searches_backbone_lr_on_validation_and_is_reproducible(caplog):
     train, test = bright_dark_images(40, 0), bright_dark_images(12, 1)
     kw = dict(
         num_classes=2,
@@ -336,6 +336,7 @@ def test_finetune_searches_backbone_lr_on_validation_and_is_reproducible():
     assert set(res["val_top1"]) == {"0.001", "0.01"} and res["best_backbone_lr"] in (1e-3, 1e-2)
     assert 0.0 <= res["top1"] <= 1.0 and res["top5"] == 1.0 and res["num_train"] == 40
     assert res["top1"] >= 0.75  # bright vs dark is easy
+    assert res["steps"] == 24 and "only 24 optimizer steps" in caplog.text
     assert finetune(net, train, torch.arange(40), test, **kw)["top1"] == res["top1"]
 
 
@@ -525,6 +526,8 @@ def fake_run(tmp_path, monkeypatch):
         return splits[split]
 
     def select_labeled(targets, num_classes, *, labels_per_class=None, fraction=None, index_csv=None, seed=0):
+        if index_csv is not None:
+            return torch.tensor([int(v) for v in Path(index_csv).read_text().split()[1:]])
         rng = np.random.RandomState(seed)
         t = targets.numpy()
         per = labels_per_class or max(1, round(fraction * (t == 0).sum()))
@@ -580,6 +583,12 @@ def test_eval_commands_write_json(fake_run, capsys):
     assert run_cli(f"eval linear {run} --no-progress --label-fraction 50% --lrs 1 --epochs 2") == 0
     rec = json.loads((run / "eval_linear_teacher_50pct.json").read_text())
     assert rec["results"]["runs"][0]["num_train"] == 24
+
+    csv = run / "subset.csv"
+    csv.write_text("Index\n" + "\n".join(str(i) for i in range(0, 48, 4)) + "\n")
+    assert run_cli(f"eval knn {run} --no-progress --label-index-csv {csv}") == 0
+    rec = json.loads((run / "eval_knn_teacher_subset.json").read_text())
+    assert rec["labels"] == {"index_csv": str(csv)} and rec["results"]["num_database"] == 12
 
     assert run_cli(f"eval lowshot {run} --no-progress --shots 1 2 --draws 2 --val-per-class 3") == 0
     per_shot = json.loads((run / "eval_lowshot_teacher.json").read_text())["results"]["per_shot"]

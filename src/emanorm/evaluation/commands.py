@@ -122,7 +122,7 @@ def _common_parser() -> argparse.ArgumentParser:
     labels.add_argument(
         "--label-fraction", type=_fraction, metavar="F", help="use a fraction of training labels: 0.01 or 1%%"
     )
-    labels.add_argument("--index-csv", metavar="FILE", help="labeled subset as a CSV with column Index")
+    labels.add_argument("--label-index-csv", metavar="FILE", help="labeled subset as a CSV with column Index")
     p.add_argument("--seed", type=int, help="seed of the labeled subset and of training (default: the run's)")
     p.add_argument("--test-split", default="auto", help="evaluation split (default: 'test', else 'val')")
     p.add_argument(
@@ -246,7 +246,7 @@ class EvalContext:
         """Training indices with labels: the requested subset (for ``seed``) or every labeled image."""
         targets = torch.as_tensor(self.train_set.targets).long()
         a = self.args
-        if a.labels_per_class is None and a.label_fraction in (None, 1.0) and a.index_csv is None:
+        if a.labels_per_class is None and a.label_fraction in (None, 1.0) and a.label_index_csv is None:
             return torch.nonzero(targets >= 0).flatten()
         try:
             idx = _select_labeled(
@@ -254,7 +254,7 @@ class EvalContext:
                 self.num_classes,
                 labels_per_class=a.labels_per_class,
                 fraction=None if a.labels_per_class else a.label_fraction,
-                index_csv=a.index_csv,
+                index_csv=a.label_index_csv,
                 seed=self.seed if seed is None else seed,
             )
         except (ValueError, FileNotFoundError) as err:
@@ -278,8 +278,8 @@ def _label_setting(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """(JSON description, file-name suffix) of the requested label subset."""
     if args.labels_per_class is not None:
         return {"labels_per_class": args.labels_per_class}, f"_{args.labels_per_class}perclass"
-    if args.index_csv is not None:
-        return {"index_csv": str(args.index_csv)}, f"_{Path(args.index_csv).stem}"
+    if args.label_index_csv is not None:
+        return {"index_csv": str(args.label_index_csv)}, f"_{Path(args.label_index_csv).stem}"
     if args.label_fraction not in (None, 1.0):
         return {"label_fraction": args.label_fraction}, f"_{args.label_fraction * 100:g}pct"
     return {"label_fraction": 1.0}, ""
@@ -313,7 +313,8 @@ def prepare(args: argparse.Namespace) -> EvalContext:
     dataset = args.dataset or config.get("dataset")
     if not dataset:
         raise UserError(f"the run at '{args.run}' records no dataset; pass --dataset")
-    data_dir = args.data_dir or config.get("data_dir")
+    # The run's data_dir belongs to the run's dataset; another dataset needs its own --data-dir.
+    data_dir = args.data_dir or (config.get("data_dir") if dataset == config.get("dataset") else None)
     train_set = _load_split(dataset, "train", data_dir)
     test_set, test_split = _load_test_split(dataset, args.test_split, data_dir)
     info = getattr(train_set, "info", None)
@@ -402,7 +403,11 @@ def finish(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
-    labels = ", ".join(f"{k}={v}" for k, v in ctx.labels.items())
+    labels = (
+        "all labels"
+        if ctx.labels == {"label_fraction": 1.0}
+        else ", ".join(f"{k}={v}" for k, v in ctx.labels.items())
+    )
     print(format_table(f"{protocol} | {args.which} | {ctx.dataset} ({ctx.test_split}) | {labels}", rows))
     print(f"wrote {out}")
     return 0

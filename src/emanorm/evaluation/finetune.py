@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,8 @@ from emanorm.evaluation.features import ImageSource, iterate_dataset, resolve_de
 from emanorm.evaluation.linear import milestones, stratified_split, topk_accuracies
 
 DEFAULT_BACKBONE_LRS: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+_MIN_SENSIBLE_STEPS = 200
+log = logging.getLogger(__name__)
 
 
 class BackboneClassifier(nn.Module):
@@ -209,6 +212,18 @@ def finetune(
         amp=amp,
         progress=progress,
     )
+    steps = epochs * -(-len(train_indices) // batch_size)
+    if steps < _MIN_SENSIBLE_STEPS:
+        # Epoch-based budgets (the paper's 50 epochs of 1% ImageNet = 2,500 steps) shrink to a handful
+        # of steps on a few hundred labels, and the result then mostly measures the step count.
+        log.warning(
+            "fine-tuning for only %d optimizer steps (%d labeled images, batch %d, %d epochs); "
+            "raise --epochs or lower --batch-size for a meaningful number",
+            steps,
+            len(train_indices),
+            batch_size,
+            epochs,
+        )
     lrs = sorted(set(float(lr) for lr in backbone_lrs))
     val_top1: dict[str, float] = {}
     best_lr = lrs[0]
@@ -260,6 +275,7 @@ def finetune(
         diverged=diverged,
         epochs=epochs,
         batch_size=batch_size,
+        steps=steps,
         num_train=len(train_indices),
         num_test=int(len(test_set) if test_indices is None else len(test_indices)),
     )
