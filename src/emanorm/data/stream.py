@@ -89,7 +89,8 @@ class BatchStream:
                  unlabeled_views: Mapping[str, str] | None = None,
                  batch_size: int = 64, unlabeled_batch_size: int | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu", num_workers: int = 0,
-                 return_index: bool = False, augment_options: Mapping[str, object] | None = None) -> None:
+                 return_index: bool = False, augment_options: Mapping[str, object] | None = None,
+                 loader_timeout: float = 300.0) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank={rank} world_size={world_size}: need 0 <= rank < world_size")
         if num_workers < 0:
@@ -119,6 +120,7 @@ class BatchStream:
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.device = torch.device(device)
         self.num_workers = num_workers
+        self.loader_timeout = float(loader_timeout)
         self.return_index = return_index
         self.epoch, self.start_step = 0, 0
         if self.steps_per_epoch == 0:
@@ -201,8 +203,9 @@ class BatchStream:
         if self.num_workers > 0 and file_based and plans:
             fetcher = _StepFetcher([p.dataset for p in parts], [[pl[p.name] for p in parts] for pl in plans])
             loader = DataLoader(fetcher, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                                pin_memory=self.device.type == "cuda", prefetch_factor=2)
-            images = iter(loader)
+                                pin_memory=self.device.type == "cuda", prefetch_factor=2,
+                                timeout=self.loader_timeout)
+            images = _reported(iter(loader), self.loader_timeout)
         else:
             images = ([p.dataset.fetch(pl[p.name]) for p in parts] for pl in plans)
         for step, pl, fetched in zip(range(start, self.steps_per_epoch), plans, images, strict=True):
@@ -225,6 +228,24 @@ class BatchStream:
             if self.return_index:
                 batch["index" if part is self.main else "index_l"] = _to_device(idx, self.device)
         return batch
+
+
+def _reported(loader: Iterator[list[Tensor]], timeout: float) -> Iterator[list[Tensor]]:
+    """A stalled or crashed loader worker becomes a clear DataError instead of a hang or a traceback."""
+    while True:
+        try:
+            item = next(loader)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            text = str(err)
+            if "timed out" in text:
+                raise DataError(f"data loading stalled: no batch from the loader workers in {timeout:.0f} s "
+                                "(slow or hung storage?)") from None
+            if "DataLoader worker" in text:
+                raise DataError(f"a data loader worker died: {text.splitlines()[0]}") from None
+            raise
+        yield item
 
 
 def eval_batches(dataset: ImageDataset, batch_size: int, device: str | torch.device = "cpu", *,

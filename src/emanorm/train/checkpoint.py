@@ -6,7 +6,6 @@ import os
 import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +63,9 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
             f"refusing to load {path}: it holds more than tensors and plain values ({first_line}); "
             "only load checkpoints you trust with other tools"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise UserError(f"checkpoint {path} is truncated or corrupt: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # any other failure to parse: truncated, garbage, or an unknown format
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {path} is truncated or corrupt: {detail}") from None
     if not isinstance(data, dict):
         raise UserError(f"checkpoint {path} does not hold a dict, got {type(data).__name__}")
     return data

@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "channels_last": "auto",
     "compile": False,
     "num_workers": 0,
+    "loader_timeout": 300,
     "checkpoint_every_steps": 0,
     "deterministic": False,
     "out": None,
@@ -188,6 +189,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
         _positive(cfg, key, allow_none=False)
     _positive(cfg, "monitor_test_size")
     _positive(cfg, "image_size")
+    _positive(cfg, "loader_timeout", float, allow_none=False)
     if not isinstance(cfg["augment_options"], dict):
         raise UserError(
             f"augment_options must be a mapping (e.g. {{blur: true}}), got {cfg['augment_options']!r}"

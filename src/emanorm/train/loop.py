@@ -175,6 +175,16 @@ def evaluate_during_training(
     return results
 
 
+def write_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Atomic write; a full disk or a vanished directory is a clear error and the old file stays."""
+    try:
+        ckpt.atomic_save(state, path)
+    except OSError as err:
+        raise UserError(
+            f"could not write checkpoint {path}: {err.strerror or err}; the previous checkpoint is intact"
+        ) from None
+
+
 # -- the run directory ----------------------------------------------------------------------------
 def prepare_run_dir(cfg: dict[str, Any], resume: bool, force: bool) -> Path:
     run_dir = Path(cfg["out"])
@@ -358,6 +368,7 @@ def _train(
         device=device,
         num_workers=cfg["num_workers"],
         augment_options=cfg["augment_options"],
+        loader_timeout=cfg["loader_timeout"],
     )
     steps_per_epoch = stream.steps_per_epoch
     if steps_per_epoch < 1:
@@ -423,7 +434,7 @@ def _train(
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
         if dist_info.is_main:
-            ckpt.atomic_save(
+            write_checkpoint(
                 {
                     "format": 1,
                     "config": cfg,

@@ -1,0 +1,296 @@
+"""Runs that survive kills, checkpoints that never run code, bad input that gets a clear answer."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from emanorm.errors import UserError
+from emanorm.train import checkpoint as ckpt
+from emanorm.train import resolve_config, train
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+
+TINY = ["--batch-size", "16", "--unlabeled-ratio", "1", "--set", "knn_bank_size=64",
+        "--set", "monitor_test_size=64", "--no-progress", "--device", "cpu"]
+RESUME_CASES = {
+    "fixmatch": ["--method", "fixmatch", "--norm", "eman", "--labels-per-class", "4"],
+    "moco": ["--method", "moco", "--norm", "eman", "--method-arg", "queue_size=64", "--method-arg", "dim=16"],
+}
+
+
+def cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "emanorm", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    process = cli(*args)
+    out, err = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def teacher_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = ckpt.safe_load(run_dir)["method"]
+    return {k: v for k, v in state.items() if k.startswith("teacher.")}
+
+
+# -- exact resume -------------------------------------------------------------------------------------------
+@needs_fmnist
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(RESUME_CASES))
+def test_sigkill_and_resume_matches_an_uninterrupted_run(method, tmp_path):
+    common = [*RESUME_CASES[method], *TINY, "--max-steps", "16", "--checkpoint-every-steps", "3",
+              "--set", "deterministic=true", "--set", "eval_every=0"]
+    straight = tmp_path / "straight"
+    result = run("train", *common, "--out", str(straight))
+    assert result.returncode == 0, result.stderr
+
+    killed = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for _attempt in range(12):
+        process = cli("train", *common, "--out", str(killed), "--resume")
+        if kills < 3:
+            # wait until training has made progress past a checkpoint, then kill at a random moment
+            checkpoint = killed / "checkpoints" / "last.pt"
+            deadline = time.time() + 120
+            start_mtime = checkpoint.stat().st_mtime if checkpoint.exists() else 0
+            while time.time() < deadline and process.poll() is None:
+                if checkpoint.exists() and checkpoint.stat().st_mtime != start_mtime:
+                    break
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.6))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                kills += 1
+        process.communicate(timeout=600)
+        if (killed / "summary.json").exists():
+            break
+    assert kills >= 1, "the run finished before it could be killed"
+    assert (killed / "summary.json").exists()
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert a["final"] == b["final"] and a["steps"] == b["steps"] == 16
+    ta, tb = teacher_state(straight), teacher_state(killed)
+    assert ta.keys() == tb.keys() and ta
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), f"{key} differs after {kills} kills"
+    # metrics.jsonl holds each step once, in order, despite the kills
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(set(steps))
+
+
+# -- safe loading --------------------------------------------------------------------------------------------
+class Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"config": {}, "method": Exploit(marker)}, evil)
+    with pytest.raises(UserError, match="refusing to load"):
+        ckpt.safe_load(evil)
+    assert not marker.exists()
+    for args in (["eval", "knn", str(evil)], ["export", str(evil), "--which", "teacher"]):
+        result = run(*args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert not marker.exists()
+    # a plain pickle (not a torch zip) carrying code is refused as well
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(Exploit(marker)))
+    with pytest.raises(UserError):
+        ckpt.safe_load(raw)
+    assert not marker.exists()
+
+
+def test_truncated_and_corrupt_checkpoints_are_detected(tmp_path):
+    good = tmp_path / "good.pt"
+    ckpt.atomic_save({"config": {}, "method": {"w": torch.ones(1000)}}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        ckpt.safe_load(truncated)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(UserError):
+        ckpt.safe_load(garbage)
+    with pytest.raises(UserError, match="not found"):
+        ckpt.safe_load(tmp_path / "nothing.pt")
+
+
+def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.atomic_save({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+
+    def no_space(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(OSError):
+        ckpt.atomic_save({"step": torch.tensor(2)}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+    from emanorm.train.loop import write_checkpoint
+
+    with pytest.raises(UserError, match="No space left on device; the previous checkpoint is intact"):
+        write_checkpoint({"step": torch.tensor(3)}, path)
+    assert path.read_bytes() == before
+
+
+@needs_fmnist
+def test_unwritable_output_directory_is_a_clear_error(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: simulate with a file in the way
+            locked.chmod(0o700)
+            (locked / "run").write_text("not a directory")
+        result = run("train", "--max-steps", "1", *TINY, "--out", str(locked / "run"))
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert str(locked / "run") in result.stderr
+    finally:
+        locked.chmod(0o700)
+
+
+@needs_fmnist
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cfg = resolve_config(None, {"max_steps": 30, "batch_size": 16, "unlabeled_ratio": 1, "labels_per_class": 4,
+                                "lr": 1e12, "checkpoint_every_steps": 1, "out": str(out), "device": "cpu",
+                                "knn_bank_size": 32, "monitor_test_size": 32, "method": "supervised",
+                                "norm": "bn"})
+    with pytest.raises(UserError, match=r"loss is (nan|inf) at step \d+") as info:
+        train(cfg, progress=False)
+    failed_step = int(str(info.value).split("at step ")[1].split(";")[0])
+    state = ckpt.safe_load(out)
+    assert state["global_step"] == failed_step  # the last good step, nothing after it
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+    assert not (out / "summary.json").exists()
+
+
+# -- mismatched weights ----------------------------------------------------------------------------------------
+def test_loading_weights_of_another_architecture_lists_what_differs():
+    small = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    other = {"0.weight": torch.zeros(5, 4), "0.bias": torch.zeros(5), "1.weight": torch.zeros(2)}
+    with pytest.raises(UserError) as info:
+        ckpt.load_matching(small, other, "checkpoint x.pt")
+    message = str(info.value)
+    assert "unexpected 1 keys (e.g. 1.weight)" in message and "0.weight (5, 4) vs (3, 4)" in message
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_init_from_an_incompatible_run_is_a_clear_error(tmp_path):
+    source = tmp_path / "source"
+    result = run("train", "--method", "supervised", "--norm", "bn", "--labels-per-class", "4",
+                 "--max-steps", "1", *TINY, "--out", str(source))
+    assert result.returncode == 0, result.stderr
+    target = run("train", "--method", "supervised", "--norm", "bn", "--labels-per-class", "4", "--max-steps", "1",
+                 "--backbone", "resnet18_cifar", *TINY, "--out", str(tmp_path / "target"), "--init-from", str(source))
+    assert target.returncode != 0 and "Traceback" not in target.stderr
+    assert "does not match this model" in target.stderr and "missing" in target.stderr
+
+
+# -- bad data ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("dataset", "layout", "message"),
+    [
+        ("cifar10", "missing", "is not a directory"),
+        ("cifar10", "empty", "cifar"),
+        ("imagenet", "malformed", "train"),
+    ],
+)
+def test_missing_empty_or_malformed_data_directories(dataset, layout, message, tmp_path):
+    data_dir = tmp_path / "data"
+    if layout != "missing":
+        data_dir.mkdir()
+    if layout == "malformed":
+        (data_dir / "readme.txt").write_text("not an ImageFolder")
+    result = run("train", "--dataset", dataset, "--data-dir", str(data_dir), "--max-steps", "1", *TINY,
+                 "--out", str(tmp_path / "run"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message.lower() in result.stderr.lower()
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_corrupt_image_names_the_file(tmp_path, corrupt_folder_dir):
+    result = run("train", "--method", "moco", "--norm", "eman", "--dataset", "folder", "--data-dir",
+                 str(corrupt_folder_dir), "--set", "image_size=32", "--max-steps", "2", "--method-arg",
+                 "queue_size=64", *TINY, "--batch-size", "2", "--out", str(tmp_path / "run"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot decode image file" in result.stderr
+
+
+# -- distributed faults ----------------------------------------------------------------------------------------
+@needs_fmnist
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_killed_rank_stops_the_job_and_resume_completes(tmp_path):
+    out = tmp_path / "run"
+    args = ["-m", "emanorm", "train", "--method", "fixmatch", "--norm", "eman", "--labels-per-class", "4",
+            "--max-steps", "400", "--checkpoint-every-steps", "2", *TINY, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EMANORM_DIST_TIMEOUT": "30"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+    try:
+        _kill_one_rank(launcher, out)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    state = ckpt.safe_load(out)
+    assert 0 < state["global_step"] < 400
+    assert not (out / "summary.json").exists()
+    # finish on one process from the same checkpoint (a 2-rank resume is the same code path)
+    result = run("train", "--method", "fixmatch", "--norm", "eman", "--labels-per-class", "4", "--max-steps", "400",
+                 "--checkpoint-every-steps", "2", *TINY, "--out", str(out), "--resume", "--set", "max_steps=" +
+                 str(state["global_step"] + 2))
+    assert result.returncode != 0  # a changed budget is a changed config: refused without --force
+    result = run("train", "--method", "fixmatch", "--norm", "eman", "--labels-per-class", "4",
+                 "--max-steps", str(state["global_step"] + 2), "--checkpoint-every-steps", "2", *TINY,
+                 "--out", str(out), "--resume", "--force")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == state["global_step"] + 2
+
+
+def _kill_one_rank(launcher: subprocess.Popen, out: Path) -> None:
+    checkpoint = out / "checkpoints" / "last.pt"
+    deadline = time.time() + 180
+    while not checkpoint.exists() and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.1)
+    assert checkpoint.exists(), "no checkpoint before the kill"
+    workers = subprocess.run(["pgrep", "-f", "--", f"-u -m emanorm train.*{out}"], capture_output=True,
+                             text=True).stdout.split()
+    victims = [int(pid) for pid in workers if int(pid) != launcher.pid]
+    assert victims, "no worker process found"
+    killed_at = time.time()
+    os.kill(victims[-1], signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert time.time() - killed_at < 90  # stopped in bounded time, no hang
+    assert "failed" in stderr.lower() or "signal" in stderr.lower()
