@@ -42,16 +42,33 @@ def torchrun(tmp_path: Path, overrides: dict, nproc: int = 2) -> subprocess.Comp
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EMANORM_DIST_TIMEOUT": "60"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--standalone", str(script), json.dumps(overrides)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--standalone",
+        str(script),
+        json.dumps(overrides),
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_two_ranks_train_and_agree(method, tmp_path):
     out = tmp_path / "run"
-    overrides = {"method": method, "max_steps": 3, "batch_size": 16, "unlabeled_ratio": 1, "device": "cpu",
-                 "knn_bank_size": 32, "monitor_test_size": 32, "out": str(out), **CASES[method]}
+    overrides = {
+        "method": method,
+        "max_steps": 3,
+        "batch_size": 16,
+        "unlabeled_ratio": 1,
+        "device": "cpu",
+        "knn_bank_size": 32,
+        "monitor_test_size": 32,
+        "out": str(out),
+        **CASES[method],
+    }
     result = torchrun(tmp_path, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

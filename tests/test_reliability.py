@@ -23,8 +23,19 @@ from emanorm.train import resolve_config, train
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
 
-TINY = ["--batch-size", "16", "--unlabeled-ratio", "1", "--set", "knn_bank_size=64",
-        "--set", "monitor_test_size=64", "--no-progress", "--device", "cpu"]
+TINY = [
+    "--batch-size",
+    "16",
+    "--unlabeled-ratio",
+    "1",
+    "--set",
+    "knn_bank_size=64",
+    "--set",
+    "monitor_test_size=64",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 RESUME_CASES = {
     "fixmatch": ["--method", "fixmatch", "--norm", "eman", "--labels-per-class", "4"],
     "moco": ["--method", "moco", "--norm", "eman", "--method-arg", "queue_size=64", "--method-arg", "dim=16"],
@@ -33,8 +44,14 @@ RESUME_CASES = {
 
 def cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "emanorm", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "emanorm", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -48,13 +65,23 @@ def teacher_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("teacher.")}
 
 
-# -- exact resume -------------------------------------------------------------------------------------------
+# -- exact resume ------------------------------------------------------------
 @needs_fmnist
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(RESUME_CASES))
 def test_sigkill_and_resume_matches_an_uninterrupted_run(method, tmp_path):
-    common = [*RESUME_CASES[method], *TINY, "--max-steps", "16", "--checkpoint-every-steps", "3",
-              "--set", "deterministic=true", "--set", "eval_every=0"]
+    common = [
+        *RESUME_CASES[method],
+        *TINY,
+        "--max-steps",
+        "16",
+        "--checkpoint-every-steps",
+        "3",
+        "--set",
+        "deterministic=true",
+        "--set",
+        "eval_every=0",
+    ]
     straight = tmp_path / "straight"
     result = run("train", *common, "--out", str(straight))
     assert result.returncode == 0, result.stderr
@@ -90,12 +117,15 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(method, tmp_path):
     for key in ta:
         assert torch.equal(ta[key], tb[key]), f"{key} differs after {kills} kills"
     # metrics.jsonl holds each step once, in order, despite the kills
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (killed / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert steps == sorted(set(steps))
 
 
-# -- safe loading --------------------------------------------------------------------------------------------
+# -- safe loading ------------------------------------------------------------
 class Exploit:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
@@ -178,10 +208,23 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path):
 @needs_fmnist
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    cfg = resolve_config(None, {"max_steps": 30, "batch_size": 16, "unlabeled_ratio": 1, "labels_per_class": 4,
-                                "lr": 1e12, "checkpoint_every_steps": 1, "out": str(out), "device": "cpu",
-                                "knn_bank_size": 32, "monitor_test_size": 32, "method": "supervised",
-                                "norm": "bn"})
+    cfg = resolve_config(
+        None,
+        {
+            "max_steps": 30,
+            "batch_size": 16,
+            "unlabeled_ratio": 1,
+            "labels_per_class": 4,
+            "lr": 1e12,
+            "checkpoint_every_steps": 1,
+            "out": str(out),
+            "device": "cpu",
+            "knn_bank_size": 32,
+            "monitor_test_size": 32,
+            "method": "supervised",
+            "norm": "bn",
+        },
+    )
     with pytest.raises(UserError, match=r"loss is (nan|inf) at step \d+") as info:
         train(cfg, progress=False)
     failed_step = int(str(info.value).split("at step ")[1].split(";")[0])
@@ -191,7 +234,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not (out / "summary.json").exists()
 
 
-# -- mismatched weights ----------------------------------------------------------------------------------------
+# -- mismatched weights ------------------------------------------------------------
 def test_loading_weights_of_another_architecture_lists_what_differs():
     small = torch.nn.Sequential(torch.nn.Linear(4, 3))
     other = {"0.weight": torch.zeros(5, 4), "0.bias": torch.zeros(5), "1.weight": torch.zeros(2)}
@@ -205,16 +248,44 @@ def test_loading_weights_of_another_architecture_lists_what_differs():
 @pytest.mark.slow
 def test_init_from_an_incompatible_run_is_a_clear_error(tmp_path):
     source = tmp_path / "source"
-    result = run("train", "--method", "supervised", "--norm", "bn", "--labels-per-class", "4",
-                 "--max-steps", "1", *TINY, "--out", str(source))
+    result = run(
+        "train",
+        "--method",
+        "supervised",
+        "--norm",
+        "bn",
+        "--labels-per-class",
+        "4",
+        "--max-steps",
+        "1",
+        *TINY,
+        "--out",
+        str(source),
+    )
     assert result.returncode == 0, result.stderr
-    target = run("train", "--method", "supervised", "--norm", "bn", "--labels-per-class", "4", "--max-steps", "1",
-                 "--backbone", "resnet18_cifar", *TINY, "--out", str(tmp_path / "target"), "--init-from", str(source))
+    target = run(
+        "train",
+        "--method",
+        "supervised",
+        "--norm",
+        "bn",
+        "--labels-per-class",
+        "4",
+        "--max-steps",
+        "1",
+        "--backbone",
+        "resnet18_cifar",
+        *TINY,
+        "--out",
+        str(tmp_path / "target"),
+        "--init-from",
+        str(source),
+    )
     assert target.returncode != 0 and "Traceback" not in target.stderr
     assert "does not match this model" in target.stderr and "missing" in target.stderr
 
 
-# -- bad data ---------------------------------------------------------------------------------------------------
+# -- bad data ------------------------------------------------------------
 @pytest.mark.parametrize(
     ("dataset", "layout", "message"),
     [
@@ -229,8 +300,18 @@ def test_missing_empty_or_malformed_data_directories(dataset, layout, message, t
         data_dir.mkdir()
     if layout == "malformed":
         (data_dir / "readme.txt").write_text("not an ImageFolder")
-    result = run("train", "--dataset", dataset, "--data-dir", str(data_dir), "--max-steps", "1", *TINY,
-                 "--out", str(tmp_path / "run"))
+    result = run(
+        "train",
+        "--dataset",
+        dataset,
+        "--data-dir",
+        str(data_dir),
+        "--max-steps",
+        "1",
+        *TINY,
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message.lower() in result.stderr.lower()
@@ -238,25 +319,61 @@ def test_missing_empty_or_malformed_data_directories(dataset, layout, message, t
 
 
 def test_a_corrupt_image_names_the_file(tmp_path, corrupt_folder_dir):
-    result = run("train", "--method", "moco", "--norm", "eman", "--dataset", "folder", "--data-dir",
-                 str(corrupt_folder_dir), "--set", "image_size=32", "--max-steps", "2", "--method-arg",
-                 "queue_size=64", *TINY, "--batch-size", "2", "--out", str(tmp_path / "run"))
+    result = run(
+        "train",
+        "--method",
+        "moco",
+        "--norm",
+        "eman",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(corrupt_folder_dir),
+        "--set",
+        "image_size=32",
+        "--max-steps",
+        "2",
+        "--method-arg",
+        "queue_size=64",
+        *TINY,
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "cannot decode image file" in result.stderr
 
 
-# -- distributed faults ----------------------------------------------------------------------------------------
+# -- distributed faults ------------------------------------------------------------
 @needs_fmnist
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_killed_rank_stops_the_job_and_resume_completes(tmp_path):
     out = tmp_path / "run"
-    args = ["-m", "emanorm", "train", "--method", "fixmatch", "--norm", "eman", "--labels-per-class", "4",
-            "--max-steps", "400", "--checkpoint-every-steps", "2", *TINY, "--out", str(out)]
+    args = [
+        "-m",
+        "emanorm",
+        "train",
+        "--method",
+        "fixmatch",
+        "--norm",
+        "eman",
+        "--labels-per-class",
+        "4",
+        "--max-steps",
+        "400",
+        "--checkpoint-every-steps",
+        "2",
+        *TINY,
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EMANORM_DIST_TIMEOUT": "30"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
+    launcher = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         _kill_one_rank(launcher, out)
     finally:
@@ -267,13 +384,44 @@ def test_a_killed_rank_stops_the_job_and_resume_completes(tmp_path):
     assert 0 < state["global_step"] < 400
     assert not (out / "summary.json").exists()
     # finish on one process from the same checkpoint (a 2-rank resume is the same code path)
-    result = run("train", "--method", "fixmatch", "--norm", "eman", "--labels-per-class", "4", "--max-steps", "400",
-                 "--checkpoint-every-steps", "2", *TINY, "--out", str(out), "--resume", "--set", "max_steps=" +
-                 str(state["global_step"] + 2))
+    result = run(
+        "train",
+        "--method",
+        "fixmatch",
+        "--norm",
+        "eman",
+        "--labels-per-class",
+        "4",
+        "--max-steps",
+        "400",
+        "--checkpoint-every-steps",
+        "2",
+        *TINY,
+        "--out",
+        str(out),
+        "--resume",
+        "--set",
+        "max_steps=" + str(state["global_step"] + 2),
+    )
     assert result.returncode != 0  # a changed budget is a changed config: refused without --force
-    result = run("train", "--method", "fixmatch", "--norm", "eman", "--labels-per-class", "4",
-                 "--max-steps", str(state["global_step"] + 2), "--checkpoint-every-steps", "2", *TINY,
-                 "--out", str(out), "--resume", "--force")
+    result = run(
+        "train",
+        "--method",
+        "fixmatch",
+        "--norm",
+        "eman",
+        "--labels-per-class",
+        "4",
+        "--max-steps",
+        str(state["global_step"] + 2),
+        "--checkpoint-every-steps",
+        "2",
+        *TINY,
+        "--out",
+        str(out),
+        "--resume",
+        "--force",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == state["global_step"] + 2
 
@@ -284,8 +432,9 @@ def _kill_one_rank(launcher: subprocess.Popen, out: Path) -> None:
     while not checkpoint.exists() and time.time() < deadline and launcher.poll() is None:
         time.sleep(0.1)
     assert checkpoint.exists(), "no checkpoint before the kill"
-    workers = subprocess.run(["pgrep", "-f", "--", f"-u -m emanorm train.*{out}"], capture_output=True,
-                             text=True).stdout.split()
+    workers = subprocess.run(
+        ["pgrep", "-f", "--", f"-u -m emanorm train.*{out}"], capture_output=True, text=True
+    ).stdout.split()
     victims = [int(pid) for pid in workers if int(pid) != launcher.pid]
     assert victims, "no worker process found"
     killed_at = time.time()

@@ -98,7 +98,12 @@ def test_eman_teacher_statistics_follow_the_student(tmp_path):
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "emanorm", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+        [sys.executable, "-m", "emanorm", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
     )
 
 
@@ -143,14 +148,31 @@ def test_cli_bad_config_files(tmp_path):
 
 def test_cli_refuses_to_overwrite_and_checks_resume_config(tmp_path):
     run = tmp_path / "run"
-    common = ["--max-steps", "1", "--batch-size", "16", "--unlabeled-ratio", "1", "--labels-per-class", "4",
-              "--set", "knn_bank_size=32", "--set", "monitor_test_size=32", "--out", str(run), "--no-progress"]
+    common = [
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "16",
+        "--unlabeled-ratio",
+        "1",
+        "--labels-per-class",
+        "4",
+        "--set",
+        "knn_bank_size=32",
+        "--set",
+        "monitor_test_size=32",
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
     first = run_cli("train", *common)
     assert first.returncode == 0, first.stderr
     assert "teacher" in first.stdout and str(run) in first.stdout
     checkpoint = (run / "checkpoints" / "last.pt").read_bytes()
     assert_clean_error(run_cli("train", *common), "already holds a finished run")
-    assert_clean_error(run_cli("train", *common, "--resume", "--lr", "0.5"), "--resume with a different config")
+    assert_clean_error(
+        run_cli("train", *common, "--resume", "--lr", "0.5"), "--resume with a different config"
+    )
     assert (run / "checkpoints" / "last.pt").read_bytes() == checkpoint  # nothing damaged
     resumed = run_cli("train", *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -169,8 +191,14 @@ def test_presets_all_resolve():
     from emanorm.train.config import preset_names
 
     names = preset_names()
-    assert {"small-fixmatch", "small-moco", "small-byol", "imagenet-moco", "imagenet-byol",
-            "imagenet-fixmatch"} <= set(names)
+    assert {
+        "small-fixmatch",
+        "small-moco",
+        "small-byol",
+        "imagenet-moco",
+        "imagenet-byol",
+        "imagenet-fixmatch",
+    } <= set(names)
     for name in names:
         cfg = resolve_config(name)
         assert cfg["preset"] == name

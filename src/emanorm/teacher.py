@@ -161,7 +161,9 @@ class EMATeacher(nn.Module):
         finally:
             self._collecting = False
 
-    def _update_statistics_after_forward(self, layer: _BatchNorm, inputs: tuple[Tensor, ...], _: Tensor) -> None:
+    def _update_statistics_after_forward(
+        self, layer: _BatchNorm, inputs: tuple[Tensor, ...], _: Tensor
+    ) -> None:
         """Teacher PN (Eq. 4): after normalising with the previous statistics, fold this batch in."""
         if not self._collecting:
             return
@@ -235,4 +237,3 @@ class EMATeacher(nn.Module):
         if self.norm in ("bn", "teacher_pn"):
             extra += f", bn_momentum={self.bn_momentum}"
         return extra
-
