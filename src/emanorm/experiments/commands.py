@@ -1,0 +1,352 @@
+"""``emanorm compare``: train a grid of methods x normalizations x seeds, evaluate, tabulate, plot."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from emanorm.errors import UserError
+
+COMPARE_HELP = """\
+Train every (variant, method, seed) of a grid, each as a normal run directory under OUT/runs/,
+evaluate each with the protocol that fits it (test accuracy for semi-supervised methods; kNN and
+a linear probe on 10% of the labels for self-supervised ones), and write OUT/results.md (mean ±
+std over seeds), OUT/results.json (every raw number with its run directory) and OUT/curves.png
+(kNN accuracy along training). Finished runs are never trained again; unfinished ones resume.
+
+  emanorm compare --methods fixmatch,moco,byol --norms default,bn,eman --seeds 3
+  emanorm compare --methods fixmatch,moco --norms bn,eman,teacher_pn,student_pn \\
+      --eman-momentums 0.9,0.99999 --bn-momentums 0.1,0.001          (Table 8 rows)
+  emanorm compare --methods fixmatch --norms default,eman --supervised \\
+      --init-from scratch,moco-eman=runs/ssl/runs/moco-eman-s{seed}   (Table 6 rows)
+
+See docs/compare.md.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction like 0.1 or 10%, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"the fraction must lie in (0, 1], got {text!r}")
+    return value
+
+
+def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``compare`` to the ``emanorm`` command's subparsers; its handler is ``run_compare``."""
+    from emanorm.train.config import METHODS, NORMS
+
+    p = subparsers.add_parser(
+        "compare",
+        help="train and compare a grid of methods x normalizations x seeds (Table 1 / Figure 3)",
+        description=COMPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    grid = p.add_argument_group("the grid (rows x columns x seeds)")
+    grid.add_argument(
+        "--methods",
+        default="fixmatch,moco,byol",
+        help=f"columns, from {', '.join(METHODS)} (default %(default)s)",
+    )
+    grid.add_argument(
+        "--norms", default="default,bn,eman", help=f"rows, from {', '.join(NORMS)} (default %(default)s)"
+    )
+    grid.add_argument("--seeds", type=_positive_int, default=3, help="seeds per cell (default %(default)s)")
+    grid.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+N-1 (default 0)")
+    grid.add_argument(
+        "--eman-momentums",
+        metavar="M,...",
+        help="extra rows eman(m=M): EMAN statistics momentum M, parameter momentum unchanged (Table 8)",
+    )
+    grid.add_argument(
+        "--bn-momentums",
+        metavar="B,...",
+        help="each teacher_pn / student_pn row becomes one row per PyTorch BN momentum B "
+        "(labelled alpha = 1 - B, the paper's Eq. 4): 0.1,0.001 gives alpha 0.9 and 0.999 (Table 8)",
+    )
+    grid.add_argument(
+        "--supervised",
+        action="store_true",
+        help="add a 'supervised' row (labeled images only, same labels and budget) "
+        "to the semi-supervised columns",
+    )
+    grid.add_argument(
+        "--init-from",
+        metavar="SPEC,...",
+        help="cross every row with start points: 'scratch', a run directory or checkpoint, or NAME=PATH; "
+        "{seed} in PATH is the run's seed (Table 6)",
+    )
+    grid.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE,...",
+        help="a custom row, e.g. 'eman-lr0.1:norm=eman,lr=0.1' (repeatable; method=NAME runs another method)",
+    )
+    cfg = p.add_argument_group("settings passed to every run")
+    cfg.add_argument(
+        "--config",
+        help="a preset or YAML file for every run ({method} = the column's method); "
+        "default: the small-<method> preset",
+    )
+    cfg.add_argument("--dataset", help="dataset of every run (default: the preset's)")
+    cfg.add_argument("--data-dir", help="where the dataset lives")
+    budget = cfg.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_positive_int, help="budget of every run in epochs")
+    budget.add_argument("--max-steps", type=_positive_int, help="budget of every run in optimizer steps")
+    cfg.add_argument(
+        "--eval-every",
+        type=int,
+        help="kNN monitor every N epochs: the points of curves.png (0: only at the end)",
+    )
+    cfg.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="training device (default auto: GPU if any)"
+    )
+    cfg.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key of every run, as `emanorm train --set` (repeatable)",
+    )
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--which", choices=["teacher", "student"], default="teacher", help="network to report")
+    ev.add_argument(
+        "--no-linear", action="store_true", help="self-supervised columns report kNN, no linear probe"
+    )
+    ev.add_argument(
+        "--linear-fraction",
+        type=_fraction,
+        default=0.1,
+        help="labels for the linear probe (default 0.1 = 10%%)",
+    )
+    ev.add_argument(
+        "--linear-epochs",
+        type=_positive_int,
+        default=50,
+        help="linear-probe epochs on cached features (default 50)",
+    )
+    ev.add_argument(
+        "--linear-lrs",
+        default="0.1,0.3,1,3,10,30",
+        help="linear-probe lr grid, chosen on a validation split of the labels (default %(default)s)",
+    )
+    run = p.add_argument_group("running")
+    run.add_argument("--out", default="runs/compare", help="output folder (default %(default)s)")
+    run.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="runs trained at once as subprocesses, CPU threads split between them "
+        "(default 1: one at a time, in this process)",
+    )
+    run.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
+    run.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_compare)
+    return p
+
+
+def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from emanorm.experiments.grid import _set_override, parse_key_value
+
+    common: dict[str, Any] = {}
+    for text in args.set:
+        key, value = parse_key_value(text)
+        _set_override(common, key, value)
+    for key in ("dataset", "data_dir", "epochs", "max_steps", "eval_every", "device"):
+        value = getattr(args, key)
+        if value is not None:
+            common[key] = value
+    return common
+
+
+def _linear_settings(args: argparse.Namespace):
+    from emanorm.experiments.evaluate import LinearSettings
+
+    if args.no_linear:
+        return None
+    lrs = []
+    for item in args.linear_lrs.split(","):
+        try:
+            lr = float(item)
+        except ValueError:
+            raise UserError(f"--linear-lrs takes numbers like 0.1,1,10, got {item!r}") from None
+        if lr <= 0:
+            raise UserError(f"--linear-lrs values must be > 0, got {item!r}")
+        lrs.append(lr)
+    if not lrs:
+        raise UserError("--linear-lrs is empty")
+    return LinearSettings(
+        fraction=args.linear_fraction, epochs=args.linear_epochs, lrs=tuple(lrs), which=args.which
+    )
+
+
+def plan_from_args(args: argparse.Namespace):
+    """(methods, variants, seeds, specs) of a ``compare`` command line, validated."""
+    from emanorm.experiments.grid import (
+        build_variants,
+        parse_floats,
+        parse_init_from,
+        parse_seeds,
+        parse_variant,
+        plan_grid,
+        split_list,
+    )
+
+    methods = split_list(args.methods, "--methods")
+    variants = build_variants(
+        split_list(args.norms, "--norms"),
+        eman_momentums=parse_floats(args.eman_momentums, "--eman-momentums"),
+        bn_momentums=parse_floats(args.bn_momentums, "--bn-momentums"),
+        init_from=parse_init_from(args.init_from),
+        custom=[parse_variant(text) for text in args.variant],
+        supervised=args.supervised,
+    )
+    seeds = parse_seeds(args.seeds, args.first_seed)
+    specs = plan_grid(methods, variants, seeds, args.out, config=args.config, common=_common_overrides(args))
+    return methods, variants, seeds, specs
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed, rebuilt from the parsed options that differ from their defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_compare_parser(parser.add_subparsers())
+    defaults = vars(parser.parse_args(["compare"]))
+    words = ["emanorm", "compare"]
+    for key, value in vars(args).items():
+        if key not in defaults or key == "func" or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                words += [flag, shlex.quote(str(item))]
+        else:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
+
+
+def _print_plan(specs) -> None:
+    width = max(len(s.name) for s in specs)
+    for spec in specs:
+        cfg = spec.config
+        budget = f"{cfg['max_steps']} steps" if cfg["max_steps"] else f"{cfg['epochs']} epochs"
+        extra = f", init from {cfg['init_from']}" if cfg.get("init_from") else ""
+        print(f"  {spec.name:<{width}}  {spec.state():<8}  {cfg['method']}/{cfg['norm']}, {budget}{extra}")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """The ``compare`` handler: plan, train what is missing, evaluate, write the three outputs."""
+    from emanorm.experiments.evaluate import DatasetCache, evaluate_run
+    from emanorm.experiments.grid import check_existing, check_init_sources, run_grid
+    from emanorm.experiments.plots import curves_from_entries, plot_curves
+    from emanorm.experiments.report import aggregate, collect_cells, render_markdown
+
+    methods, variants, seeds, specs = plan_from_args(args)
+    linear = _linear_settings(args)
+    out = Path(args.out)
+    check_existing(specs)
+    states = [s.state() for s in specs]
+    print(
+        f"compare: {len(specs)} runs ({len(variants)} rows x {len(methods)} methods x {len(seeds)} seeds): "
+        f"{states.count('finished')} finished, {states.count('partial')} to resume, "
+        f"{states.count('new')} new",
+        file=sys.stderr,
+    )
+    if args.dry_run:
+        _print_plan(specs)
+        return 0
+    outcomes = {}
+    if not args.report_only:
+        check_init_sources(specs)
+        out.mkdir(parents=True, exist_ok=True)
+        outcomes = {
+            o.spec.name: o for o in run_grid(specs, out, jobs=args.jobs, progress=not args.no_progress)
+        }
+
+    datasets = DatasetCache()
+    entries = []
+    for spec in specs:
+        entry = evaluate_run(spec, which=args.which, linear=linear, datasets=datasets)
+        outcome = outcomes.get(spec.name)
+        if outcome is not None and outcome.status == "failed":
+            entry.update(status="failed", error=outcome.error, log=str(out / "logs" / f"{spec.name}.log"))
+        entries.append(entry)
+
+    rows = [v.label for v in variants]
+    first = specs[0].config
+    context = [
+        f"Dataset `{first['dataset']}`, backbone `{first['backbone']}`, network evaluated: {args.which}; "
+        f"seeds {', '.join(map(str, seeds))}.",
+        f"Command: `{command_line(args)}`",
+    ]
+    linear_dict = linear.as_dict() if linear else None
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(
+        title="emanorm compare",
+        rows=rows,
+        columns=methods,
+        entries=entries,
+        context=context,
+        linear=linear_dict,
+        which=args.which,
+    )
+    (out / "results.md").write_text(markdown)
+    record = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "units": "percent",
+        "which": args.which,
+        "methods": methods,
+        "variants": [
+            {"label": v.label, "overrides": v.overrides, "method": v.method, "only": v.only} for v in variants
+        ],
+        "seeds": seeds,
+        "linear": linear_dict,
+        "tables": {
+            "top1": aggregate(rows, methods, collect_cells(entries, "primary")),
+            "knn": aggregate(rows, methods, collect_cells(entries, "knn")),
+            "wall_clock_s": aggregate(rows, methods, collect_cells(entries, "wall_clock_s")),
+        },
+        "runs": entries,
+    }
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot_curves(
+        curves_from_entries(entries),
+        out / "curves.png",
+        methods=methods,
+        variants=rows,
+        ylabel=f"kNN top-1 of the {args.which} (%)",
+        title=f"{first['dataset']}: kNN accuracy along training (mean ± std over seeds)",
+    )
+    print(markdown.split("## kNN")[0].rstrip())
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
+    failed = [e for e in entries if e["status"] == "failed"]
+    missing = [e for e in entries if e["status"] == "missing"]
+    if failed:
+        print(f"\n{len(failed)} of {len(entries)} runs failed:", file=sys.stderr)
+        for e in failed:
+            hint = f" (log: {e['log']})" if e.get("log") else ""
+            print(f"  {e['name']}: {e['error']}{hint}", file=sys.stderr)
+        return 1
+    if missing and not args.report_only:
+        return 1
+    return 0

@@ -1,0 +1,240 @@
+"""Evaluating the runs of a grid with the protocol that fits each method.
+
+- semi-supervised runs (``fixmatch``, ``meanteacher``, ``supervised``): test accuracy of the
+  evaluated network, as the trainer measured it at the end of training (``summary.json``);
+- self-supervised runs (``moco``, ``byol``): kNN accuracy (from ``summary.json``) and a linear probe
+  on frozen features with a fraction of the training labels (10% as in the paper's Table 1).
+
+Every accuracy here is a **percentage** (0-100), as in the trainer's metrics; the evaluation
+library's fractions are converted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from emanorm.errors import UserError
+from emanorm.experiments.grid import RunSpec
+
+log = logging.getLogger("emanorm")
+
+# cheap on a CPU: the features are computed once, the classifier trains on cached features
+DEFAULT_LINEAR_LRS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class LinearSettings:
+    """The linear-probe protocol for self-supervised runs (see ``emanorm.evaluation.linear_probe``)."""
+
+    fraction: float = 0.1
+    epochs: int = 50
+    lrs: tuple[float, ...] = DEFAULT_LINEAR_LRS
+    batch_size: int = 256
+    label_seed: int = 0  # the same labeled subset for every run: only the pre-training differs
+    which: str = "teacher"
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["lrs"] = list(self.lrs)
+        return data
+
+
+def is_semi_supervised(method: str) -> bool:
+    from emanorm.train.config import SEMI_SUPERVISED
+
+    return method in SEMI_SUPERVISED
+
+
+class DatasetCache:
+    """Each (dataset, split) is loaded once per invocation, shared by every run's evaluation."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, cfg: dict[str, Any], split: str) -> Any:
+        from emanorm.data import load_dataset
+
+        key = (cfg["dataset"], split, cfg.get("data_dir"), cfg.get("image_size"))
+        if key not in self._items:
+            try:
+                self._items[key] = load_dataset(
+                    cfg["dataset"],
+                    split,
+                    data_dir=cfg.get("data_dir"),
+                    image_size=cfg.get("image_size"),
+                    on_corrupt=cfg.get("on_corrupt", "error"),
+                )
+            except (ValueError, FileNotFoundError, RuntimeError) as err:
+                raise UserError(f"cannot load split {split!r} of {cfg['dataset']!r}: {err}") from None
+        return self._items[key]
+
+
+def linear_probe_run(
+    run_dir: Path, settings: LinearSettings, datasets: DatasetCache, device: str = "auto"
+) -> dict[str, Any]:
+    """Linear probe of a finished run's frozen backbone: top-1/top-5 in percent and the details."""
+    import torch
+
+    from emanorm.data import build_augmentation, select_labeled
+    from emanorm.evaluation import (
+        assert_frozen,
+        dataset_batches,
+        extract_features,
+        linear_probe,
+        resolve_device,
+    )
+    from emanorm.train.checkpoint import load_backbone
+
+    started = time.perf_counter()
+    backbone, cfg = load_backbone(run_dir, settings.which)
+    train_set = datasets.get(cfg, "train")
+    test_set = datasets.get(cfg, "test")  # "test" names the held-out split of every dataset (ImageNet: val)
+    info = train_set.info
+    torch_device = resolve_device(device)
+    backbone.to(torch_device)
+    try:
+        labeled = select_labeled(
+            train_set.targets, info.num_classes, fraction=settings.fraction, seed=settings.label_seed
+        )
+    except ValueError as err:
+        msg = f"cannot draw {settings.fraction:g} of the labels of {cfg['dataset']}: {err}"
+        raise UserError(msg) from None
+
+    test_idx = torch.nonzero(torch.as_tensor(test_set.targets) >= 0).flatten()
+    transform = build_augmentation("none", info)
+    with assert_frozen(backbone):  # no weight or BN statistic may move while features are taken
+        train_f, train_y = extract_features(
+            backbone, dataset_batches(train_set, labeled), torch_device, transform=transform, progress=False
+        )
+        test_f, test_y = extract_features(
+            backbone, dataset_batches(test_set, test_idx), torch_device, transform=transform, progress=False
+        )
+    try:
+        result = linear_probe(
+            train_f,
+            train_y,
+            test_f,
+            test_y,
+            num_classes=info.num_classes,
+            lrs=settings.lrs,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            seed=settings.label_seed,
+            device=torch_device,
+            progress=False,
+        )
+    except ValueError as err:
+        raise UserError(f"linear probe of {run_dir}: {err}") from None
+    return {
+        "top1": 100.0 * float(result["top1"]),  # type: ignore[arg-type]
+        "top5": 100.0 * float(result["top5"]),  # type: ignore[arg-type]
+        "best_lr": result["best_lr"],
+        "diverged": result["diverged"],
+        "num_train": result["num_train"],
+        "num_test": result["num_test"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def cached_linear_probe(
+    spec: RunSpec, summary: dict[str, Any], settings: LinearSettings, datasets: DatasetCache, device: str
+) -> dict[str, Any]:
+    """The probe result kept in ``RUN_DIR/compare_linear.json``; recomputed only when the settings
+    or the run (its step count or wall-clock) changed."""
+    cache = spec.run_dir / "compare_linear.json"
+    key = {"settings": settings.as_dict(), "steps": summary.get("steps"), "wall": summary.get("wall_clock_s")}
+    if cache.exists():
+        try:
+            stored = json.loads(cache.read_text())
+            if stored.get("key") == key:
+                return stored["result"]
+        except (json.JSONDecodeError, KeyError):
+            pass  # a torn file: recompute it
+    result = linear_probe_run(spec.run_dir, settings, datasets, device)
+    cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    return result
+
+
+def read_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every eval record of ``metrics.jsonl`` that holds ``key``."""
+    path = run_dir / "metrics.jsonl"
+    points: list[tuple[int, float]] = []
+    if not path.exists():
+        return points
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if record.get("kind") == "eval" and isinstance(record.get(key), (int, float)):
+            points.append((int(record["step"]), float(record[key])))
+    return points
+
+
+def evaluate_run(
+    spec: RunSpec,
+    *,
+    which: str = "teacher",
+    linear: LinearSettings | None = None,
+    datasets: DatasetCache | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """One run's raw entry for ``results.json``: identity, status, metrics (percent), wall-clock, curve."""
+    cfg = spec.config
+    entry: dict[str, Any] = {
+        "name": spec.name,
+        "variant": spec.variant,
+        "method": spec.method,
+        "run_method": cfg["method"],
+        "norm": cfg["norm"],
+        "seed": spec.seed,
+        "run_dir": str(spec.run_dir),
+        "status": "missing",
+        "metrics": {},
+    }
+    if not spec.summary_path.exists():
+        return entry
+    try:
+        summary = json.loads(spec.summary_path.read_text())
+    except json.JSONDecodeError as err:
+        entry.update(status="failed", error=f"unreadable summary.json: {err}")
+        return entry
+    final = summary.get("final") or {}
+    metrics: dict[str, float] = {}
+    if f"knn_{which}" in final:
+        metrics["knn"] = float(final[f"knn_{which}"])
+    semi = is_semi_supervised(cfg["method"])
+    if semi and f"test_acc_{which}" in final:
+        metrics["test_acc"] = float(final[f"test_acc_{which}"])
+    entry.update(
+        status="ok",
+        protocol="test_acc" if semi else ("linear" if linear else "knn"),
+        final=final,
+        steps=summary.get("steps"),
+        epochs=summary.get("epochs"),
+        labeled=summary.get("labeled"),
+        wall_clock_s=summary.get("wall_clock_s"),
+        test_images=cfg.get("monitor_test_size") or "all",
+        curve=read_curve(spec.run_dir, f"knn_{which}"),
+    )
+    if not semi and linear is not None:
+        try:
+            probe = cached_linear_probe(spec, summary, linear, datasets or DatasetCache(), device)
+        except UserError as err:
+            entry.update(status="failed", error=f"linear probe: {err}")
+        else:
+            metrics["linear_top1"] = probe["top1"]
+            metrics["linear_top5"] = probe["top5"]
+            entry["linear"] = {**linear.as_dict(), **probe}
+    entry["metrics"] = metrics
+    primary_key = {"test_acc": "test_acc", "linear": "linear_top1", "knn": "knn"}[entry["protocol"]]
+    if primary_key in metrics:
+        entry["primary"] = metrics[primary_key]
+    return entry

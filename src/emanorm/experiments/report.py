@@ -1,0 +1,186 @@
+"""Tables of a comparison: mean ± std over seeds per (variant, method) cell, as Markdown.
+
+The std is the sample standard deviation over seeds (``ddof = 1``); a cell with one seed shows
+only its mean. The ``seeds`` column holds the most seeds any cell of the row has; a cell with
+fewer adds ``(n=k)``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MISSING = "–"
+
+
+@dataclass(frozen=True)
+class Stats:
+    mean: float
+    std: float  # sample std over seeds; 0.0 for a single seed
+    n: int
+
+
+def summarize(values: Iterable[float]) -> Stats | None:
+    """Mean, sample std and count of the finite values, or None when there are none."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not finite:
+        return None
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return Stats(statistics.fmean(finite), std, len(finite))
+
+
+def format_stats(stats: Stats | None, digits: int = 2) -> str:
+    """``67.10 ± 0.30``; one seed: ``67.10``; nothing: ``–``."""
+    if stats is None:
+        return MISSING
+    if stats.n == 1:
+        return f"{stats.mean:.{digits}f}"
+    return f"{stats.mean:.{digits}f} ± {stats.std:.{digits}f}"
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def markdown_table(
+    rows: Sequence[str],
+    columns: Sequence[str],
+    cells: Mapping[tuple[str, str], Sequence[float]],
+    *,
+    row_header: str = "norm",
+    digits: int = 2,
+    seeds_column: bool = True,
+) -> str:
+    """A Markdown table: ``rows`` x ``columns``, each cell the mean ± std of its values.
+
+    ``cells[(row, column)]`` holds one value per seed; absent cells show ``–``.
+    """
+    header = [row_header, *columns] + (["seeds"] if seeds_column else [])
+    lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        stats = {col: summarize(cells.get((row, col), ())) for col in columns}
+        most = max((s.n for s in stats.values() if s is not None), default=0)
+        parts = [_escape(row)]
+        for col in columns:
+            text = format_stats(stats[col], digits)
+            s = stats[col]
+            if seeds_column and s is not None and s.n < most:
+                text += f" (n={s.n})"
+            parts.append(text)
+        if seeds_column:
+            parts.append(str(most) if most else MISSING)
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def collect_cells(entries: Iterable[Mapping[str, Any]], metric: str) -> dict[tuple[str, str], list[float]]:
+    """``{(variant, method): [value per seed]}`` from raw entries holding ``metrics[metric]``
+    (``metric="primary"`` takes each entry's protocol metric, ``"wall_clock_s"`` its wall-clock)."""
+    cells: dict[tuple[str, str], list[float]] = {}
+    for entry in entries:
+        if entry.get("status") != "ok":
+            continue
+        if metric == "primary":
+            value = entry.get("primary")
+        elif metric == "wall_clock_s":
+            value = entry.get("wall_clock_s")
+        else:
+            value = entry.get("metrics", {}).get(metric)
+        if value is not None:
+            cells.setdefault((entry["variant"], entry["method"]), []).append(float(value))
+    return cells
+
+
+def aggregate(
+    rows: Sequence[str], columns: Sequence[str], cells: Mapping[tuple[str, str], Sequence[float]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """JSON form of a table: ``{row: {column: {mean, std, n, values}}}`` (absent cells left out)."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        for col in columns:
+            values = list(cells.get((row, col), ()))
+            stats = summarize(values)
+            if stats is not None:
+                table.setdefault(row, {})[col] = {
+                    "mean": stats.mean,
+                    "std": stats.std,
+                    "n": stats.n,
+                    "values": values,
+                }
+    return table
+
+
+def protocol_note(methods: Sequence[str], linear: Mapping[str, Any] | None, which: str) -> str:
+    """One line saying how each column was measured."""
+    from emanorm.experiments.evaluate import is_semi_supervised
+
+    semi = [m for m in methods if is_semi_supervised(m)]
+    ssl = [m for m in methods if not is_semi_supervised(m)]
+    parts = []
+    if semi:
+        parts.append(f"{', '.join(semi)}: test accuracy of the {which}")
+    if ssl and linear:
+        parts.append(
+            f"{', '.join(ssl)}: linear probe on frozen {which} features with "
+            f"{100 * linear['fraction']:g}% of the training labels ({linear['epochs']} epochs, "
+            f"lr chosen on a validation split)"
+        )
+    elif ssl:
+        parts.append(f"{', '.join(ssl)}: kNN accuracy of the {which} (no linear probe)")
+    return "; ".join(parts) + "."
+
+
+def render_markdown(
+    *,
+    title: str,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    entries: Sequence[Mapping[str, Any]],
+    context: Sequence[str] = (),
+    linear: Mapping[str, Any] | None = None,
+    which: str = "teacher",
+    row_header: str = "norm",
+) -> str:
+    """``results.md``: the Table-1-style accuracy table, kNN, wall-clock, and the runs left out."""
+    lines = [f"# {title}", ""]
+    lines += [*context, ""] if context else []
+    lines += [
+        "## Top-1 accuracy (%)",
+        "",
+        protocol_note(columns, linear, which) + " Mean ± std over seeds (sample std).",
+        "",
+        markdown_table(rows, columns, collect_cells(entries, "primary"), row_header=row_header),
+        "",
+        "## kNN accuracy (%)",
+        "",
+        f"Weighted kNN (k as in each run's config) on frozen {which} features at the end of training.",
+        "",
+        markdown_table(rows, columns, collect_cells(entries, "knn"), row_header=row_header),
+        "",
+        "## Wall-clock per run (s)",
+        "",
+        "Training time from each run's summary.json (mean ± std over seeds), evaluation excluded.",
+        "",
+        markdown_table(
+            rows, columns, collect_cells(entries, "wall_clock_s"), row_header=row_header, digits=1
+        ),
+        "",
+    ]
+    partial = sorted({str(e["test_images"]) for e in entries if e.get("test_images") not in (None, "all")})
+    if partial:
+        lines += [
+            f"Note: test accuracy and kNN were measured on the first {', '.join(partial)} test images "
+            "(monitor_test_size), not the whole test set; the linear probe uses the whole test set.",
+            "",
+        ]
+    left_out = [e for e in entries if e.get("status") != "ok"]
+    if left_out:
+        lines += ["## Runs not in the tables", ""]
+        for e in left_out:
+            reason = e.get("error") or ("not trained" if e.get("status") == "missing" else e.get("status"))
+            lines.append(f"- `{e['name']}` ({e['run_dir']}): {e.get('status')}: {reason}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,299 @@
+"""``emanorm compare``: grid planning, tables, curves, and tiny end-to-end grids on real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from emanorm.cli import main
+from emanorm.errors import UserError
+from emanorm.experiments.grid import (
+    build_variants,
+    parse_init_from,
+    parse_variant,
+    plan_grid,
+)
+from emanorm.experiments.plots import band, plot_curves
+from emanorm.experiments.report import (
+    aggregate,
+    collect_cells,
+    format_stats,
+    markdown_table,
+    render_markdown,
+    summarize,
+)
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# a few steps on the real data with small monitor sets (as tests/test_train.py's tiny_config)
+TINY = [
+    "--max-steps", "2",
+    "--set", "batch_size=16",
+    "--set", "unlabeled_ratio=1",
+    "--set", "knn_bank_size=64",
+    "--set", "monitor_test_size=64",
+    "--set", "log_every=1",
+    "--device", "cpu",
+    "--no-progress",
+]  # fmt: skip
+
+
+def _table_rows(markdown: str, section: str) -> list[list[str]]:
+    """The body rows of the first table after heading ``section``, split into cells."""
+    text = markdown.split(section, 1)[1]
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif rows and not line.startswith("|"):
+            break
+    return rows[1:]  # without the header
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+def test_summarize_and_format_mean_std_over_seeds():
+    stats = summarize([67.0, 68.0, 69.0])
+    assert stats is not None
+    assert stats.n == 3 and stats.mean == pytest.approx(68.0)
+    assert stats.std == pytest.approx(1.0)  # sample std (ddof 1), not population std 0.816
+    assert format_stats(stats) == "68.00 ± 1.00"
+    assert format_stats(summarize([55.555])) == "55.55" or format_stats(summarize([55.555])) == "55.56"
+    assert "±" not in format_stats(summarize([55.5]))  # one seed: no spread to show
+    assert format_stats(summarize([])) == "–"
+    assert format_stats(summarize([float("nan"), 50.0])) == "50.00"  # non-finite values are dropped
+
+
+def test_markdown_table_rows_columns_and_seed_counts():
+    cells = {
+        ("bn", "fixmatch"): [58.0, 60.0],
+        ("bn", "moco"): [52.5, 52.5],
+        ("eman", "fixmatch"): [69.0, 70.0],
+        ("eman", "moco"): [55.0],  # one seed missing
+    }
+    text = markdown_table(["bn", "eman", "gn"], ["fixmatch", "moco"], cells)
+    lines = text.splitlines()
+    assert lines[0] == "| norm | fixmatch | moco | seeds |"
+    assert lines[1] == "|---|---|---|---|"
+    assert lines[2] == "| bn | 59.00 ± 1.41 | 52.50 ± 0.00 | 2 |"
+    assert lines[3] == "| eman | 69.50 ± 0.71 | 55.00 (n=1) | 2 |"
+    assert lines[4] == "| gn | – | – | – |"
+    assert len(lines) == 5
+    assert "seeds" not in markdown_table(["bn"], ["moco"], cells, seeds_column=False)
+    assert "| a\\|b |" in markdown_table(["a|b"], ["moco"], {})  # a pipe in a label cannot break the table
+
+
+def test_collect_and_render_results_from_entries():
+    def entry(variant, method, seed, status="ok", **kw):
+        return {
+            "name": f"{method}-{variant}-s{seed}",
+            "run_dir": f"/x/{method}-{variant}-s{seed}",
+            "variant": variant,
+            "method": method,
+            "seed": seed,
+            "status": status,
+            **kw,
+        }
+
+    entries = [
+        entry("bn", "fixmatch", 0, primary=60.0, metrics={"knn": 70.0}, wall_clock_s=100.0),
+        entry("bn", "fixmatch", 1, primary=62.0, metrics={"knn": 72.0}, wall_clock_s=120.0),
+        entry("eman", "fixmatch", 0, primary=65.0, metrics={"knn": 75.0}, wall_clock_s=110.0),
+        entry("eman", "fixmatch", 1, status="failed", error="loss is nan at step 3"),
+    ]
+    cells = collect_cells(entries, "primary")
+    assert cells == {("bn", "fixmatch"): [60.0, 62.0], ("eman", "fixmatch"): [65.0]}
+    assert collect_cells(entries, "knn")[("bn", "fixmatch")] == [70.0, 72.0]
+    table = aggregate(["bn", "eman"], ["fixmatch"], cells)
+    assert table["bn"]["fixmatch"]["n"] == 2 and table["bn"]["fixmatch"]["mean"] == pytest.approx(61.0)
+    md = render_markdown(title="t", rows=["bn", "eman"], columns=["fixmatch"], entries=entries)
+    assert _table_rows(md, "## Top-1")[0] == ["bn", "61.00 ± 1.41", "2"]
+    assert _table_rows(md, "## Top-1")[1] == ["eman", "65.00", "1"]
+    assert _table_rows(md, "## Wall-clock")[0] == ["bn", "110.0 ± 14.1", "2"]
+    assert "fixmatch-eman-s1" in md.split("## Runs not in the tables")[1]
+    assert "loss is nan at step 3" in md
+
+
+def test_band_and_plot(tmp_path):
+    steps, means, stds = band([[(10, 50.0), (20, 60.0)], [(10, 54.0), (20, 62.0), (30, 70.0)]])
+    assert steps == [10, 20, 30]
+    assert means == pytest.approx([52.0, 61.0, 70.0])
+    assert stds[0] == pytest.approx(math.sqrt(8.0)) and stds[2] == 0.0
+    path = plot_curves({"moco": {"bn": [[(1, 50.0), (2, 55.0)]]}, "byol": {}}, tmp_path / "c.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+# -- the grid ---------------------------------------------------------------------------------------
+
+
+def test_table8_variants_from_flags():
+    variants = build_variants(
+        ["default", "bn", "eman", "teacher_pn", "student_pn"],
+        eman_momentums=[0.9, 0.99999],
+        bn_momentums=[0.1, 0.001],
+    )
+    labels = [v.label for v in variants]
+    assert labels == [
+        "default",
+        "bn",
+        "eman",
+        "eman(m=0.9)",
+        "eman(m=0.99999)",
+        "teacher_pn(alpha=0.9)",
+        "teacher_pn(alpha=0.999)",
+        "student_pn(alpha=0.9)",
+        "student_pn(alpha=0.999)",
+    ]
+    by_label = {v.label: v.overrides for v in variants}
+    assert by_label["eman(m=0.99999)"] == {"norm": "eman", "eman_momentum": 0.99999}
+    assert by_label["student_pn(alpha=0.999)"] == {"norm": "student_pn", "bn_momentum": 0.001}
+    with pytest.raises(UserError, match="teacher_pn / student_pn"):
+        build_variants(["bn", "eman"], bn_momentums=[0.1])
+    with pytest.raises(UserError, match="unknown norm 'batchnorm'"):
+        build_variants(["batchnorm"])
+
+
+def test_plan_grid_names_configs_and_special_rows(tmp_path):
+    variants = build_variants(
+        ["eman"],
+        supervised=True,
+        init_from=parse_init_from("scratch,pre=runs/ssl/moco-eman-s{seed}"),
+        custom=[parse_variant("slow lr:norm=bn,lr=0.003,method_args.threshold=0.7,columns=[fixmatch]")],
+    )
+    specs = plan_grid(["fixmatch", "moco"], variants, [0, 1], tmp_path, common={"max_steps": 7})
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names))
+    assert names[0] == "fixmatch-eman-from-scratch-s0"  # seed-major order
+    by_name = {s.name: s for s in specs}
+    s = by_name["moco-eman-from-pre-s1"]
+    assert s.run_dir == tmp_path / "runs" / "moco-eman-from-pre-s1"
+    assert s.config["out"] == str(s.run_dir)
+    assert s.config["init_from"] == "runs/ssl/moco-eman-s1" and s.config["seed"] == 1
+    assert s.config["max_steps"] == 7 and s.config["epochs"] is None  # the budget replaced the preset's
+    assert by_name["fixmatch-eman-from-scratch-s0"].config["init_from"] is None
+    # the supervised row: the FixMatch column's labels and budget, no FixMatch options, not for MoCo
+    sup = by_name["fixmatch-supervised-from-scratch-s0"].config
+    assert sup["method"] == "supervised" and sup["norm"] == "default" and sup["method_args"] == {}
+    assert sup["labels_per_class"] == by_name["fixmatch-eman-from-scratch-s0"].config["labels_per_class"]
+    assert not any(n.startswith("moco-supervised") for n in names)
+    # a custom row limited to one column, with a dotted method option
+    slow = by_name["fixmatch-slow-lr-from-scratch-s0"].config
+    assert slow["lr"] == 0.003 and slow["method_args"]["threshold"] == 0.7 and slow["norm"] == "bn"
+    assert "moco-slow-lr-from-scratch-s0" not in by_name
+    assert len(specs) == 2 * (2 * 2 + 2 + 2)  # seeds x (eman rows x 2 methods + supervised + slow lr)
+
+
+def test_plan_grid_rejects_bad_grids(tmp_path):
+    with pytest.raises(UserError, match="use --norms"):
+        plan_grid(["moco"], build_variants(["bn"]), [0], tmp_path, common={"norm": "eman"})
+    with pytest.raises(UserError, match="supervised with norm eman"):
+        plan_grid(["supervised"], build_variants(["eman"]), [0], tmp_path)
+    with pytest.raises(UserError, match="unknown method 'simclr'"):
+        plan_grid(["simclr"], build_variants(["bn"]), [0], tmp_path)
+    with pytest.raises(UserError, match="method_args threshold"):
+        plan_grid(["moco"], [parse_variant("t:norm=bn,method_args.threshold=0.7")], [0], tmp_path)
+    with pytest.raises(UserError, match="unknown option"):
+        plan_grid(["moco"], build_variants(["bn"]), [0], tmp_path, common={"learning_rate": 0.1})
+    with pytest.raises(UserError, match="LABEL:KEY=VALUE"):
+        parse_variant("no-colon")
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+    assert main(["compare", "--methods", "moco", "--norms", "bn,bn", "--out", str(tmp_path)]) == 2
+    assert "lists 'bn' twice" in capsys.readouterr().err
+    assert main(["compare", "--methods", "fixmatch", "--norms", "eman", "--init-from", "nowhere/run",
+                 "--out", str(tmp_path), "--no-progress"]) == 2  # fmt: skip
+    assert "--init-from sources are not ready: nowhere/run (not found)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was trained
+
+
+# -- end to end on real Fashion-MNIST -----------------------------------------------------------------
+
+
+@needs_fmnist
+def test_compare_grid_outputs_and_second_invocation_redoes_nothing(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "fixmatch", "--norms", "bn,eman", "--seeds", "2",
+            "--set", "labels_per_class=4", *TINY, "--out", str(out)]  # fmt: skip
+    assert main([*argv, "--jobs", "2"]) == 0  # two training subprocesses at once
+    capsys.readouterr()
+    # results.md: both rows, 2 seeds each
+    md = (out / "results.md").read_text()
+    rows = _table_rows(md, "## Top-1")
+    assert [r[0] for r in rows] == ["bn", "eman"]
+    assert all(r[-1] == "2" and "±" in r[1] for r in rows)
+    # results.json: 4 raw entries, each with its run directory and the numbers of its summary.json
+    record = json.loads((out / "results.json").read_text())
+    runs = record["runs"]
+    assert len(runs) == 4 and all(r["status"] == "ok" for r in runs)
+    assert {(r["variant"], r["seed"]) for r in runs} == {("bn", 0), ("bn", 1), ("eman", 0), ("eman", 1)}
+    for r in runs:
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert summary["norm"] == r["variant"] and summary["seed"] == r["seed"] and summary["steps"] == 2
+        assert r["metrics"]["test_acc"] == summary["final"]["test_acc_teacher"] == r["primary"]
+        assert r["curve"] and r["curve"][-1] == [2, summary["final"]["knn_teacher"]]
+    mean_bn = sum(r["primary"] for r in runs if r["variant"] == "bn") / 2
+    assert record["tables"]["top1"]["bn"]["fixmatch"]["mean"] == pytest.approx(mean_bn)
+    assert f"{mean_bn:.2f}" in rows[0][1]
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "configs" / "fixmatch-eman-s1.yaml").exists()  # `emanorm train --config` reproduces it
+
+    # a second invocation trains nothing and reports the same numbers
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    checkpoints = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/checkpoints/last.pt")}
+    assert len(mtimes) == 4
+    assert main(argv) == 0
+    assert "4 finished, 0 to resume, 0 new" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
+    again = json.loads((out / "results.json").read_text())
+    assert [r["primary"] for r in again["runs"]] == [r["primary"] for r in runs]
+
+    # the same --out with another config is refused, not mixed into the table
+    changed = [a if a != "labels_per_class=4" else "labels_per_class=5" for a in argv]
+    assert main(changed) == 2
+    assert "different config" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+@needs_fmnist
+def test_compare_self_supervised_linear_probe_and_failed_runs(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = [
+        "compare", "--methods", "byol", "--norms", "eman", "--seeds", "1",
+        "--set", "method_args={hidden_dim: 32, proj_dim: 16}",
+        # a row whose runs fail at start (a batch larger than the dataset): the others go on
+        "--variant", "broken:norm=bn,batch_size=70000",
+        "--linear-fraction", "0.01", "--linear-epochs", "2", "--linear-lrs", "0.1,1",
+        *TINY, "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 1  # one run failed
+    err = capsys.readouterr().err
+    assert "1 of 2 runs failed" in err and "byol-broken-s0" in err and "70000" in err
+    record = json.loads((out / "results.json").read_text())
+    by_name = {r["name"]: r for r in record["runs"]}
+    ok, broken = by_name["byol-eman-s0"], by_name["byol-broken-s0"]
+    assert broken["status"] == "failed" and "70000" in broken["error"]
+    assert ok["status"] == "ok" and ok["protocol"] == "linear"
+    assert 0.0 <= ok["metrics"]["linear_top1"] <= 100.0 and ok["primary"] == ok["metrics"]["linear_top1"]
+    assert ok["linear"]["num_train"] == 600 and ok["linear"]["num_test"] == 10000  # 1% labels, whole test set
+    assert ok["metrics"]["knn"] == json.loads((Path(ok["run_dir"]) / "summary.json").read_text())["final"][
+        "knn_teacher"
+    ]
+    md = (out / "results.md").read_text()
+    assert "linear probe" in md and "1% of the training labels" in md
+    assert _table_rows(md, "## Top-1") == [["eman", f"{ok['primary']:.2f}", "1"], ["broken", "–", "–"]]
+    assert "byol-broken-s0" in md.split("## Runs not in the tables")[1]
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    # the probe is cached in the run directory: a report-only pass does not recompute it
+    cache = Path(ok["run_dir"]) / "compare_linear.json"
+    before = cache.stat().st_mtime_ns
+    assert main([*argv, "--report-only"]) == 0
+    assert cache.stat().st_mtime_ns == before
+    assert json.loads((out / "results.json").read_text())["runs"][0]["primary"] == ok["primary"]
