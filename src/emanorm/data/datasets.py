@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from emanorm.errors import UserError
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder", "voc2007")
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CACHE_DIR = Path(os.environ.get("EMANORM_DATA_CACHE",
@@ -62,6 +62,8 @@ _INFO = {
     "stl10": DatasetInfo("stl10", 10, 3, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
     "imagenet": DatasetInfo("imagenet", 1000, 3, 224, IMAGENET_MEAN, IMAGENET_STD),
     "folder": DatasetInfo("folder", 0, 3, 224, IMAGENET_MEAN, IMAGENET_STD),
+    # multi-label (emanorm.data.voc): targets are all -1, VOCDataset.label_matrix holds the labels
+    "voc2007": DatasetInfo("voc2007", 20, 3, 224, IMAGENET_MEAN, IMAGENET_STD),
 }
 
 SPLITS = {
@@ -71,6 +73,7 @@ SPLITS = {
     "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
     "imagenet": ("train", "val"),
     "folder": ("train", "val", "test", "unlabeled"),
+    "voc2007": ("train", "val", "trainval", "test"),
 }
 # Aliases accepted everywhere: "val" and "test" name the held-out split of every dataset.
 _ALIASES = {"val": "test", "test": "val"}
@@ -86,9 +89,9 @@ def dataset_info(name: str, *, image_size: int | None = None) -> DatasetInfo:
     _check_name(name)
     info = _INFO[name]
     if image_size is not None and image_size != info.image_size:
-        if name not in ("imagenet", "folder"):
+        if name not in ("imagenet", "folder", "voc2007"):
             raise DataError(f"{name} images are {info.image_size}px; image_size={image_size} is only for "
-                            "imagenet and folder")
+                            "imagenet, folder and voc2007")
         info = DatasetInfo(info.name, info.num_classes, info.channels, image_size, info.mean, info.std)
     return info
 
@@ -515,11 +518,18 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *,
         raise DataNotFoundError(f"{name} needs data_dir; expected "
                                 + {"cifar10": "DIR/cifar-10-batches-py/ (python-pickle layout)",
                                    "cifar100": "DIR/cifar-100-python/ (python-pickle layout)",
-                                   "stl10": "DIR/stl10_binary/ (binary layout)"}.get(name, _FOLDER_LAYOUT))
+                                   "stl10": "DIR/stl10_binary/ (binary layout)",
+                                   "voc2007": "DIR/[VOCdevkit/]VOC2007/ (the devkit layout)",
+                                   }.get(name, _FOLDER_LAYOUT))
     if not root.is_dir():
         raise DataNotFoundError(f"{name}: data_dir {root} is not a directory")
     if name in _CIFAR:
         return _load_cifar(name, root, split)
     if name == "stl10":
         return _load_stl10(root, split)
+    if name == "voc2007":
+        from emanorm.data.voc import load_voc2007
+
+        return load_voc2007(root, split, image_size=image_size, crop_fraction=crop_fraction,
+                            on_corrupt=on_corrupt)
     return _load_folder(name, root, split, image_size, crop_fraction, on_corrupt)

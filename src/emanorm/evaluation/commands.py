@@ -34,12 +34,15 @@ from emanorm.evaluation.features import (
 from emanorm.evaluation.finetune import DEFAULT_BACKBONE_LRS, finetune
 from emanorm.evaluation.knn import knn_predict
 from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS, linear_probe
-from emanorm.evaluation.lowshot import DEFAULT_SHOTS, lowshot_svm
+from emanorm.evaluation.lowshot import DEFAULT_SHOTS, MultiLabelSVMTask, lowshot_svm
 from emanorm.evaluation.retrieval import retrieval_scores
+from emanorm.evaluation.transfer import adapted_transform, describe_adaptation
 
 PROTOCOLS = ("knn", "linear", "finetune", "retrieval", "lowshot")
 WHICH = ("teacher", "student")
 _CONFIG_KEYS = ("method", "norm", "backbone", "dataset", "seed", "steps", "epochs")
+# File datasets that load at any size: a run's image size is used directly (no second resize).
+_SIZED_DATASETS = ("imagenet", "folder", "voc2007")
 
 
 # --- the upstream pieces, behind small functions (tests replace them with fakes) -------------------
@@ -60,10 +63,16 @@ def _load_backbone(path: str, which: str) -> tuple[nn.Module, dict[str, Any]]:
     return backbone, dict(config or {})
 
 
-def _load_dataset(name: str, split: str, data_dir: str | None) -> ImageSource:
+def _load_dataset(name: str, split: str, data_dir: str | None, **options: Any) -> ImageSource:
     from emanorm.data import load_dataset
 
-    return load_dataset(name, split, data_dir=data_dir)
+    return load_dataset(name, split, data_dir=data_dir, **options)
+
+
+def _dataset_info(fields: dict[str, Any]) -> Any:
+    from emanorm.data import DatasetInfo
+
+    return DatasetInfo(**{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])})
 
 
 def _augmentation(preset: str, info: Any) -> nn.Module:
@@ -124,6 +133,9 @@ def _common_parser() -> argparse.ArgumentParser:
     )
     labels.add_argument("--label-index-csv", metavar="FILE", help="labeled subset as a CSV with column Index")
     p.add_argument("--seed", type=int, help="seed of the labeled subset and of training (default: the run's)")
+    p.add_argument(
+        "--train-split", default="auto", help="training split (default: 'trainval' for voc2007, else 'train')"
+    )
     p.add_argument("--test-split", default="auto", help="evaluation split (default: 'test', else 'val')")
     p.add_argument(
         "--out", metavar="FILE.json", help="result file (default: RUN_DIR/eval_<name>_<which>.json)"
@@ -237,6 +249,12 @@ class EvalContext:
     test_indices: Tensor
     labels: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    #: The input the backbone was trained on (the run's DatasetInfo; the target's when unknown).
+    input_info: Any = None
+    #: How the target's images were changed to match ``input_info`` (None: not at all).
+    adaptation: dict[str, Any] | None = None
+    #: Multi-label target (VOC07): labels are ``train_set.label_matrix`` / ``test_set.label_matrix``.
+    multilabel: bool = False
 
     @property
     def progress(self) -> bool:
@@ -285,27 +303,32 @@ def _label_setting(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return {"label_fraction": 1.0}, ""
 
 
-def _load_split(name: str, split: str, data_dir: str | None) -> ImageSource:
+def _load_split(name: str, split: str, data_dir: str | None, **options: Any) -> ImageSource:
     try:
-        return _load_dataset(name, split, data_dir)
+        return _load_dataset(name, split, data_dir, **options)
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise UserError(f"cannot load split '{split}' of dataset '{name}': {err}") from err
 
 
-def _load_test_split(name: str, split: str, data_dir: str | None) -> tuple[ImageSource, str]:
+def _load_test_split(name: str, split: str, data_dir: str | None, **options: Any) -> tuple[ImageSource, str]:
     if split != "auto":
-        return _load_split(name, split, data_dir), split
+        return _load_split(name, split, data_dir, **options), split
     errors = []
     for candidate in ("test", "val"):
         try:
-            return _load_dataset(name, candidate, data_dir), candidate
+            return _load_dataset(name, candidate, data_dir, **options), candidate
         except (ValueError, KeyError, FileNotFoundError) as err:
             errors.append(f"{candidate}: {err}")
     raise UserError(f"dataset '{name}' has no 'test' or 'val' split ({'; '.join(errors)}); pass --test-split")
 
 
-def prepare(args: argparse.Namespace) -> EvalContext:
-    """Load the backbone, the datasets and the evaluation transform for an ``eval`` command."""
+def prepare(args: argparse.Namespace, *, multilabel_ok: bool = False) -> EvalContext:
+    """Load the backbone, the datasets and the evaluation transform for an ``eval`` command.
+
+    On a dataset other than the run's, images are brought to the run's input (channels, size,
+    normalisation; see :mod:`emanorm.evaluation.transfer`) and the target's own labels are used.
+    A multi-label dataset (VOC07) is refused unless ``multilabel_ok`` (low-shot only).
+    """
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available; use cpu or auto")
@@ -315,19 +338,43 @@ def prepare(args: argparse.Namespace) -> EvalContext:
         raise UserError(f"the run at '{args.run}' records no dataset; pass --dataset")
     # The run's data_dir belongs to the run's dataset; another dataset needs its own --data-dir.
     data_dir = args.data_dir or (config.get("data_dir") if dataset == config.get("dataset") else None)
-    train_set = _load_split(dataset, "train", data_dir)
-    test_set, test_split = _load_test_split(dataset, args.test_split, data_dir)
+    run_info = _dataset_info(config["dataset_info"]) if config.get("dataset_info") else None
+    # File datasets decode straight to the run's image size (one resize, not two).
+    options = {"image_size": run_info.image_size} if run_info and dataset in _SIZED_DATASETS else {}
+    train_split = args.train_split
+    if train_split == "auto":
+        train_split = "trainval" if dataset == "voc2007" else "train"
+    train_set = _load_split(dataset, train_split, data_dir, **options)
+    test_set, test_split = _load_test_split(dataset, args.test_split, data_dir, **options)
     info = getattr(train_set, "info", None)
+    multilabel = bool(getattr(train_set, "multilabel", False))
+    if multilabel and not multilabel_ok:
+        raise UserError(
+            f"dataset '{dataset}' is multi-label; only `emanorm eval lowshot` evaluates it "
+            "(one binary SVM per class, mean average precision)"
+        )
     num_classes = getattr(info, "num_classes", None)
     if not num_classes:  # an info without a class count (e.g. a generic folder dataset)
         num_classes = int(torch.as_tensor(train_set.targets).max()) + 1
-    test_targets = torch.as_tensor(test_set.targets).long()
-    test_indices = torch.nonzero(test_targets >= 0).flatten()
+    if multilabel:
+        test_indices = torch.arange(len(test_set))
+    else:
+        test_targets = torch.as_tensor(test_set.targets).long()
+        test_indices = torch.nonzero(test_targets >= 0).flatten()
     if len(test_indices) == 0:
         raise UserError(f"split '{test_split}' of '{dataset}' has no labels to evaluate against")
     seed = args.seed if args.seed is not None else int(config.get("seed", 0) or 0)
     backbone.to(device)
     labels, _ = _label_setting(args)
+    input_info, adaptation, transform = info, None, None
+    if run_info is not None and info is not None:
+        input_info, adaptation = run_info, describe_adaptation(info, run_info)
+        try:
+            transform = adapted_transform(info, run_info, _augmentation("none", run_info))
+        except ValueError as err:
+            raise UserError(f"cannot feed '{dataset}' images to this run's backbone: {err}") from err
+    if transform is None:
+        transform = _augmentation("none", info)
     return EvalContext(
         args=args,
         backbone=backbone,
@@ -340,10 +387,13 @@ def prepare(args: argparse.Namespace) -> EvalContext:
         info=info,
         num_classes=int(num_classes),
         device=device,
-        transform=_augmentation("none", info),
+        transform=transform,
         seed=seed,
         test_indices=test_indices,
         labels=labels,
+        input_info=input_info,
+        adaptation=adaptation,
+        multilabel=multilabel,
     )
 
 
@@ -399,6 +449,7 @@ def finish(
         "settings": settings,
         "results": results,
         "run_config": {k: ctx.config[k] for k in _CONFIG_KEYS if k in ctx.config},
+        "input_adaptation": ctx.adaptation,
         "elapsed_s": round(time.time() - ctx.started, 2),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -408,6 +459,8 @@ def finish(
         if ctx.labels == {"label_fraction": 1.0}
         else ", ".join(f"{k}={v}" for k, v in ctx.labels.items())
     )
+    if ctx.adaptation:
+        rows = [*rows, *((f"input {k}", str(v)) for k, v in ctx.adaptation.items())]
     print(format_table(f"{protocol} | {args.which} | {ctx.dataset} ({ctx.test_split}) | {labels}", rows))
     print(f"wrote {out}")
     return 0
@@ -535,7 +588,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     """``emanorm eval finetune``: whole network, weak augmentation, backbone lr searched on validation."""
     ctx = prepare(args)
     seeds = [ctx.seed + r for r in range(args.repeats)]
-    augment = _augmentation("weak", ctx.info)
+    augment = _augmentation("weak", ctx.input_info)
+    if ctx.input_info is not ctx.info:  # another dataset: its images in the run's channels first
+        augment = adapted_transform(ctx.info, ctx.input_info, augment)
     runs = []
     with assert_frozen(ctx.backbone):  # finetune trains a copy; the loaded backbone stays as it was
         for seed in seeds:
@@ -585,16 +640,34 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_lowshot(args: argparse.Namespace) -> int:
-    """``emanorm eval lowshot``: linear SVMs on k labeled images per class, C picked on training data."""
-    ctx = prepare(args)
-    pool = ctx.labeled()
-    pool_labels = torch.as_tensor(ctx.train_set.targets).long()[pool]
+    """``emanorm eval lowshot``: linear SVMs on k labeled images per class, C picked on training data.
+
+    Single-label targets: one multi-class SVM, accuracy. Multi-label targets (VOC07): one binary
+    SVM per class on k positives per class, mean average precision over classes.
+    """
+    ctx = prepare(args, multilabel_ok=True)
+    task = None
+    if ctx.multilabel:
+        if ctx.labels != {"label_fraction": 1.0}:
+            raise UserError(
+                f"'{ctx.dataset}' is multi-label: low-shot draws k positives per class itself; "
+                "--labels-per-class, --label-fraction and --label-index-csv do not apply"
+            )
+        pool = torch.arange(len(ctx.train_set))
+        pool_labels = torch.as_tensor(ctx.train_set.label_matrix)
+        test_labels = torch.as_tensor(ctx.test_set.label_matrix)[ctx.test_indices]
+        task = MultiLabelSVMTask(random_state=ctx.seed)
+    else:
+        pool = ctx.labeled()
+        pool_labels = torch.as_tensor(ctx.train_set.targets).long()[pool]
 
     def pool_features(positions: np.ndarray) -> Tensor:
         return ctx.features(ctx.train_set, pool[torch.as_tensor(positions)], "train features")[0]
 
     with assert_frozen(ctx.backbone):
         f_t, y_t = ctx.features(ctx.test_set, ctx.test_indices, "test features")
+        if ctx.multilabel:
+            y_t = test_labels
         with _user_errors():
             res = lowshot_svm(
                 pool_features,
@@ -605,16 +678,30 @@ def run_lowshot(args: argparse.Namespace) -> int:
                 draws=args.draws,
                 seed=ctx.seed,
                 val_per_class=args.val_per_class,
+                task=task,
                 progress=ctx.progress,
             )
-    rows = [(f"{k}-shot %", f"{_pct(v['mean'])} +- {_pct(v['std'])}") for k, v in res["per_shot"].items()]
+    metric = "mAP" if ctx.multilabel else "accuracy"
+    rows = [
+        (f"{k}-shot {metric} %", f"{_pct(v['mean'])} +- {_pct(v['std'])}") for k, v in res["per_shot"].items()
+    ]
     settings = {
         "shots": res["shots"],
         "draws": args.draws,
         "costs": res["costs"],
         "val_per_class": args.val_per_class,
         "features": "L2-normalised, frozen",
+        "metric": metric,
+        "train_split": getattr(ctx.train_set, "split", args.train_split),
     }
+    if ctx.multilabel:
+        names = list(getattr(ctx.train_set, "classes", []) or range(ctx.num_classes))
+        in_train = (pool_labels == 1).any(0)
+        test_pos, test_neg = (test_labels == 1).any(0), (test_labels == -1).any(0)
+        scored = torch.nonzero(in_train & test_pos & test_neg).flatten().tolist()
+        settings["sampling"] = "k positives per class, union over classes; difficult (0) ignored per class"
+        settings["classes_scored"] = [str(names[c]) for c in scored]
+        rows.append(("classes scored", f"{len(scored)} of {ctx.num_classes}"))
     return finish(ctx, "lowshot", res, settings, rows)
 
 

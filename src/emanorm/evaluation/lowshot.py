@@ -6,8 +6,9 @@ validation subset of the *training* set that is disjoint from the k-shot samples
 SVM once on the test set. The test set never takes part in choosing C.
 
 The per-task pieces (how samples are drawn, how an SVM is fit and scored) live in a
-:class:`LowShotTask`, so a multi-label variant (one binary SVM per class, scored by mAP, as for
-VOC07) only needs a new task class.
+:class:`LowShotTask`: :class:`MulticlassSVMTask` for single-label targets (accuracy) and
+:class:`MultiLabelSVMTask` for multi-label ones (one binary SVM per class, mean average precision,
+as for VOC07).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import average_precision_score
 from sklearn.svm import LinearSVC
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -81,6 +83,119 @@ class MulticlassSVMTask:
         return float(np.mean(model.predict(x) == y))
 
 
+class MultiLabelSVM:
+    """One fitted binary ``LinearSVC`` per class (the classes with positives in the training labels)."""
+
+    def __init__(self, classes: list[int], svms: list[LinearSVC]) -> None:
+        self.classes, self.svms = classes, svms
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        """Scores ``(N, len(classes))``: the signed distance to each class's hyperplane."""
+        return np.stack([svm.decision_function(x) for svm in self.svms], axis=1)
+
+
+def _multilabel(labels: np.ndarray, what: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"multi-label {what} labels must be (N, num_classes), got shape {labels.shape}")
+    bad = np.setdiff1d(np.unique(labels), (-1, 0, 1))
+    if bad.size:
+        raise ValueError(f"multi-label {what} labels must be 1, -1 or 0 (difficult), got {bad[:5].tolist()}")
+    return labels
+
+
+def class_average_precisions(model: MultiLabelSVM, x: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """AP of each class of ``model`` that has a positive and a negative among ``labels`` != 0.
+
+    ``labels`` ``(N, C)``: 1 positive, -1 negative, 0 difficult (left out of that class's AP).
+    AP is scikit-learn's ``average_precision_score`` (precision summed over the recall steps, no
+    interpolation), not the VOC07 devkit's 11-point interpolated AP.
+    """
+    labels = _multilabel(labels, "evaluation")
+    scores = model.decision_function(x)
+    aps = {}
+    for col, c in enumerate(model.classes):
+        keep = labels[:, c] != 0
+        truth = labels[keep, c] == 1
+        if truth.any() and not truth.all():
+            aps[c] = float(average_precision_score(truth, scores[keep, col]))
+    return aps
+
+
+class MultiLabelSVMTask:
+    """Multi-label targets (VOC07): labels ``(N, C)`` in {1, -1, 0 = difficult}; one binary
+    ``LinearSVC`` per class, scored by the mean over classes of the average precision.
+
+    Sampling: each class's positive training images are shuffled once per draw; the first k are
+    that class's k shots and the k-shot training set is the union over classes (nested across k).
+    Every class's SVM is fit on the whole union: its positives are the union's images labeled 1
+    for it (k or more), its negatives those labeled -1, and difficult ones (0) are left out. The
+    validation subset takes up to ``val_per_class`` further positives per class from images
+    outside every k-shot set, and is scored by mAP like the test set. Classes without a positive
+    training image get no SVM and are not scored (none in VOC07).
+    """
+
+    def __init__(self, max_iter: int = 2000, random_state: int = 0) -> None:
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def sample(
+        self, labels: np.ndarray, shots: Sequence[int], val_per_class: int, rng: np.random.Generator
+    ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """({k: union of k positives per class}, validation indices outside every k-shot set)."""
+        labels = _multilabel(labels, "training")
+        max_k = max(shots)
+        classes = [c for c in range(labels.shape[1]) if (labels[:, c] == 1).any()]
+        if not classes:
+            raise ValueError("no class has a positive training image")
+        perms = {}
+        for c in classes:
+            positives = rng.permutation(np.flatnonzero(labels[:, c] == 1))
+            if len(positives) < max_k + 1:
+                raise ValueError(
+                    f"class {c} has {len(positives)} positive training images; {max_k} shots need at least "
+                    f"{max_k + 1} (one more for the validation subset that picks C)"
+                )
+            perms[c] = positives
+        train = {k: np.unique(np.concatenate([perms[c][:k] for c in classes])) for k in shots}
+        in_shots = np.zeros(len(labels), dtype=bool)
+        in_shots[train[max_k]] = True
+        val = []
+        for c in classes:
+            rest = perms[c][max_k:]
+            rest = rest[~in_shots[rest]]  # a positive of c may be another class's shot
+            if len(rest) == 0:
+                raise ValueError(
+                    f"class {c}: every positive training image beyond its {max_k} shots is a shot of "
+                    "another class; none is left for the validation subset that picks C"
+                )
+            val.append(rest[len(rest) - min(val_per_class, len(rest)) :])
+        return train, np.unique(np.concatenate(val))
+
+    def fit(self, x: np.ndarray, y: np.ndarray, cost: float) -> MultiLabelSVM:
+        y = _multilabel(y, "training")
+        classes, svms = [], []
+        for c in range(y.shape[1]):
+            keep = y[:, c] != 0
+            truth = (y[keep, c] == 1).astype(np.int64)
+            if not truth.any():
+                continue  # absent from the training labels: no SVM, not scored
+            if truth.all():
+                raise ValueError(f"class {c} has no negative training image; a binary SVM needs both")
+            svm = LinearSVC(C=cost, max_iter=self.max_iter, random_state=self.random_state)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # as in MulticlassSVMTask.fit
+                svms.append(svm.fit(x[keep], truth))
+            classes.append(c)
+        return MultiLabelSVM(classes, svms)
+
+    def score(self, model: MultiLabelSVM, x: np.ndarray, y: np.ndarray) -> float:
+        aps = class_average_precisions(model, x, y)
+        if not aps:
+            raise ValueError("no class has both a positive and a negative image to compute an AP on")
+        return float(np.mean(list(aps.values())))
+
+
 def _normalized_numpy(x: Tensor | np.ndarray) -> np.ndarray:
     x = torch.as_tensor(x).detach().cpu().double()
     if x.ndim != 2:
@@ -131,7 +246,10 @@ def lowshot_svm(
     task: LowShotTask | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Low-shot linear-SVM evaluation; mean and std (over ``draws``) of test accuracy per k.
+    """Low-shot linear-SVM evaluation; mean and std (over ``draws``) of the test score per k.
+
+    The score is the ``task``'s: accuracy for :class:`MulticlassSVMTask` (the default, labels
+    ``(N,)``), mAP for :class:`MultiLabelSVMTask` (labels ``(N, C)`` in {1, -1, 0}).
 
     Draw ``d`` uses ``numpy.random.default_rng([seed, d])``, so the same seed gives the same samples
     and the same numbers. ``train_feats`` may also be a callable mapping an array of training
