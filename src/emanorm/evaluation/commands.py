@@ -341,7 +341,7 @@ def prepare(args: argparse.Namespace, *, multilabel_ok: bool = False) -> EvalCon
     run_info = _dataset_info(config["dataset_info"]) if config.get("dataset_info") else None
     # File datasets decode straight to the run's image size (one resize, not two).
     options = {"image_size": run_info.image_size} if run_info and dataset in _SIZED_DATASETS else {}
-    train_split = args.train_split
+    train_split = getattr(args, "train_split", "auto")  # Namespaces built by hand may lack it
     if train_split == "auto":
         train_split = "trainval" if dataset == "voc2007" else "train"
     train_set = _load_split(dataset, train_split, data_dir, **options)
@@ -692,7 +692,7 @@ def run_lowshot(args: argparse.Namespace) -> int:
         "val_per_class": args.val_per_class,
         "features": "L2-normalised, frozen",
         "metric": metric,
-        "train_split": getattr(ctx.train_set, "split", args.train_split),
+        "train_split": getattr(ctx.train_set, "split", None),
     }
     if ctx.multilabel:
         names = list(getattr(ctx.train_set, "classes", []) or range(ctx.num_classes))
