@@ -13,6 +13,7 @@ from emanorm.errors import UserError
 from emanorm.experiments.grid import (
     build_variants,
     parse_init_from,
+    parse_method_args,
     parse_variant,
     plan_grid,
 )
@@ -166,7 +167,14 @@ def test_plan_grid_names_configs_and_special_rows(tmp_path):
         init_from=parse_init_from("scratch,pre=runs/ssl/moco-eman-s{seed}"),
         custom=[parse_variant("slow lr:norm=bn,lr=0.003,method_args.threshold=0.7,columns=[fixmatch]")],
     )
-    specs = plan_grid(["fixmatch", "moco"], variants, [0, 1], tmp_path, common={"max_steps": 7})
+    specs = plan_grid(
+        ["fixmatch", "moco"],
+        variants,
+        [0, 1],
+        tmp_path,
+        common={"max_steps": 7},
+        method_args=parse_method_args(["moco:queue_size=64", "supervised:label_smoothing=0.1"]),
+    )
     names = [s.name for s in specs]
     assert len(names) == len(set(names))
     assert names[0] == "fixmatch-eman-from-scratch-s0"  # seed-major order
@@ -176,10 +184,13 @@ def test_plan_grid_names_configs_and_special_rows(tmp_path):
     assert s.config["out"] == str(s.run_dir)
     assert s.config["init_from"] == "runs/ssl/moco-eman-s1" and s.config["seed"] == 1
     assert s.config["max_steps"] == 7 and s.config["epochs"] is None  # the budget replaced the preset's
+    assert s.config["method_args"]["queue_size"] == 64  # --method-arg moco:... reaches MoCo runs only
+    assert "queue_size" not in by_name["fixmatch-eman-from-pre-s1"].config["method_args"]
     assert by_name["fixmatch-eman-from-scratch-s0"].config["init_from"] is None
     # the supervised row: the FixMatch column's labels and budget, no FixMatch options, not for MoCo
     sup = by_name["fixmatch-supervised-from-scratch-s0"].config
-    assert sup["method"] == "supervised" and sup["norm"] == "default" and sup["method_args"] == {}
+    assert sup["method"] == "supervised" and sup["norm"] == "default"
+    assert sup["method_args"] == {"label_smoothing": 0.1}  # only its own --method-arg
     assert sup["labels_per_class"] == by_name["fixmatch-eman-from-scratch-s0"].config["labels_per_class"]
     assert not any(n.startswith("moco-supervised") for n in names)
     # a custom row limited to one column, with a dotted method option
@@ -221,7 +232,7 @@ def test_compare_grid_outputs_and_second_invocation_redoes_nothing(tmp_path, cap
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "fixmatch", "--norms", "bn,eman", "--seeds", "2",
             "--set", "labels_per_class=4", *TINY, "--out", str(out)]  # fmt: skip
-    assert main([*argv, "--jobs", "2"]) == 0  # two training subprocesses at once
+    assert main(argv) == 0  # --jobs 1: one run after another in this process
     capsys.readouterr()
     # results.md: both rows, 2 seeds each
     md = (out / "results.md").read_text()
@@ -255,11 +266,24 @@ def test_compare_grid_outputs_and_second_invocation_redoes_nothing(tmp_path, cap
     again = json.loads((out / "results.json").read_text())
     assert [r["primary"] for r in again["runs"]] == [r["primary"] for r in runs]
 
+    # a run without summary.json (as after a kill) is resumed from its checkpoint, not retrained
+    victim = out / "runs" / "fixmatch-eman-s1"
+    metrics = victim / "metrics.jsonl"
+    train_records = [line for line in metrics.read_text().splitlines() if '"train"' in line]
+    (victim / "summary.json").unlink()
+    assert main(argv) == 0
+    assert "3 finished, 1 to resume, 0 new" in capsys.readouterr().err
+    assert json.loads((victim / "summary.json").read_text())["steps"] == 2
+    assert [line for line in metrics.read_text().splitlines() if '"train"' in line] == train_records
+    assert {p: p.stat().st_mtime_ns for p in mtimes if victim not in p.parents} == {
+        p: t for p, t in mtimes.items() if victim not in p.parents
+    }
+
     # the same --out with another config is refused, not mixed into the table
     changed = [a if a != "labels_per_class=4" else "labels_per_class=5" for a in argv]
     assert main(changed) == 2
     assert "different config" in capsys.readouterr().err
-    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert all(p.exists() for p in mtimes)
 
 
 @needs_fmnist
@@ -273,19 +297,22 @@ def test_compare_self_supervised_linear_probe_and_failed_runs(tmp_path, capsys):
         "--linear-fraction", "0.01", "--linear-epochs", "2", "--linear-lrs", "0.1,1",
         *TINY, "--out", str(out),
     ]  # fmt: skip
-    assert main(argv) == 1  # one run failed
+    assert main([*argv, "--jobs", "2"]) == 1  # two training subprocesses at once; one fails
     err = capsys.readouterr().err
     assert "1 of 2 runs failed" in err and "byol-broken-s0" in err and "70000" in err
     record = json.loads((out / "results.json").read_text())
     by_name = {r["name"]: r for r in record["runs"]}
     ok, broken = by_name["byol-eman-s0"], by_name["byol-broken-s0"]
-    assert broken["status"] == "failed" and "70000" in broken["error"]
+    assert broken["status"] == "failed" and "70000" in broken["error"]  # the subprocess's error line
+    assert "emanorm: error:" in Path(broken["log"]).read_text()
+    assert (out / "logs" / "byol-eman-s0.log").exists()
     assert ok["status"] == "ok" and ok["protocol"] == "linear"
     assert 0.0 <= ok["metrics"]["linear_top1"] <= 100.0 and ok["primary"] == ok["metrics"]["linear_top1"]
     assert ok["linear"]["num_train"] == 600 and ok["linear"]["num_test"] == 10000  # 1% labels, whole test set
-    assert ok["metrics"]["knn"] == json.loads((Path(ok["run_dir"]) / "summary.json").read_text())["final"][
-        "knn_teacher"
-    ]
+    assert (
+        ok["metrics"]["knn"]
+        == json.loads((Path(ok["run_dir"]) / "summary.json").read_text())["final"]["knn_teacher"]
+    )
     md = (out / "results.md").read_text()
     assert "linear probe" in md and "1% of the training labels" in md
     assert _table_rows(md, "## Top-1") == [["eman", f"{ok['primary']:.2f}", "1"], ["broken", "–", "–"]]

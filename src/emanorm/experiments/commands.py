@@ -126,6 +126,13 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any config key of every run, as `emanorm train --set` (repeatable)",
     )
+    cfg.add_argument(
+        "--method-arg",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="an option of one method's runs, e.g. byol:hidden_dim=512 (repeatable; see docs/methods.md)",
+    )
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--which", choices=["teacher", "student"], default="teacher", help="network to report")
     ev.add_argument(
@@ -205,6 +212,7 @@ def plan_from_args(args: argparse.Namespace):
         build_variants,
         parse_floats,
         parse_init_from,
+        parse_method_args,
         parse_seeds,
         parse_variant,
         plan_grid,
@@ -221,7 +229,15 @@ def plan_from_args(args: argparse.Namespace):
         supervised=args.supervised,
     )
     seeds = parse_seeds(args.seeds, args.first_seed)
-    specs = plan_grid(methods, variants, seeds, args.out, config=args.config, common=_common_overrides(args))
+    specs = plan_grid(
+        methods,
+        variants,
+        seeds,
+        args.out,
+        config=args.config,
+        common=_common_overrides(args),
+        method_args=parse_method_args(args.method_arg),
+    )
     return methods, variants, seeds, specs
 
 

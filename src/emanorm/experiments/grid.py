@@ -199,6 +199,18 @@ def parse_init_from(text: str | None) -> list[tuple[str, str | None]]:
     return entries
 
 
+def parse_method_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["byol:hidden_dim=32", ...]`` -> ``{"byol": {"hidden_dim": 32}}`` (options of one method)."""
+    parsed: dict[str, dict[str, Any]] = {}
+    for text in items:
+        if ":" not in text or "=" not in text.split(":", 1)[1]:
+            raise UserError(f"--method-arg takes METHOD:KEY=VALUE (e.g. byol:hidden_dim=512), got {text!r}")
+        method, body = text.split(":", 1)
+        key, value = parse_key_value(body)
+        parsed.setdefault(method.strip(), {})[key] = value
+    return parsed
+
+
 def parse_seeds(count: int, first: int = 0) -> list[int]:
     if count < 1:
         raise UserError(f"--seeds must be at least 1, got {count}")
@@ -293,14 +305,19 @@ def resolve_run_config(
     *,
     config: str | None = None,
     common: dict[str, Any] | None = None,
+    method_args: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The full config of one run: preset or ``config`` (``{method}`` is replaced by the column),
-    then ``common`` (``--set``, budget, dataset), then the variant's overrides, then method/seed/out."""
+    then ``common`` (``--set``, budget, dataset), then ``method_args[run method]`` (``--method-arg``),
+    then the variant's overrides, then method/seed/out."""
     from emanorm.train.config import preset_names, resolve_config
 
     base = config.replace("{method}", column) if config else None
     run_method = variant.method or column
     overrides: dict[str, Any] = copy.deepcopy(common or {})
+    own_args = dict((method_args or {}).get(run_method) or {})
+    if own_args:
+        overrides["method_args"] = {**(overrides.get("method_args") or {}), **own_args}
     for key, value in variant.overrides.items():
         if key in ("method_args", "augment_options") and isinstance(value, dict):
             overrides[key] = {**(overrides.get(key) or {}), **value}
@@ -315,7 +332,7 @@ def resolve_run_config(
     cfg = resolve_config(base, overrides)
     if run_method != column:
         # the column's method options (FixMatch's threshold...) mean nothing to another method
-        cfg["method_args"] = dict(variant.overrides.get("method_args") or {})
+        cfg["method_args"] = {**own_args, **(variant.overrides.get("method_args") or {})}
     if "init_from" in overrides and overrides["init_from"] is None:
         cfg["init_from"] = None  # 'scratch' beats a config file's init_from (resolve_config drops None)
     return cfg
@@ -329,6 +346,7 @@ def plan_grid(
     *,
     config: str | None = None,
     common: dict[str, Any] | None = None,
+    method_args: dict[str, dict[str, Any]] | None = None,
 ) -> list[RunSpec]:
     """Every run of the grid with its resolved config; invalid settings fail here, before any training."""
     from emanorm.methods import METHODS as METHOD_CLASSES
@@ -336,6 +354,9 @@ def plan_grid(
 
     if not methods:
         raise UserError(f"--methods is empty; choose from {', '.join(METHODS)}")
+    for method in method_args or {}:
+        if method not in METHODS:
+            raise UserError(f"--method-arg names unknown method {method!r}; allowed: {', '.join(METHODS)}")
     for method in methods:
         if method not in METHODS:
             raise UserError(f"unknown method {method!r} in --methods; allowed: {', '.join(METHODS)}")
@@ -368,7 +389,9 @@ def plan_grid(
                     )
                 names[name] = variant.label
                 run_dir = out / "runs" / name
-                cfg = resolve_run_config(column, variant, seed, run_dir, config=config, common=common)
+                cfg = resolve_run_config(
+                    column, variant, seed, run_dir, config=config, common=common, method_args=method_args
+                )
                 cls = METHOD_CLASSES[cfg["method"]]
                 if cfg["norm"] not in cls.NORMS:
                     allowed = ", ".join(cls.NORMS)

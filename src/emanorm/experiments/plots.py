@@ -57,7 +57,9 @@ def plot_curves(
                 continue
             colour = colours[variant]
             ax.plot(steps, means, color=colour, marker="o" if len(steps) < 12 else None, ms=3, label=variant)
-            if any(stds):
+            if len(steps) == 1 and stds[0] > 0:  # a band needs two steps: show the spread as a bar
+                ax.errorbar(steps, means, yerr=stds, color=colour, capsize=3, linewidth=1)
+            elif any(stds):
                 low = [m - s for m, s in zip(means, stds, strict=True)]
                 high = [m + s for m, s in zip(means, stds, strict=True)]
                 ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)

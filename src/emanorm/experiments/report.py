@@ -123,10 +123,11 @@ def protocol_note(methods: Sequence[str], linear: Mapping[str, Any] | None, whic
     if semi:
         parts.append(f"{', '.join(semi)}: test accuracy of the {which}")
     if ssl and linear:
+        lrs = [f"{lr:g}" for lr in linear["lrs"]]
+        lr_text = f"lr {lrs[0]}" if len(lrs) == 1 else f"lr from {{{', '.join(lrs)}}} on a validation split"
         parts.append(
             f"{', '.join(ssl)}: linear probe on frozen {which} features with "
-            f"{100 * linear['fraction']:g}% of the training labels ({linear['epochs']} epochs, "
-            f"lr chosen on a validation split)"
+            f"{100 * linear['fraction']:g}% of the training labels ({linear['epochs']} epochs, {lr_text})"
         )
     elif ssl:
         parts.append(f"{', '.join(ssl)}: kNN accuracy of the {which} (no linear probe)")
