@@ -107,8 +107,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error listing what differs."""
+def state_mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``state`` from loading into ``module`` with ``strict=True``, in one line (None: nothing)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -117,15 +117,21 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) 
         for k in sorted(set(own) & set(state))
         if hasattr(state[k], "shape") and state[k].shape != own[k].shape
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:5])})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
-        raise UserError(f"{what} does not match this model: " + "; ".join(parts))
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:5])})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:5])})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
+    return "; ".join(parts) or None
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error listing what differs."""
+    mismatch = state_mismatch(module, state)
+    if mismatch:
+        raise UserError(f"{what} does not match this model: {mismatch}")
     module.load_state_dict(state, strict=True)
 
 

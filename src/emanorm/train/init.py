@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from emanorm.errors import UserError
-from emanorm.train.checkpoint import load_backbone, load_matching
+from emanorm.train.checkpoint import load_backbone, load_matching, state_mismatch
 
 log = logging.getLogger("emanorm")
 
@@ -46,13 +46,15 @@ def initialise_from(
         f"the {which} backbone of {path} ({source_cfg.get('method')} on {source_cfg.get('dataset')}: "
         f"{about['backbone']}, {about['channels']} channel(s), {about['image_size']} px)"
     )
-    if target is not None:
-        differ = _differences(about, target)
-        if differ:
-            raise UserError(f"cannot initialise from {described}: {'; '.join(differ)} (source vs this run)")
     state = source.state_dict()
     targets = {id(method.encoder("student")): method.encoder("student")}
     targets.setdefault(id(method.encoder("teacher")), method.encoder("teacher"))
+    differ = _differences(about, target) if target is not None else []
+    if differ:  # refused before anything is loaded, with the weights' mismatch too where there is one
+        mismatch = state_mismatch(method.encoder("student"), state)
+        detail = f"; the weights do not match this model: {mismatch}" if mismatch else ""
+        differences = "; ".join(differ)
+        raise UserError(f"cannot initialise from {described}: {differences} (source vs this run){detail}")
     for module in targets.values():
         device = next(iter(module.state_dict().values())).device
         load_matching(module, {k: v.to(device) for k, v in state.items()}, described)
