@@ -7,6 +7,7 @@ it reads well in ``config.yaml`` and loads safely anywhere.
 from __future__ import annotations
 
 import copy
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import yaml
 
 from emanorm.errors import UserError
+
+log = logging.getLogger("emanorm")
 
 METHODS = ("fixmatch", "moco", "byol", "meanteacher", "supervised")
 NORMS = ("default", "bn", "sync_bn", "shuffle_bn", "gn", "in", "eman", "teacher_pn", "student_pn")
@@ -153,6 +156,8 @@ def resolve_config(
     if "labels_per_class" in overrides and "label_fraction" not in overrides:
         cfg["label_fraction"] = None
     validate_config(cfg)
+    if cfg["preset"] and "from-moco" in cfg["preset"] and not cfg["init_from"]:
+        log.warning("preset %s expects --init-from a MoCo run; without it this trains from scratch", config)
     return cfg
 
 

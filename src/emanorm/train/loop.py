@@ -337,10 +337,12 @@ def _train(
     channels_last = cfg["channels_last"] is True or (cfg["channels_last"] == "auto" and device.type == "cuda")
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
-    if cfg["init_from"]:
+    resuming = resume and (run_dir / "checkpoints" / ckpt.CHECKPOINT_NAME).exists()
+    if cfg["init_from"] and not resuming:  # a resumed run loads its own weights over these anyway
         from emanorm.train.init import initialise_from
 
-        initialise_from(method, cfg["init_from"], cfg["init_which"])
+        target = {"backbone": cfg["backbone"], "channels": info.channels, "image_size": info.image_size}
+        initialise_from(method, cfg["init_from"], cfg["init_which"], target=target)
 
     per_rank = cfg["batch_size"] // dist_info.world_size
     has_labeled = bool(method.labeled_views)
