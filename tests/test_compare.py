@@ -11,11 +11,13 @@ import pytest
 from emanorm.cli import main
 from emanorm.errors import UserError
 from emanorm.experiments.grid import (
+    RunBusyError,
     build_variants,
     parse_init_from,
     parse_method_args,
     parse_variant,
     plan_grid,
+    run_lock,
 )
 from emanorm.experiments.plots import band, plot_curves
 from emanorm.experiments.report import (
@@ -42,6 +44,17 @@ TINY = [
     "--device", "cpu",
     "--no-progress",
 ]  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    """Runs in this process use one thread: on a shared 2-core machine that beats oversubscribing."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _table_rows(markdown: str, section: str) -> list[list[str]]:
@@ -215,6 +228,14 @@ def test_plan_grid_rejects_bad_grids(tmp_path):
         parse_variant("no-colon")
 
 
+def test_run_lock_refuses_a_second_trainer(tmp_path):
+    lock = tmp_path / "run.lock"
+    with run_lock(lock), pytest.raises(RunBusyError, match="another process is training it"), run_lock(lock):
+        pass
+    with run_lock(lock) as fd:  # released with its holder
+        assert fd is not None
+
+
 def test_cli_errors_are_one_line(capsys, tmp_path):
     assert main(["compare", "--methods", "moco", "--norms", "bn,bn", "--out", str(tmp_path)]) == 2
     assert "lists 'bn' twice" in capsys.readouterr().err
@@ -228,7 +249,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
 
 
 @needs_fmnist
-def test_compare_grid_outputs_and_second_invocation_redoes_nothing(tmp_path, capsys):
+def test_compare_grid_outputs_and_second_invocation_redoes_nothing(tmp_path, capsys, one_thread):
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "fixmatch", "--norms", "bn,eman", "--seeds", "2",
             "--set", "labels_per_class=4", *TINY, "--out", str(out)]  # fmt: skip
@@ -287,7 +308,7 @@ def test_compare_grid_outputs_and_second_invocation_redoes_nothing(tmp_path, cap
 
 
 @needs_fmnist
-def test_compare_self_supervised_linear_probe_and_failed_runs(tmp_path, capsys):
+def test_compare_self_supervised_linear_probe_and_failed_runs(tmp_path, capsys, one_thread):
     out = tmp_path / "cmp"
     argv = [
         "compare", "--methods", "byol", "--norms", "eman", "--seeds", "1",

@@ -6,16 +6,18 @@ started with ``resume=True``, so a killed ``emanorm compare`` continues where it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -503,6 +505,42 @@ class _Children:
                     proc.terminate()
 
 
+class RunBusyError(UserError):
+    """Another process is training this run (it holds the run's lock)."""
+
+
+@contextlib.contextmanager
+def run_lock(lock_file: Path) -> Iterator[int | None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` while a run trains; yields its descriptor.
+
+    A training subprocess inherits the descriptor, so the lock lasts as long as the child, even
+    if this process dies: a second ``compare`` on the same ``--out`` reports the run as busy
+    instead of training it twice at once. Without ``fcntl`` (not POSIX) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield None
+        return
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusyError(f"another process is training it (it holds {lock_file})") from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _exit_error(code: int, log_file: Path) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit status {code}: {_last_error_line(log_file)}"
+
+
 def _run_subprocess(
     spec: RunSpec, config_file: Path, log_file: Path, threads: int, children: _Children
 ) -> tuple[str | None, float]:
@@ -511,30 +549,40 @@ def _run_subprocess(
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "emanorm", "train", "--config", str(config_file), "--resume"]
     command.append("--no-progress")
-    with log_file.open("w") as handle:
-        handle.write("$ " + " ".join(command) + "\n")
-        handle.flush()
-        with children.lock:
-            if children.stopping:
-                return "interrupted before it started", 0.0
-            proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-            children.procs.add(proc)
-        try:
-            code = proc.wait()
-        finally:
+    try:
+        with run_lock(log_file.with_suffix(".lock")) as lock_fd, log_file.open("w") as handle:
+            handle.write("$ " + " ".join(command) + "\n")
+            handle.flush()
             with children.lock:
-                children.procs.discard(proc)
+                if children.stopping:
+                    return "interrupted before it started", 0.0
+                proc = subprocess.Popen(
+                    command,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    pass_fds=() if lock_fd is None else (lock_fd,),
+                )
+                children.procs.add(proc)
+            try:
+                code = proc.wait()
+            finally:
+                with children.lock:
+                    children.procs.discard(proc)
+    except RunBusyError as err:
+        return str(err), 0.0
     seconds = time.perf_counter() - started
-    if code != 0:
-        return f"exit status {code}: {_last_error_line(log_file)}", seconds
-    return None, seconds
+    return (_exit_error(code, log_file) if code != 0 else None), seconds
 
 
 def _run_in_process(spec: RunSpec, log_file: Path) -> str | None:
     from emanorm.train import train
 
     try:
-        train(copy.deepcopy(spec.config), resume=True, progress=False)
+        with run_lock(log_file.with_suffix(".lock")):
+            train(copy.deepcopy(spec.config), resume=True, progress=False)
+    except RunBusyError as err:
+        return str(err)
     except UserError as err:
         log_file.write_text(f"emanorm: error: {err}\n")
         return str(err)
@@ -591,6 +639,10 @@ def run_grid(
         if on_done is not None:
             on_done(outcome)
 
+    # SIGTERM (a scheduler, `kill`) stops the grid like Ctrl-C: children terminated, checkpoints kept
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if jobs == 1:
             for spec in todo:
@@ -618,4 +670,10 @@ def run_grid(
             pool.shutdown(wait=True)
     finally:
         bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     return [outcomes[spec.name] for spec in specs]
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
