@@ -229,6 +229,9 @@ def evaluate_run(
             probe = cached_linear_probe(spec, summary, linear, datasets or DatasetCache(), device)
         except UserError as err:
             entry.update(status="failed", error=f"linear probe: {err}")
+        except Exception as err:  # one run's probe must not cost the report of all the others
+            log.warning("linear probe of %s failed", spec.run_dir, exc_info=True)
+            entry.update(status="failed", error=f"linear probe: {type(err).__name__}: {err}")
         else:
             metrics["linear_top1"] = probe["top1"]
             metrics["linear_top5"] = probe["top5"]
