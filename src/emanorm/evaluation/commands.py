@@ -102,7 +102,8 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (shared with ``emanorm compare``)."""
     try:
         value = int(text)
     except ValueError:
@@ -126,7 +127,7 @@ def _common_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset directory (default: the run's)")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument(
-        "--labels-per-class", type=_positive_int, metavar="K", help="use K training labels per class"
+        "--labels-per-class", type=positive_int, metavar="K", help="use K training labels per class"
     )
     labels.add_argument(
         "--label-fraction", type=_fraction, metavar="F", help="use a fraction of training labels: 0.01 or 1%%"
@@ -142,7 +143,7 @@ def _common_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument(
-        "--batch-size", type=_positive_int, default=256, help="images per forward pass (default: 256)"
+        "--batch-size", type=positive_int, default=256, help="images per forward pass (default: 256)"
     )
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -160,19 +161,19 @@ def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
     sub = ev.add_subparsers(dest="protocol", metavar="{" + ",".join(PROTOCOLS) + "}", required=True)
 
     knn = sub.add_parser("knn", parents=[common], help="weighted kNN on frozen features (train -> test)")
-    knn.add_argument("--k", type=_positive_int, default=20, help="neighbours (default: 20)")
+    knn.add_argument("--k", type=positive_int, default=20, help="neighbours (default: 20)")
     knn.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default: 0.07)")
     knn.set_defaults(func=run_knn)
 
     lin = sub.add_parser("linear", parents=[common], help="linear classifier on frozen features")
     lin.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LINEAR_LRS), help="lr grid")
-    lin.add_argument("--epochs", type=_positive_int, default=50)
-    lin.add_argument("--probe-batch-size", type=_positive_int, default=256, help="classifier batch size")
+    lin.add_argument("--epochs", type=positive_int, default=50)
+    lin.add_argument("--probe-batch-size", type=positive_int, default=256, help="classifier batch size")
     lin.add_argument("--weight-decay", type=float, default=0.0)
     lin.add_argument(
         "--val-fraction", type=float, default=0.1, help="validation share of the labels for the lr"
     )
-    lin.add_argument("--repeats", type=_positive_int, default=1, help="label subsets (seeds seed..seed+N-1)")
+    lin.add_argument("--repeats", type=positive_int, default=1, help="label subsets (seeds seed..seed+N-1)")
     lin.set_defaults(func=run_linear)
 
     ft = sub.add_parser("finetune", parents=[common], help="fine-tune backbone + classifier on the labels")
@@ -180,23 +181,23 @@ def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
     ft.add_argument(
         "--classifier-lr", type=float, default=0.1, help="paper: 1.0 for 1%% labels, 0.1 for 10%%"
     )
-    ft.add_argument("--epochs", type=_positive_int, default=50)
+    ft.add_argument("--epochs", type=positive_int, default=50)
     ft.add_argument("--weight-decay", type=float, default=0.0)
     ft.add_argument(
         "--val-fraction", type=float, default=0.1, help="validation share of the labels for the lr"
     )
-    ft.add_argument("--repeats", type=_positive_int, default=1, help="label subsets (seeds seed..seed+N-1)")
+    ft.add_argument("--repeats", type=positive_int, default=1, help="label subsets (seeds seed..seed+N-1)")
     ft.set_defaults(func=run_finetune)
 
     ret = sub.add_parser("retrieval", parents=[common], help="top-k mAP / recall (train = database)")
-    ret.add_argument("--topk", type=_positive_int, default=1000)
+    ret.add_argument("--topk", type=positive_int, default=1000)
     ret.set_defaults(func=run_retrieval)
 
     low = sub.add_parser("lowshot", parents=[common], help="linear SVMs on k images per class")
-    low.add_argument("--shots", type=_positive_int, nargs="+", default=list(DEFAULT_SHOTS))
-    low.add_argument("--draws", type=_positive_int, default=5)
+    low.add_argument("--shots", type=positive_int, nargs="+", default=list(DEFAULT_SHOTS))
+    low.add_argument("--draws", type=positive_int, default=5)
     low.add_argument(
-        "--val-per-class", type=_positive_int, default=10, help="validation images per class for C"
+        "--val-per-class", type=positive_int, default=10, help="validation images per class for C"
     )
     low.set_defaults(func=run_lowshot)
     return ev

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from emanorm.errors import UserError
+from emanorm.evaluation.commands import positive_int
 
 COMPARE_HELP = """\
 Train every (variant, method, seed) of a grid, each as a normal run directory under OUT/runs/,
@@ -27,16 +28,6 @@ std over seeds), OUT/results.json (every raw number with its run directory) and 
 
 See docs/compare.md.
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -68,7 +59,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     grid.add_argument(
         "--norms", default="default,bn,eman", help=f"rows, from {', '.join(NORMS)} (default %(default)s)"
     )
-    grid.add_argument("--seeds", type=_positive_int, default=3, help="seeds per cell (default %(default)s)")
+    grid.add_argument("--seeds", type=positive_int, default=3, help="seeds per cell (default %(default)s)")
     grid.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+N-1 (default 0)")
     grid.add_argument(
         "--eman-momentums",
@@ -109,8 +100,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     cfg.add_argument("--dataset", help="dataset of every run (default: the preset's)")
     cfg.add_argument("--data-dir", help="where the dataset lives")
     budget = cfg.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=_positive_int, help="budget of every run in epochs")
-    budget.add_argument("--max-steps", type=_positive_int, help="budget of every run in optimizer steps")
+    budget.add_argument("--epochs", type=positive_int, help="budget of every run in epochs")
+    budget.add_argument("--max-steps", type=positive_int, help="budget of every run in optimizer steps")
     cfg.add_argument(
         "--eval-every",
         type=int,
@@ -146,7 +137,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--linear-epochs",
-        type=_positive_int,
+        type=positive_int,
         default=50,
         help="linear-probe epochs on cached features (default 50)",
     )
@@ -159,7 +150,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/compare", help="output folder (default %(default)s)")
     run.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="runs trained at once as subprocesses, CPU threads split between them "
         "(default 1: one at a time, in this process)",
