@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from emanorm.evaluation.features import ImageSource, iterate_dataset, resolve_device
-from emanorm.evaluation.linear import milestones, stratified_split, topk_accuracies
+from emanorm.evaluation.linear import milestones, search_lr, stratified_split, topk_accuracies
 
 DEFAULT_BACKBONE_LRS: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
 _MIN_SENSIBLE_STEPS = 200
@@ -233,31 +233,28 @@ def finetune(
             raise ValueError(
                 "too few labels to carve a validation split for the backbone-lr search; pass one backbone lr"
             )
-        best_acc = -2.0
-        for lr in lrs:
-            model, diverged = train_finetune(
+
+        def fit(lr: float) -> tuple[BackboneClassifier, bool]:
+            return train_finetune(
                 backbone,
                 train_set,
                 train_indices[fit_pos],
                 backbone_lr=lr,
                 **common,  # type: ignore[arg-type]
             )
-            acc = (
-                -1.0
-                if diverged
-                else evaluate_classifier(
-                    model,
-                    train_set,
-                    train_indices[val_pos],
-                    transform=eval_transform,
-                    batch_size=batch_size,
-                    device=device,
-                    amp=amp,
-                )["top1"]
-            )
-            val_top1[f"{lr:g}"] = acc
-            if acc > best_acc:
-                best_lr, best_acc = lr, acc
+
+        def validate(model: BackboneClassifier) -> float:
+            return evaluate_classifier(
+                model,
+                train_set,
+                train_indices[val_pos],
+                transform=eval_transform,
+                batch_size=batch_size,
+                device=device,
+                amp=amp,
+            )["top1"]
+
+        best_lr, val_top1 = search_lr(lrs, fit, validate)
     model, diverged = train_finetune(
         backbone,
         train_set,

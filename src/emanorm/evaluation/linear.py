@@ -8,7 +8,8 @@ labels, then the classifier is retrained on all training labels and evaluated on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from emanorm.evaluation.knn import check_labels
 
 # Covers the paper's MoCo grid {15, 30, 60} scale and its BYOL grid {0.2, 0.4, 0.8} scale coarsely.
 DEFAULT_LINEAR_LRS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+Model = TypeVar("Model")
 
 
 def stratified_split(labels: Tensor, val_fraction: float = 0.1, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -67,6 +69,28 @@ def predict_logits(model: nn.Module, features: Tensor, chunk: int = 65536) -> Te
     if features.shape[0] == 0:
         return torch.empty(0, model(torch.zeros(1, features.shape[1], device=device)).shape[1], device=device)
     return torch.cat([model(features[i : i + chunk].to(device)) for i in range(0, features.shape[0], chunk)])
+
+
+def search_lr(
+    lrs: Sequence[float], fit: Callable[[float], tuple[Model, bool]], validate: Callable[[Model], float]
+) -> tuple[float, dict[str, float]]:
+    """The learning-rate search of the linear and fine-tuning protocols: ``(best lr, {lr: score})``.
+
+    ``lrs`` ascending and distinct; ``fit(lr)`` trains on the fit part of the labels and returns
+    ``(model, diverged)``, ``validate(model)`` its top-1 on the validation part. A diverged lr scores
+    -1; ties keep the smaller lr. A single lr is returned without training anything (scores ``{}``).
+    """
+    if len(lrs) == 1:
+        return lrs[0], {}
+    best_lr, best_acc = lrs[0], -2.0
+    scores: dict[str, float] = {}
+    for lr in lrs:
+        model, diverged = fit(lr)
+        acc = -1.0 if diverged else validate(model)
+        scores[f"{lr:g}"] = acc
+        if acc > best_acc:  # strict: ties keep the smaller lr
+            best_lr, best_acc = lr, acc
+    return best_lr, scores
 
 
 def train_linear(
@@ -160,7 +184,6 @@ def linear_probe(
         device=device,
         progress=progress,
     )
-    val_top1: dict[str, float] = {}
     lrs = sorted(set(float(lr) for lr in lrs))
     fit_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
     if len(lrs) > 1 and len(val_idx) == 0:
@@ -168,29 +191,22 @@ def linear_probe(
             "too few training labels to carve a validation split for the lr search "
             "(every class has a single sample); pass a single learning rate"
         )
-    best_lr = lrs[0]
-    if len(lrs) > 1:
-        best_acc = -2.0
-        for lr in lrs:
-            clf, diverged = train_linear(
-                train_feats[fit_idx],
-                train_labels[fit_idx],
-                num_classes,
-                lr=lr,
-                seed=seed,
-                desc=f"linear lr={lr:g}",
-                **common,  # type: ignore[arg-type]
-            )
-            acc = (
-                -1.0
-                if diverged
-                else topk_accuracies(predict_logits(clf, train_feats[val_idx]), train_labels[val_idx], (1,))[
-                    "top1"
-                ]
-            )
-            val_top1[f"{lr:g}"] = acc
-            if acc > best_acc:  # strict: ties keep the smaller lr
-                best_lr, best_acc = lr, acc
+
+    def fit(lr: float) -> tuple[nn.Linear, bool]:
+        return train_linear(
+            train_feats[fit_idx],
+            train_labels[fit_idx],
+            num_classes,
+            lr=lr,
+            seed=seed,
+            desc=f"linear lr={lr:g}",
+            **common,  # type: ignore[arg-type]
+        )
+
+    def validate(clf: nn.Linear) -> float:
+        return topk_accuracies(predict_logits(clf, train_feats[val_idx]), train_labels[val_idx], (1,))["top1"]
+
+    best_lr, val_top1 = search_lr(lrs, fit, validate)
     clf, diverged = train_linear(
         train_feats,
         train_labels,
