@@ -481,6 +481,24 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std())
 
 
+def _repeated_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Top-1/top-5 mean and std over the label subsets of ``--repeats``, with every run's record."""
+    top1, top1_std = _mean_std([r["top1"] for r in runs])
+    top5, top5_std = _mean_std([r["top5"] for r in runs])
+    return {"top1": top1, "top5": top5, "top1_std": top1_std, "top5_std": top5_std, "runs": runs}
+
+
+def _repeated_rows(results: dict[str, Any], lr_name: str, lr_key: str) -> list[tuple[str, str]]:
+    """The table of a linear or fine-tuning result: accuracies, each run's chosen lr, labels used."""
+    runs = results["runs"]
+    return [
+        ("top-1 %", _pct(results["top1"])),
+        ("top-5 %", _pct(results["top5"])),
+        (lr_name, ", ".join(f"{r[lr_key]:g}" for r in runs)),
+        ("train labels", str(runs[0]["num_train"])),
+    ]
+
+
 # --- handlers ----------------------------------------------------------------------------------------
 
 
@@ -562,9 +580,7 @@ def run_linear(args: argparse.Namespace) -> int:
                         progress=ctx.progress,
                     )
                 )
-    top1, top1_std = _mean_std([r["top1"] for r in runs])  # type: ignore[misc]
-    top5, top5_std = _mean_std([r["top5"] for r in runs])  # type: ignore[misc]
-    results = {"top1": top1, "top5": top5, "top1_std": top1_std, "top5_std": top5_std, "runs": runs}
+    results = _repeated_results(runs)
     settings = {
         "lrs": args.lrs,
         "epochs": args.epochs,
@@ -574,14 +590,9 @@ def run_linear(args: argparse.Namespace) -> int:
         "seeds": seeds,
         "features": "cached once from the eval transform (no augmentation)",
     }
-    rows = [
-        ("top-1 %", _pct(top1)),
-        ("top-5 %", _pct(top5)),
-        ("best lr", ", ".join(f"{r['best_lr']:g}" for r in runs)),
-        ("train labels", str(runs[0]["num_train"])),
-    ]
+    rows = _repeated_rows(results, "best lr", "best_lr")
     if len(runs) > 1:
-        rows.insert(1, ("top-1 std", _pct(top1_std)))
+        rows.insert(1, ("top-1 std", _pct(results["top1_std"])))
     return finish(ctx, "linear", results, settings, rows)
 
 
@@ -618,9 +629,7 @@ def run_finetune(args: argparse.Namespace) -> int:
                         progress=ctx.progress,
                     )
                 )
-    top1, top1_std = _mean_std([r["top1"] for r in runs])  # type: ignore[misc]
-    top5, top5_std = _mean_std([r["top5"] for r in runs])  # type: ignore[misc]
-    results = {"top1": top1, "top5": top5, "top1_std": top1_std, "top5_std": top5_std, "runs": runs}
+    results = _repeated_results(runs)
     settings = {
         "backbone_lrs": args.backbone_lrs,
         "classifier_lr": args.classifier_lr,
@@ -631,12 +640,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         "seeds": seeds,
         "augmentation": "weak",
     }
-    rows = [
-        ("top-1 %", _pct(top1)),
-        ("top-5 %", _pct(top5)),
-        ("backbone lr", ", ".join(f"{r['best_backbone_lr']:g}" for r in runs)),
-        ("train labels", str(runs[0]["num_train"])),
-    ]
+    rows = _repeated_rows(results, "backbone lr", "best_backbone_lr")
     return finish(ctx, "finetune", results, settings, rows)
 
 
