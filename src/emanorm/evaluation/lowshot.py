@@ -43,12 +43,24 @@ class LowShotTask(Protocol):
     def score(self, model: Any, x: np.ndarray, y: np.ndarray) -> float: ...
 
 
-class MulticlassSVMTask:
-    """Single-label targets: k images per class, one-vs-rest ``LinearSVC``, accuracy."""
+class _LinearSVCTask:
+    """What the two SVM tasks share: the ``LinearSVC`` settings and how one is fit."""
 
     def __init__(self, max_iter: int = 2000, random_state: int = 0) -> None:
         self.max_iter = max_iter
         self.random_state = random_state
+
+    def _fit_svc(self, x: np.ndarray, y: np.ndarray, cost: float) -> LinearSVC:
+        svm = LinearSVC(C=cost, max_iter=self.max_iter, random_state=self.random_state)
+        with warnings.catch_warnings():
+            # Few samples and a large C often stop at max_iter; the C search copes with a slightly
+            # under-converged SVM, and the warning would flood the output.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return svm.fit(x, y)
+
+
+class MulticlassSVMTask(_LinearSVCTask):
+    """Single-label targets: k images per class, one-vs-rest ``LinearSVC``, accuracy."""
 
     def sample(
         self, labels: np.ndarray, shots: Sequence[int], val_per_class: int, rng: np.random.Generator
@@ -72,12 +84,7 @@ class MulticlassSVMTask:
         return {k: np.sort(np.concatenate(v)) for k, v in train.items()}, np.sort(np.concatenate(val))
 
     def fit(self, x: np.ndarray, y: np.ndarray, cost: float) -> LinearSVC:
-        svm = LinearSVC(C=cost, max_iter=self.max_iter, random_state=self.random_state)
-        with warnings.catch_warnings():
-            # Few samples and a large C often stop at max_iter; the C search copes with a slightly
-            # under-converged SVM, and the warning would flood the output.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return svm.fit(x, y)
+        return self._fit_svc(x, y, cost)
 
     def score(self, model: LinearSVC, x: np.ndarray, y: np.ndarray) -> float:
         return float(np.mean(model.predict(x) == y))
@@ -122,7 +129,7 @@ def class_average_precisions(model: MultiLabelSVM, x: np.ndarray, labels: np.nda
     return aps
 
 
-class MultiLabelSVMTask:
+class MultiLabelSVMTask(_LinearSVCTask):
     """Multi-label targets (VOC07): labels ``(N, C)`` in {1, -1, 0 = difficult}; one binary
     ``LinearSVC`` per class, scored by the mean over classes of the average precision.
 
@@ -134,10 +141,6 @@ class MultiLabelSVMTask:
     outside every k-shot set, and is scored by mAP like the test set. Classes without a positive
     training image get no SVM and are not scored (none in VOC07).
     """
-
-    def __init__(self, max_iter: int = 2000, random_state: int = 0) -> None:
-        self.max_iter = max_iter
-        self.random_state = random_state
 
     def sample(
         self, labels: np.ndarray, shots: Sequence[int], val_per_class: int, rng: np.random.Generator
@@ -182,10 +185,7 @@ class MultiLabelSVMTask:
                 continue  # absent from the training labels: no SVM, not scored
             if truth.all():
                 raise ValueError(f"class {c} has no negative training image; a binary SVM needs both")
-            svm = LinearSVC(C=cost, max_iter=self.max_iter, random_state=self.random_state)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)  # as in MulticlassSVMTask.fit
-                svms.append(svm.fit(x[keep], truth))
+            svms.append(self._fit_svc(x[keep], truth, cost))
             classes.append(c)
         return MultiLabelSVM(classes, svms)
 
