@@ -12,6 +12,7 @@ from typing import Any
 
 from emanorm.errors import UserError
 from emanorm.evaluation.commands import positive_int
+from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS
 
 COMPARE_HELP = """\
 Train every (variant, method, seed) of a grid, each as a normal run directory under OUT/runs/,
@@ -143,7 +144,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--linear-lrs",
-        default="0.1,0.3,1,3,10,30",
+        default=",".join(f"{lr:g}" for lr in DEFAULT_LINEAR_LRS),
         help="linear-probe lr grid, chosen on a validation split of the labels (default %(default)s)",
     )
     run = p.add_argument_group("running")

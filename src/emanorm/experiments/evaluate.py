@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from emanorm.errors import UserError
+from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS
 from emanorm.experiments.grid import RunSpec
 
 log = logging.getLogger("emanorm")
-
-# cheap on a CPU: the features are computed once, the classifier trains on cached features
-DEFAULT_LINEAR_LRS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,7 @@ class LinearSettings:
 
     fraction: float = 0.1
     epochs: int = 50
+    # the library's whole grid: cheap on a CPU, the classifier trains on features computed once
     lrs: tuple[float, ...] = DEFAULT_LINEAR_LRS
     batch_size: int = 256
     label_seed: int = 0  # the same labeled subset for every run: only the pre-training differs
