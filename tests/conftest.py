@@ -8,15 +8,22 @@ class ``k`` images are brightest in channel ``k % 3`` (RGB layouts) or have mean
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from emanorm.data.datasets import FASHION_MNIST_SYSTEM_DIR
+
+# Tests run tiny models, where a second thread costs more than it gives (and on a shared 2-core
+# machine oversubscribes it); subprocesses started by tests inherit the same setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 # -- writers (plain functions, usable from any test) ------------------------------------------------
 
