@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from emanorm.data import DatasetInfo, ImageDataset
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
 from emanorm.train import resolve_config, train
@@ -443,3 +444,41 @@ def _kill_one_rank(launcher: subprocess.Popen, out: Path) -> None:
     assert launcher.returncode != 0
     assert time.time() - killed_at < 90  # stopped in bounded time, no hang
     assert "failed" in stderr.lower() or "signal" in stderr.lower()
+
+
+# -- data loading faults -------------------------------------------------------
+class _FaultyFiles(ImageDataset):
+    """A 'file' dataset whose loader workers stall or die on the third batch."""
+
+    in_memory = False
+
+    def __init__(self, fault: str) -> None:
+        self.info = DatasetInfo("faulty", 2, 1, 8, (0.5,), (0.25,))
+        self.targets = torch.arange(64) % 2
+        self.split = "train"
+        self.fault = fault
+        self.calls = 0
+
+    def fetch(self, indices):
+        self.calls += 1  # counted inside each worker process
+        if self.calls >= 2:
+            if self.fault == "stall":
+                time.sleep(60)
+            else:
+                os._exit(1)
+        return torch.zeros(len(indices), 1, 8, 8, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(("fault", "message"), [("stall", "data loading stalled"), ("crash", "worker died")])
+def test_a_stalled_or_crashed_loader_worker_is_reported_not_hung_on(fault, message):
+    from emanorm.data import BatchStream, DataError
+
+    dataset = _FaultyFiles(fault)
+    stream = BatchStream(
+        unlabeled=dataset, unlabeled_views={"view": "none"}, batch_size=4, num_workers=1, loader_timeout=2
+    )
+    started = time.time()
+    with pytest.raises(DataError, match=message):
+        for _ in stream:
+            pass
+    assert time.time() - started < 30
