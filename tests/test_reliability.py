@@ -283,7 +283,7 @@ def test_init_from_an_incompatible_run_is_a_clear_error(tmp_path):
         str(source),
     )
     assert target.returncode != 0 and "Traceback" not in target.stderr
-    assert "does not match this model" in target.stderr and "missing" in target.stderr
+    assert "cannot initialise from" in target.stderr and "resnet18_cifar" in target.stderr
 
 
 # -- bad data ------------------------------------------------------------
