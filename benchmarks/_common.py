@@ -76,6 +76,34 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _busy_seconds() -> float:
+    """CPU-seconds every process of the machine has spent since boot (/proc/stat, idle excluded)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How much CPU other processes took while a benchmark ran: the machine's busy CPU-seconds minus
+    this process's and its finished children's (loader workers, memory probes), as a share of all
+    cores. My own load average would count the benchmark itself."""
+
+    def __enter__(self) -> OtherLoad:
+        self.wall, self.busy, self.mine = time.perf_counter(), _busy_seconds(), self._mine()
+        return self
+
+    @staticmethod
+    def _mine() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.wall
+        others = (_busy_seconds() - self.busy) - (self._mine() - self.mine)
+        self.share = max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     """``key=value`` config overrides (values read as YAML: ``true``, ``0.5``, ``[1, 2]``)."""
     import yaml
@@ -140,6 +168,8 @@ class Path_:
     name = "path"
     device = torch.device("cpu")
     images_per_step = 0
+    #: torch intra-op threads while this path runs (None: leave the process default)
+    threads: int | None = None
 
     def start_block(self) -> None:
         """Untimed set-up before a timed block (e.g. start loader workers and fill their pipeline)."""
@@ -564,7 +594,9 @@ def alternate(paths: list[Path_], *, blocks: int, steps: int, warmup: int,
     """Images/s of each path per timed block: every path warms up, then blocks of ``steps`` steps
     run in turn (A B A B ...; the order flips every round so neither always follows the other).
     Wall-clock, device-synchronised; set-up and tear-down of a block are outside the timing."""
+    default_threads = torch.get_num_threads()
     for p in paths:
+        torch.set_num_threads(p.threads or default_threads)
         p.start_block()
         for _ in range(warmup):
             p.step()
@@ -573,6 +605,7 @@ def alternate(paths: list[Path_], *, blocks: int, steps: int, warmup: int,
     rates: dict[str, list[float]] = {p.name: [] for p in paths}
     for b in range(blocks):
         for p in (paths if b % 2 == 0 else paths[::-1]):
+            torch.set_num_threads(p.threads or default_threads)
             p.start_block()
             sync(p.device)
             start = time.perf_counter()
@@ -584,6 +617,7 @@ def alternate(paths: list[Path_], *, blocks: int, steps: int, warmup: int,
             rates[p.name].append(steps * p.images_per_step / seconds)
             if log:
                 log(f"  block {b + 1}/{blocks} {p.name:10s} {rates[p.name][-1]:8.1f} img/s")
+    torch.set_num_threads(default_threads)
     return rates
 
 
@@ -605,14 +639,15 @@ class TreeMemory:
 
     ``peak_pss``: the largest sum over the process tree of PSS (proportional set size: a page shared
     by n processes counts 1/n in each, so forked workers' shared pages are not counted twice).
-    ``peak_rss_main``: this process's own peak RSS from the kernel (``ru_maxrss``).
+    ``peak_rss``: the largest RSS of this process alone while sampling. Both cover only the sampled
+    interval (the training steps), not the dataset loading before it.
     """
 
     def __init__(self, interval: float = 0.05) -> None:
         import psutil
 
         self.proc, self.interval = psutil.Process(), interval
-        self.peak_pss = 0
+        self.peak_pss = self.peak_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -622,7 +657,10 @@ class TreeMemory:
         total = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                total += p.memory_full_info().pss
+                full = p.memory_full_info()
+                total += full.pss
+                if p.pid == self.proc.pid:
+                    self.peak_rss = max(self.peak_rss, full.rss)
         self.peak_pss = max(self.peak_pss, total)
 
     def _run(self) -> None:
@@ -639,13 +677,10 @@ class TreeMemory:
         self._thread.join()
         self._sample()
 
-    @staticmethod
-    def peak_rss_main() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def measure_memory(path: Path_, steps: int) -> dict[str, float]:
-    """Run ``steps`` steps (after one warm block) under :class:`TreeMemory`; MiB figures."""
+    """Run ``steps`` steps (one block) under :class:`TreeMemory`; MiB figures."""
     if path.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(path.device)
     with TreeMemory() as mem:
@@ -654,7 +689,9 @@ def measure_memory(path: Path_, steps: int) -> dict[str, float]:
             path.step()
         sync(path.device)
         path.end_block()
-    out = {"peak_pss_tree_mib": mem.peak_pss / 2**20, "peak_rss_main_mib": mem.peak_rss_main() / 2**20}
+    out = {"peak_pss_tree_mib": mem.peak_pss / 2**20, "peak_rss_main_mib": mem.peak_rss / 2**20,
+           # the kernel's lifetime peak of this process, dataset loading included
+           "lifetime_peak_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
     if path.device.type == "cuda":
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(path.device) / 2**20
     return out
@@ -711,6 +748,9 @@ def comparison_parser(doc: str, methods: tuple[str, ...], other: str) -> Any:
                    help=f"untimed {other} steps at the start of each block, to fill its loader pipeline "
                         "(default 3; quick 1)")
     p.add_argument("--workers", type=int, default=2, help=f"{other} DataLoader workers per loader")
+    p.add_argument("--other-threads", type=int, default=None,
+                   help=f"torch threads of the {other} main process (default: torch's default, "
+                        "as its code runs); emanorm always runs with the default")
     p.add_argument("--batch-size", type=int, default=None, help="override the presets' batch size")
     p.add_argument("--backbone", default=None, help="override the presets' backbone (e.g. resnet18)")
     p.add_argument("--standin", type=int, default=None,
@@ -766,6 +806,8 @@ def _probe_args(args: Any, method: str, which: str) -> list[str]:
     out = ["--probe", which, "--methods", method, "--device", args.device, "--workers", str(args.workers),
            "--memory-steps", str(args.memory_steps), "--block-warmup", str(args.block_warmup),
            "--standin-count", str(args.standin_count)]
+    if args.other_threads:
+        out += ["--other-threads", str(args.other_threads)]
     for key in ("batch_size", "backbone", "standin"):
         value = getattr(args, key)
         if value:
@@ -781,6 +823,8 @@ def comparison_main(args: Any, *, build: Builder, other: str, script: str) -> di
     only measures the peak memory of one (method, path) and prints it as JSON."""
     if args.probe:
         path = build(args.methods[0], args.probe, args, {})
+        if path.threads:
+            torch.set_num_threads(path.threads)
         for _ in range(2):  # the first steps allocate the optimizer state and warm the allocator
             path.step()
         print(json.dumps(measure_memory(path, args.memory_steps)))
@@ -788,10 +832,26 @@ def comparison_main(args: Any, *, build: Builder, other: str, script: str) -> di
     info = machine_info(torch.device(args.device))
     print_machine(info)
     print(f"# blocks {args.blocks} x {args.steps} steps after {args.warmup} warm-up steps; {other}: "
-          f"{args.workers} loader workers, {args.block_warmup} untimed steps per block; emanorm overrides: "
+          f"{args.workers} loader workers, {args.block_warmup} untimed steps per block, "
+          f"{args.other_threads or torch.get_num_threads()} torch threads; emanorm overrides: "
           f"{emanorm_overrides(args) or 'none'}", flush=True)
     cache: dict[str, Any] = {}
     results: dict[str, Any] = {"machine": info, "args": vars(args), "methods": {}}
+    with OtherLoad() as others:
+        _compare_methods(args, build, other, script, cache, results)
+    results["speedup"] = min(m["speedup"] for m in results["methods"].values())
+    results["other_processes_cpu_share"] = round(others.share, 3)
+    print(f"# other processes used {100 * others.share:.0f}% of the CPU during the run"
+          + ("  (figures are noisy: rerun on a quiet machine)" if others.share > 0.1 else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(results, indent=2) + "\n")
+    print(f"speedup={results['speedup']:.2f}")
+    return results
+
+
+def _compare_methods(args: Any, build: Builder, other: str, script: str, cache: dict[str, Any],
+                     results: dict[str, Any]) -> None:
     for method in args.methods:
         ours, theirs = build(method, "emanorm", args, cache), build(method, other, args, cache)
         rates = alternate([ours, theirs], blocks=args.blocks, steps=args.steps, warmup=args.warmup,
@@ -817,9 +877,3 @@ def comparison_main(args: Any, *, build: Builder, other: str, script: str) -> di
                 line += "   CUDA max allocated " + " / ".join(
                     f"{w} {mem[w]['cuda_max_allocated_mib']:.0f} MiB" for w in ("emanorm", other))
         print(line, flush=True)
-    results["speedup"] = min(m["speedup"] for m in results["methods"].values())
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(results, indent=2) + "\n")
-    print(f"speedup={results['speedup']:.2f}")
-    return results

@@ -163,6 +163,7 @@ def build(method: str, which: str, args: Any, cache: dict[str, Any]) -> _Path:
         cache["ds"] = train_dataset(cfg, args.standin, args.standin_count)
     path = LightlyPath(method, cfg, cache["ds"], workers=args.workers)
     path.warm_steps = args.block_warmup
+    path.threads = args.other_threads
     return path
 
 

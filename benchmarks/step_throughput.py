@@ -52,6 +52,7 @@ def build(method: str, which: str, args: Any, cache: dict[str, Any]) -> Path_:
         cache["ds"] = train_dataset(cfg, args.standin, args.standin_count)
     path = REFERENCES[method](cfg, cache["ds"], workers=args.workers)
     path.warm_steps = args.block_warmup
+    path.threads = args.other_threads
     return path
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # the benchmarks folder is not a package: imported by path
     EmanormPath,
+    OtherLoad,
     ReferenceFixMatch,
     _load_dataset,
     accuracy_on,
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{args.target if args.target is not None else 'best both reach'}; emanorm overrides "
           f"{parse_set(args.set) or 'none'}; reference {args.workers} workers per loader", flush=True)
     round_ = 0
+    others = OtherLoad().__enter__()
     while active:
         order = list(paths) if round_ % 2 == 0 else list(paths)[::-1]
         for name in order:
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if done:
                 active.discard(name)
         round_ += 1
+    others.__exit__()
+    print(f"# other processes used {100 * others.share:.0f}% of the CPU during the run")
     target = args.target
     if target is None:
         target = min(max(c["accuracy"] for c in curve) for curve in curves.values())
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratio = times["reference"] / times["emanorm"] if times["emanorm"] > 0 else math.nan
     print(f"target {target:.2f}%: emanorm {times['emanorm']:.1f} s, reference {times['reference']:.1f} s")
     result = {"machine": info, "args": vars(args), "target": target, "seconds_to_target": times,
-              "time_ratio": ratio, "curves": curves}
+              "time_ratio": ratio, "curves": curves, "other_processes_cpu_share": round(others.share, 3)}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"time_ratio={ratio:.2f}")
