@@ -352,26 +352,22 @@ def test_a_corrupt_image_names_the_file(tmp_path, corrupt_folder_dir):
 @pytest.mark.distributed
 def test_a_killed_rank_stops_the_job_and_resume_completes(tmp_path):
     out = tmp_path / "run"
-    args = [
+    fixmatch = [*RESUME_CASES["fixmatch"], "--checkpoint-every-steps", "2", *TINY, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EMANORM_DIST_TIMEOUT": "30"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
         "-m",
         "emanorm",
         "train",
-        "--method",
-        "fixmatch",
-        "--norm",
-        "eman",
-        "--labels-per-class",
-        "4",
+        *fixmatch,
         "--max-steps",
         "400",
-        "--checkpoint-every-steps",
-        "2",
-        *TINY,
-        "--out",
-        str(out),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EMANORM_DIST_TIMEOUT": "30"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     launcher = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
@@ -385,44 +381,10 @@ def test_a_killed_rank_stops_the_job_and_resume_completes(tmp_path):
     assert 0 < state["global_step"] < 400
     assert not (out / "summary.json").exists()
     # finish on one process from the same checkpoint (a 2-rank resume is the same code path)
-    result = run(
-        "train",
-        "--method",
-        "fixmatch",
-        "--norm",
-        "eman",
-        "--labels-per-class",
-        "4",
-        "--max-steps",
-        "400",
-        "--checkpoint-every-steps",
-        "2",
-        *TINY,
-        "--out",
-        str(out),
-        "--resume",
-        "--set",
-        "max_steps=" + str(state["global_step"] + 2),
-    )
+    finish = str(state["global_step"] + 2)
+    result = run("train", *fixmatch, "--max-steps", finish, "--resume")
     assert result.returncode != 0  # a changed budget is a changed config: refused without --force
-    result = run(
-        "train",
-        "--method",
-        "fixmatch",
-        "--norm",
-        "eman",
-        "--labels-per-class",
-        "4",
-        "--max-steps",
-        str(state["global_step"] + 2),
-        "--checkpoint-every-steps",
-        "2",
-        *TINY,
-        "--out",
-        str(out),
-        "--resume",
-        "--force",
-    )
+    result = run("train", *fixmatch, "--max-steps", finish, "--resume", "--force")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == state["global_step"] + 2
 
