@@ -172,3 +172,15 @@ def test_peer_lightly_smoke(capsys):
     results = bench.main([*TINY, "--workers", "0", "--methods", "moco,byol"])
     assert re.fullmatch(r"speedup=\d+\.\d\d", capsys.readouterr().out.strip().splitlines()[-1])
     assert set(results["methods"]) == {"moco", "byol"}
+
+
+@needs_data
+def test_time_to_accuracy_records_curves_and_ends_with_the_ratio_line(capsys):
+    bench = load("time_to_accuracy")
+    result = bench.main(["--max-steps", "2", "--eval-every", "1", "--test-size", "64", "--workers", "0"])
+    assert re.fullmatch(r"time_ratio=(\d+\.\d\d|nan)", capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("emanorm", "reference"):
+        curve = result["curves"][name]
+        assert [c["step"] for c in curve] == [1, 2]
+        assert curve[0]["seconds"] <= curve[1]["seconds"] and 0 <= curve[1]["accuracy"] <= 100
+    assert result["target"] == min(max(c["accuracy"] for c in cv) for cv in result["curves"].values())
