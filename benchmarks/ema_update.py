@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 
 from emanorm import EMATeacher
 
-
-def reference_update(teacher: torch.nn.Module, student: torch.nn.Module, m: float) -> None:
-    """How the paper's public code (and most EMA-teacher code) does it: a Python loop of kernels."""
-    with torch.no_grad():
-        student_state = student.state_dict()
-        for name, t in teacher.state_dict().items():
-            s = student_state[name]
-            if t.dtype.is_floating_point:
-                t.copy_(t * m + (1.0 - m) * s)
-            else:
-                t.copy_(s)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import state_dict_ema  # the benchmarks folder is not a package: imported by path
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -60,7 +53,7 @@ def main() -> None:
         sync()
 
     def loop() -> None:
-        reference_update(reference_teacher, student, 0.999)
+        state_dict_ema(reference_teacher, student, 0.999)
         sync()
 
     for _ in range(3):  # warm-up

@@ -249,34 +249,15 @@ def test_loading_weights_of_another_architecture_lists_what_differs():
 @pytest.mark.slow
 def test_init_from_an_incompatible_run_is_a_clear_error(tmp_path):
     source = tmp_path / "source"
-    result = run(
-        "train",
-        "--method",
-        "supervised",
-        "--norm",
-        "bn",
-        "--labels-per-class",
-        "4",
-        "--max-steps",
-        "1",
-        *TINY,
-        "--out",
-        str(source),
-    )
+    supervised = ["--method", "supervised", "--norm", "bn", "--labels-per-class", "4", "--max-steps", "1"]
+    supervised += TINY
+    result = run("train", *supervised, "--out", str(source))
     assert result.returncode == 0, result.stderr
     target = run(
         "train",
-        "--method",
-        "supervised",
-        "--norm",
-        "bn",
-        "--labels-per-class",
-        "4",
-        "--max-steps",
-        "1",
+        *supervised,
         "--backbone",
         "resnet18_cifar",
-        *TINY,
         "--out",
         str(tmp_path / "target"),
         "--init-from",
