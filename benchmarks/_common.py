@@ -43,7 +43,14 @@ from emanorm.models import Classifier, MLPHead, build_backbone
 from emanorm.optim import build_optimizer
 from emanorm.train import resolve_config
 from emanorm.train.distributed import average_batchnorm_statistics, pick_device
-from emanorm.train.loop import _amp_context, _labeled_indices, _load_dataset, lr_factor, make_method
+from emanorm.train.loop import (
+    _amp_context,
+    _labeled_indices,
+    _load_dataset,
+    lr_factor,
+    make_method,
+    use_channels_last,
+)
 
 #: The preset each benchmarked method runs (the CPU-sized recipes `emanorm train` uses).
 PRESETS = {"fixmatch": "small-fixmatch", "moco": "small-moco", "byol": "small-byol"}
@@ -200,10 +207,7 @@ class EmanormPath(Path_):
         info = ds.info
         labeled = labeled_indices(cfg, ds)
         method = make_method(cfg, info, False, device.type).to(device)
-        channels_last = cfg["channels_last"] is True or (
-            cfg["channels_last"] == "auto" and device.type == "cuda"
-        )
-        if channels_last:
+        if use_channels_last(cfg):
             method = method.to(memory_format=torch.channels_last)
         self.method = method
         has_labeled, has_unlabeled = bool(method.labeled_views), bool(method.unlabeled_views)
