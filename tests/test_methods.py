@@ -380,6 +380,8 @@ def test_moco_queue_pointer_advances_and_wraps():
     method.teacher.register_forward_hook(lambda _m, _a, out: keys_seen.append(out.detach().clone()))
     for step in range(4):
         method.training_step(make_batch(method, seed=step), step)
+        assert int(method.queue_ptr) == step * B % (3 * B)  # the keys wait for after_step
+        method.after_step(step, 10)
         assert int(method.queue_ptr) == (step + 1) * B % (3 * B)
     # After 4 steps the first slot holds the keys of step 3 (wrapped), slots 1-2 those of steps 1-2.
     expected = torch.nn.functional.normalize(keys_seen[3], dim=1)
@@ -390,6 +392,7 @@ def test_moco_queue_pointer_advances_and_wraps():
 def test_moco_symmetric_enqueues_both_views():
     method = make("moco", "eman", queue_size=4 * B, symmetric=True)
     method.training_step(make_batch(method), 0)
+    method.after_step(0, 10)
     assert int(method.queue_ptr) == 2 * B
 
 
@@ -564,3 +567,23 @@ def test_two_ranks_share_queue_and_prior_and_shuffle_across_ranks():
             assert torch.equal(value, results[1][key][name]), (key, name)
     moco = next(v for k, v in results[0].items() if k.startswith("moco"))
     assert int(moco["queue_ptr"]) == 2 * 2 * B  # 2 steps x 2 ranks x B keys
+
+
+def test_moco_trains_under_torch_compile_like_eager():
+    """The compiled step must not read a buffer it writes: MoCo enqueues in after_step (#7)."""
+    torch.manual_seed(0)
+    eager = make("moco", "eman", queue_size=4 * B)
+    compiled = copy.deepcopy(eager)
+    step_fn = torch.compile(compiled)  # inductor, as `--compile`; aot_eager does not show the bug
+    for method, fn in ((eager, eager), (compiled, step_fn)):
+        method.train()
+        opt = torch.optim.SGD(method.parameter_groups(0.0), lr=0.05)
+        for step in range(2):
+            loss, _ = fn(make_batch(method, seed=step), step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            method.after_step(step, 10)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, msg=key)
+    assert int(compiled.queue_ptr) == 2 * B

@@ -2,8 +2,10 @@
 
 The query network is the student (backbone + 2-layer MLP head, no BN in the head); the key
 network is the EMA teacher. As in the original MoCo, the teacher is updated inside
-``training_step`` after the query forward and before the key forward, and the keys of the
-global batch are enqueued at the end of the step.
+``training_step`` after the query forward and before the key forward. The keys of the global
+batch are enqueued in ``after_step``, once the loss has been backpropagated: the loss of a step
+always sees the queue as it was when the step began, and ``training_step`` never writes a buffer
+that its own graph reads (which ``torch.compile`` cannot handle).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,6 +28,7 @@ from emanorm.methods.base import (
     to_floats,
 )
 from emanorm.models import MLPHead
+from emanorm.norms import is_distributed
 
 
 def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -72,6 +76,7 @@ class MoCo(Method):
         # Keys are rows; MoCo's random unit-norm initial negatives.
         self.register_buffer("queue", F.normalize(torch.randn(o["queue_size"], o["dim"]), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._pending_keys: Tensor | None = None
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
         view1 = batch_get(batch, "view1", self.name)
@@ -83,29 +88,39 @@ class MoCo(Method):
         self.update_teacher(step, 0)
         k2 = F.normalize(self.teacher_forward(view2), dim=1)
         k1 = F.normalize(self.teacher_forward(view1), dim=1) if symmetric else None
-        # The queue is changed in place at the end of the step; the loss keeps its own copy.
-        queue = self.queue.clone()
         temperature = self.options["temperature"]
-        loss, acc = info_nce(q1, k2, queue, temperature)
+        loss, acc = info_nce(q1, k2, self.queue, temperature)
         if symmetric:
-            loss_21, acc_21 = info_nce(q2, k1, queue, temperature)
+            loss_21, acc_21 = info_nce(q2, k1, self.queue, temperature)
             loss, acc = (loss + loss_21) / 2, (acc + acc_21) / 2
-            self.enqueue(torch.cat([k1, k2]))
-        else:
-            self.enqueue(k2)
+        keys = torch.cat([k1, k2]) if symmetric else k2
+        world = dist.get_world_size() if is_distributed() else 1
+        self._check_queue_size(keys.shape[0] * world)  # fail at the first step, before its backward
+        self._pending_keys = keys.detach()
         return loss, to_floats(loss=loss, acc=acc, momentum=self.current_momentum)
 
-    @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
-        """Put the keys of every rank into the queue (oldest keys out); the pointer wraps around."""
-        keys = concat_all_gather(keys)
-        size, batch = self.queue.shape[0], keys.shape[0]
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Enqueue the keys of the step that was just backpropagated."""
+        super().after_step(step, total_steps)
+        if self._pending_keys is not None:
+            self.enqueue(self._pending_keys)
+            self._pending_keys = None
+
+    def _check_queue_size(self, batch: int) -> None:
+        size = self.queue.shape[0]
         if size % batch:
             lower, upper = max(batch, size // batch * batch), (size // batch + 1) * batch
             raise ValueError(
                 f"MoCo queue_size {size} must be a multiple of the global key batch {batch} "
                 f"(e.g. {lower} or {upper})"
             )
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Put the keys of every rank into the queue (oldest keys out); the pointer wraps around."""
+        keys = concat_all_gather(keys)
+        size, batch = self.queue.shape[0], keys.shape[0]
+        self._check_queue_size(batch)
         ptr = int(self.queue_ptr)
         self.queue[ptr:ptr + batch] = keys.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + batch) % size)
