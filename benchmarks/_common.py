@@ -42,13 +42,14 @@ from emanorm.data.augment import blur_kernel_size
 from emanorm.models import Classifier, MLPHead, build_backbone
 from emanorm.optim import build_optimizer
 from emanorm.train import resolve_config
-from emanorm.train.distributed import average_batchnorm_statistics, pick_device
+from emanorm.train.distributed import pick_device
 from emanorm.train.loop import (
-    _amp_context,
-    _labeled_indices,
-    _load_dataset,
+    amp_context,
+    labeled_subset,
+    load_run_dataset,
     lr_factor,
     make_method,
+    train_step,
     use_channels_last,
 )
 
@@ -150,12 +151,12 @@ def train_dataset(cfg: dict[str, Any], standin: int | None = None, standin_count
     """The training split the trainer would load, or a stand-in of ``standin`` px RGB images."""
     if standin:
         return standin_dataset(standin, standin_count)
-    return _load_dataset(cfg, "train")
+    return load_run_dataset(cfg, "train")
 
 
 def labeled_indices(cfg: dict[str, Any], ds: Any) -> Tensor:
     """The labeled subset exactly as the trainer draws it (every labeled index when none is asked)."""
-    labeled = _labeled_indices(cfg, ds)
+    labeled = labeled_subset(cfg, ds)
     return (ds.targets >= 0).nonzero().flatten() if labeled is None else labeled
 
 
@@ -192,9 +193,8 @@ class EmanormPath(Path_):
     """emanorm's training step as ``emanorm train`` runs it (emanorm/train/loop.py, one process).
 
     Built from the trainer's own pieces (``make_method``, ``BatchStream``, ``build_optimizer``,
-    ``lr_factor``, ``_amp_context``, the channels_last / compile switches) in the trainer's order;
-    the step body mirrors the loop's (finite-loss check, zero_grad, backward, optimizer, scheduler,
-    BN-statistics all-reduce hook, ``after_step``, logging every ``log_every`` steps).
+    ``lr_factor``, ``amp_context``, ``use_channels_last``, the compile switch) in the trainer's
+    order; each step is the trainer's own ``train_step``, plus its log record every ``log_every``.
     """
 
     name = "emanorm"
@@ -203,7 +203,7 @@ class EmanormPath(Path_):
         self.cfg = cfg
         self.device = device = pick_device(cfg["device"])
         torch.manual_seed(cfg["seed"])  # the trainer seeds before it builds anything
-        ds = train_ds if train_ds is not None else _load_dataset(cfg, "train")
+        ds = train_ds if train_ds is not None else load_run_dataset(cfg, "train")
         info = ds.info
         labeled = labeled_indices(cfg, ds)
         method = make_method(cfg, info, False, device.type).to(device)
@@ -213,7 +213,7 @@ class EmanormPath(Path_):
         has_labeled, has_unlabeled = bool(method.labeled_views), bool(method.unlabeled_views)
         per_rank = cfg["batch_size"]
         if train_ds is None and has_unlabeled and pretrain_split(cfg["dataset"]) != "train":
-            unlabeled_ds = _load_dataset(cfg, pretrain_split(cfg["dataset"]))
+            unlabeled_ds = load_run_dataset(cfg, pretrain_split(cfg["dataset"]))
         else:
             unlabeled_ds = ds
         self.stream = BatchStream(
@@ -243,7 +243,7 @@ class EmanormPath(Path_):
             self.optimizer,
             lambda s: lr_factor(s, total, warmup_steps, cfg["schedule"], cfg["lr_milestones"]),
         )
-        self.amp, self.scaler = _amp_context(device, cfg["amp"])
+        self.amp, self.scaler = amp_context(device, cfg["amp"])
         self.step_fn = torch.compile(method) if cfg["compile"] else method
         self.images_per_step = (per_rank if has_labeled else 0) + (
             per_rank * (cfg["unlabeled_ratio"] if has_labeled else 1) if has_unlabeled else 0
@@ -262,23 +262,12 @@ class EmanormPath(Path_):
 
     def step(self) -> None:
         batch = next(self._batches)
-        with self.amp():
-            loss, logs = self.step_fn(batch, self.global_step)
-        if not torch.isfinite(loss.detach()).all():
-            raise RuntimeError(f"loss is {loss.item()} at step {self.global_step}")
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.scheduler.step()
-        average_batchnorm_statistics(self.method)
-        self.method.after_step(self.global_step, self.total_steps)
+        loss, logs = train_step(
+            self.step_fn, self.method, batch, self.global_step, self.total_steps, self.optimizer,
+            self.scheduler, amp=self.amp, scaler=self.scaler,
+        )
         self.global_step += 1
-        if self.global_step % self.cfg["log_every"] == 0:
+        if self.global_step % self.cfg["log_every"] == 0:  # the loop's log record: one sync per log_every
             self.last_logs = {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
 
     def teacher_classifier(self) -> nn.Module | None:

@@ -31,9 +31,9 @@ from _common import (  # the benchmarks folder is not a package: imported by pat
     EmanormPath,
     OtherLoad,
     ReferenceFixMatch,
-    _load_dataset,
     accuracy_on,
     bench_config,
+    load_run_dataset,
     machine_info,
     parse_set,
     print_machine,
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     info = machine_info(device)
     print_machine(info)
-    train_ds, test_ds = _load_dataset(cfg, "train"), _load_dataset(cfg, "test")
+    train_ds, test_ds = load_run_dataset(cfg, "train"), load_run_dataset(cfg, "test")
     ours = EmanormPath(cfg, train_ds)
     torch.manual_seed(args.seed)
     theirs = ReferenceFixMatch(ref_cfg, train_ds, workers=args.workers)

@@ -202,3 +202,27 @@ def test_presets_all_resolve():
     for name in names:
         cfg = resolve_config(name)
         assert cfg["preset"] == name
+
+
+def test_train_step_stops_on_a_non_finite_loss_before_touching_anything():
+    from emanorm.train import NonFiniteLossError, train_step
+
+    model = torch.nn.Linear(2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+    model.after_step = lambda step, total: calls.append(step)  # the teacher update must not run
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    def nan_step(batch, step):
+        return model(batch["x"]).sum() * float("nan"), {}
+
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 7"):
+        train_step(nan_step, model, {"x": torch.ones(1, 2)}, 7, 10, optimizer, scheduler)
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+    def good_step(batch, step):
+        return model(batch["x"]).sum(), {"seen": 1.0}
+
+    _, logs = train_step(good_step, model, {"x": torch.ones(1, 2)}, 8, 10, optimizer, scheduler)
+    assert logs == {"seen": 1.0} and calls == [8] and not torch.equal(before[0], model.weight)

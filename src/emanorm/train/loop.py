@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -235,12 +236,50 @@ def prepare_run_dir(cfg: dict[str, Any], resume: bool, force: bool) -> Path:
     return run_dir
 
 
+def train_step(
+    step_fn: Callable[[dict[str, torch.Tensor], int], tuple[torch.Tensor, dict[str, Any]]],
+    method: nn.Module,
+    batch: dict[str, torch.Tensor],
+    step: int,
+    total_steps: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    amp: Callable[[], Any] = contextlib.nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One optimisation step exactly as ``emanorm train`` runs it, for loops of your own.
+
+    ``step_fn`` runs ``method.training_step`` (the method itself, its DDP wrapper or a compiled
+    version). Forward under ``amp``, a finite-loss check, backward (scaled with ``scaler``),
+    optimizer and scheduler steps, the BN-statistics all-reduce across ranks, then
+    ``method.after_step`` (the teacher update). Returns the loss and the method's logs.
+    """
+    with amp():
+        loss, logs = step_fn(batch, step)
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLossError(f"loss is {loss.item()} at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    scheduler.step()
+    average_batchnorm_statistics(method)
+    method.after_step(step, total_steps)
+    return loss, logs
+
+
 def default_run_dir(cfg: dict[str, Any]) -> str:
     return f"runs/{cfg['method']}-{cfg['norm']}-{cfg['dataset']}-s{cfg['seed']}"
 
 
 # -- the loop -----------------------------------------------------------------------------------------
-def _amp_context(device: torch.device, amp: str):
+def amp_context(device: torch.device, amp: str) -> tuple[Callable[[], Any], torch.amp.GradScaler | None]:
+    """``(autocast context factory, GradScaler or None)`` for ``amp`` (auto: bf16 on CUDA, off on CPU)."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "off"
     if amp == "off":
@@ -250,7 +289,8 @@ def _amp_context(device: torch.device, amp: str):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-def _labeled_indices(cfg: dict[str, Any], train_ds: Any) -> torch.Tensor | None:
+def labeled_subset(cfg: dict[str, Any], train_ds: Any) -> torch.Tensor | None:
+    """The labeled indices the config asks for (seeded, equal on every rank), or None for all."""
     from emanorm.data import select_labeled
 
     if not any(cfg[k] is not None for k in ("labels_per_class", "label_fraction", "label_index_csv")):
@@ -268,7 +308,8 @@ def _labeled_indices(cfg: dict[str, Any], train_ds: Any) -> torch.Tensor | None:
         raise UserError(str(err)) from None
 
 
-def _load_dataset(cfg: dict[str, Any], split: str) -> Any:
+def load_run_dataset(cfg: dict[str, Any], split: str) -> Any:
+    """Split ``split`` of the config's dataset; a missing or broken dataset is a one-line UserError."""
     from emanorm.data import load_dataset
 
     try:
@@ -327,10 +368,10 @@ def _train(
     # data
     from emanorm.data import pretrain_split
 
-    train_ds = _load_dataset(cfg, "train")
-    test_ds = _load_dataset(cfg, "test")
+    train_ds = load_run_dataset(cfg, "train")
+    test_ds = load_run_dataset(cfg, "test")
     info = train_ds.info
-    labeled = _labeled_indices(cfg, train_ds)
+    labeled = labeled_subset(cfg, train_ds)
     if labeled is None:
         labeled = (train_ds.targets >= 0).nonzero().flatten()
     split_digest = hashlib.sha1(labeled.cpu().numpy().tobytes()).hexdigest()
@@ -360,9 +401,9 @@ def _train(
         raise UserError(f"method {cfg['method']} declares no views")
     # STL-10 adds its 100k unlabeled images to the unlabeled side
     unlabeled_split = pretrain_split(cfg["dataset"])
-    unlabeled_ds = (
-        train_ds if unlabeled_split == "train" or not has_unlabeled else _load_dataset(cfg, unlabeled_split)
-    )
+    unlabeled_ds = train_ds
+    if has_unlabeled and unlabeled_split != "train":
+        unlabeled_ds = load_run_dataset(cfg, unlabeled_split)
     unlabeled_indices = torch.arange(len(unlabeled_ds))
     stream = BatchStream(
         labeled=train_ds if has_labeled else None,
@@ -402,7 +443,7 @@ def _train(
         optimizer,
         lambda s: lr_factor(s, total_steps, warmup_steps, cfg["schedule"], cfg["lr_milestones"]),
     )
-    amp, scaler = _amp_context(device, cfg["amp"])
+    amp, scaler = amp_context(device, cfg["amp"])
 
     # resume
     epoch, step_in_epoch, global_step, elapsed = 0, 0, 0, 0.0
@@ -476,24 +517,15 @@ def _train(
     while global_step < total_steps:
         stream.set_epoch(epoch, step_in_epoch)
         for batch in stream:
-            with amp():
-                loss, logs = step_fn(batch, global_step)
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {global_step}; stopped, "
-                    f"the last good checkpoint is kept at {checkpoint_file}"
+            try:
+                loss, logs = train_step(
+                    step_fn, method, batch, global_step, total_steps, optimizer, scheduler,
+                    amp=amp, scaler=scaler,
                 )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            average_batchnorm_statistics(method)
-            method.after_step(global_step, total_steps)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(
+                    f"{err}; stopped, the last good checkpoint is kept at {checkpoint_file}"
+                ) from None
             global_step += 1
             step_in_epoch += 1
             window_images += sum(v.shape[0] for k, v in batch.items() if v.dim() == 4)
