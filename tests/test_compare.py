@@ -134,6 +134,34 @@ def test_collect_and_render_results_from_entries():
     assert "loss is nan at step 3" in md
 
 
+def test_paired_differences_pair_by_seed_and_count_wins():
+    from emanorm.experiments.report import aggregate_paired, paired_differences, paired_table
+
+    def entry(variant, seed, value, status="ok"):
+        name = f"fixmatch-{variant}-s{seed}"
+        return {"name": name, "run_dir": name, "variant": variant, "method": "fixmatch", "seed": seed,
+                "status": status, "primary": value}
+
+    entries = [
+        entry("bn", 0, 60.0), entry("bn", 1, 70.0), entry("bn", 2, 65.0),
+        entry("eman", 0, 61.0), entry("eman", 1, 72.0), entry("eman", 2, 64.0),  # +1, +2, -1
+        entry("default", 0, 80.0), entry("default", 1, 99.0, status="failed"),  # only seed 0 pairs
+        entry("gn", 5, 50.0),  # no bn run with seed 5: no pair
+    ]
+    diffs = paired_differences(entries, "bn")
+    assert diffs[("eman", "fixmatch")] == {"values": [1.0, 2.0, -1.0], "seeds": [0, 1, 2], "higher": 2}
+    assert diffs[("default", "fixmatch")]["values"] == [20.0]
+    assert ("gn", "fixmatch") not in diffs and ("bn", "fixmatch") not in diffs
+    rows = _table_rows("\n" + paired_table(["bn", "eman", "default", "gn"], ["fixmatch"], diffs), "\n")
+    assert rows == [["eman", "+0.67 ± 1.53 (2/3)"], ["default", "+20.00 (1/1)"]]
+    assert aggregate_paired(diffs)["eman"]["fixmatch"]["mean"] == pytest.approx(2 / 3)
+    md = render_markdown(
+        title="t", rows=["bn", "eman"], columns=["fixmatch"], entries=entries, paired_against="bn"
+    )
+    assert _table_rows(md, "## Paired difference to `bn`")[0] == ["eman", "+0.67 ± 1.53 (2/3)"]
+    assert "## Paired" not in render_markdown(title="t", rows=["bn"], columns=["fixmatch"], entries=entries)
+
+
 def test_band_and_plot(tmp_path):
     steps, means, stds = band([[(10, 50.0), (20, 60.0)], [(10, 54.0), (20, 62.0), (30, 70.0)]])
     assert steps == [10, 20, 30]
@@ -242,6 +270,9 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert main(["compare", "--methods", "fixmatch", "--norms", "eman", "--init-from", "nowhere/run",
                  "--out", str(tmp_path), "--no-progress"]) == 2  # fmt: skip
     assert "--init-from sources are not ready: nowhere/run (not found)" in capsys.readouterr().err
+    assert main(["compare", "--methods", "fixmatch", "--norms", "bn,eman", "--paired-against", "gn",
+                 "--out", str(tmp_path), "--no-progress"]) == 2  # fmt: skip
+    assert "--paired-against 'gn' is not a row of this grid; rows: bn, eman" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was trained
 
 
@@ -273,6 +304,14 @@ def test_compare_grid_outputs_and_second_invocation_redoes_nothing(tmp_path, cap
     mean_bn = sum(r["primary"] for r in runs if r["variant"] == "bn") / 2
     assert record["tables"]["top1"]["bn"]["fixmatch"]["mean"] == pytest.approx(mean_bn)
     assert f"{mean_bn:.2f}" in rows[0][1]
+    # paired against bn (auto: the grid has a bn row): eman's per-seed differences
+    by = {(r["variant"], r["seed"]): r["primary"] for r in runs}
+    paired = record["tables"]["paired"]
+    assert paired["against"] == "bn" and list(paired["top1"]) == ["eman"]
+    assert paired["top1"]["eman"]["fixmatch"]["values"] == pytest.approx(
+        [by[("eman", s)] - by[("bn", s)] for s in (0, 1)]
+    )
+    assert _table_rows(md, "## Paired difference to `bn`")[0][0] == "eman"
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "configs" / "fixmatch-eman-s1.yaml").exists()  # `emanorm train --config` reproduces it
 

@@ -128,6 +128,13 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--which", choices=["teacher", "student"], default="teacher", help="network to report")
     ev.add_argument(
+        "--paired-against",
+        default="auto",
+        metavar="ROW",
+        help="add a table of per-seed differences of every row to ROW (e.g. bn); 'auto': bn when "
+        "there is a bn row; 'none': no such table",
+    )
+    ev.add_argument(
         "--no-linear", action="store_true", help="self-supervised columns report kNN, no linear probe"
     )
     ev.add_argument(
@@ -262,14 +269,33 @@ def _print_plan(specs) -> None:
         print(f"  {spec.name:<{width}}  {spec.state():<8}  {cfg['method']}/{cfg['norm']}, {budget}{extra}")
 
 
+def _paired_row(choice: str, rows: list[str]) -> str | None:
+    """The row ``--paired-against`` names, checked against the grid's rows."""
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return "bn" if "bn" in rows else None
+    if choice not in rows:
+        raise UserError(f"--paired-against {choice!r} is not a row of this grid; rows: {', '.join(rows)}")
+    return choice
+
+
 def run_compare(args: argparse.Namespace) -> int:
     """The ``compare`` handler: plan, train what is missing, evaluate, write the three outputs."""
     from emanorm.experiments.evaluate import DatasetCache, evaluate_run
     from emanorm.experiments.grid import check_existing, check_init_sources, run_grid
     from emanorm.experiments.plots import curves_from_entries, plot_curves
-    from emanorm.experiments.report import aggregate, collect_cells, render_markdown
+    from emanorm.experiments.report import (
+        aggregate,
+        aggregate_paired,
+        collect_cells,
+        paired_differences,
+        render_markdown,
+    )
 
     methods, variants, seeds, specs = plan_from_args(args)
+    rows = [v.label for v in variants]
+    paired_against = _paired_row(args.paired_against, rows)  # a typo fails before anything trains
     linear = _linear_settings(args)
     out = Path(args.out)
     check_existing(specs)
@@ -300,7 +326,6 @@ def run_compare(args: argparse.Namespace) -> int:
             entry.update(status="failed", error=outcome.error, log=str(out / "logs" / f"{spec.name}.log"))
         entries.append(entry)
 
-    rows = [v.label for v in variants]
     first = specs[0].config
     context = [
         f"Dataset `{first['dataset']}`, backbone `{first['backbone']}`, network evaluated: {args.which}; "
@@ -317,6 +342,7 @@ def run_compare(args: argparse.Namespace) -> int:
         context=context,
         linear=linear_dict,
         which=args.which,
+        paired_against=paired_against,
     )
     (out / "results.md").write_text(markdown)
     record = {
@@ -333,6 +359,12 @@ def run_compare(args: argparse.Namespace) -> int:
             "top1": aggregate(rows, methods, collect_cells(entries, "primary")),
             "knn": aggregate(rows, methods, collect_cells(entries, "knn")),
             "wall_clock_s": aggregate(rows, methods, collect_cells(entries, "wall_clock_s")),
+            "paired": {
+                "against": paired_against,
+                "top1": aggregate_paired(paired_differences(entries, paired_against))
+                if paired_against
+                else {},
+            },
         },
         "runs": entries,
     }

@@ -94,6 +94,81 @@ def collect_cells(entries: Iterable[Mapping[str, Any]], metric: str) -> dict[tup
     return cells
 
 
+def paired_differences(
+    entries: Iterable[Mapping[str, Any]], against: str, metric: str = "primary"
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per-seed differences of every row to row ``against``, column by column.
+
+    ``{(variant, method): {"values": [row - against per shared seed], "seeds": [...], "higher": k}}``.
+    Pairing by seed removes what the seeds share (the labeled split, the initial weights, the data
+    order), so a gap smaller than the seed-to-seed spread can still show up consistently.
+    """
+    by_cell: dict[tuple[str, str], dict[int, float]] = {}
+    for cell, seed, value in _values_by_seed(entries, metric):
+        by_cell.setdefault(cell, {})[seed] = value
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for (variant, method), values in by_cell.items():
+        base = by_cell.get((against, method))
+        if variant == against or base is None:
+            continue
+        seeds = sorted(set(values) & set(base))
+        if seeds:
+            diffs = [values[s] - base[s] for s in seeds]
+            out[(variant, method)] = {"values": diffs, "seeds": seeds, "higher": sum(d > 0 for d in diffs)}
+    return out
+
+
+def _values_by_seed(
+    entries: Iterable[Mapping[str, Any]], metric: str
+) -> Iterable[tuple[tuple[str, str], int, float]]:
+    for entry in entries:
+        if entry.get("status") != "ok" or entry.get("seed") is None:
+            continue
+        value = entry.get("primary") if metric == "primary" else entry.get("metrics", {}).get(metric)
+        if value is not None and math.isfinite(float(value)):
+            yield (entry["variant"], entry["method"]), int(entry["seed"]), float(value)
+
+
+def paired_table(
+    rows: Sequence[str],
+    columns: Sequence[str],
+    diffs: Mapping[tuple[str, str], Mapping[str, Any]],
+    *,
+    row_header: str = "norm",
+) -> str:
+    """Markdown: each cell ``+1.23 ± 0.40 (4/5)``: mean ± std of the paired differences, and on
+    how many of the paired seeds the row was higher."""
+    header = [row_header, *columns]
+    lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [diffs.get((row, col)) for col in columns]
+        if all(c is None for c in cells):
+            continue
+        parts = [_escape(row)]
+        for cell in cells:
+            if cell is None:
+                parts.append(MISSING)
+                continue
+            stats = summarize(cell["values"])
+            assert stats is not None
+            spread = f" ± {stats.std:.2f}" if stats.n > 1 else ""
+            parts.append(f"{stats.mean:+.2f}{spread} ({cell['higher']}/{stats.n})")
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def aggregate_paired(
+    diffs: Mapping[tuple[str, str], Mapping[str, Any]],
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """JSON form of :func:`paired_differences`: ``{row: {column: {mean, std, n, values, seeds, higher}}}``."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for (row, col), cell in diffs.items():
+        stats = summarize(cell["values"])
+        assert stats is not None
+        table.setdefault(row, {})[col] = {"mean": stats.mean, "std": stats.std, "n": stats.n, **cell}
+    return table
+
+
 def aggregate(
     rows: Sequence[str], columns: Sequence[str], cells: Mapping[tuple[str, str], Sequence[float]]
 ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -144,8 +219,10 @@ def render_markdown(
     linear: Mapping[str, Any] | None = None,
     which: str = "teacher",
     row_header: str = "norm",
+    paired_against: str | None = None,
 ) -> str:
-    """``results.md``: the Table-1-style accuracy table, kNN, wall-clock, and the runs left out."""
+    """``results.md``: the Table-1-style accuracy table, paired differences to ``paired_against``
+    (when given), kNN, wall-clock, and the runs left out."""
     lines = [f"# {title}", ""]
     lines += [*context, ""] if context else []
     lines += [
@@ -155,6 +232,20 @@ def render_markdown(
         "",
         markdown_table(rows, columns, collect_cells(entries, "primary"), row_header=row_header),
         "",
+    ]
+    if paired_against is not None:
+        diffs = paired_differences(entries, paired_against)
+        lines += [
+            f"## Paired difference to `{paired_against}` (points)",
+            "",
+            f"Each seed's top-1 minus the top-1 of the `{paired_against}` run with the same seed (same "
+            "labeled split, initial weights and data order); mean ± std over seeds, and (k/n): on k of "
+            f"the n paired seeds the row beat `{paired_against}`.",
+            "",
+            paired_table(rows, columns, diffs, row_header=row_header) if diffs else "(no paired seeds yet)",
+            "",
+        ]
+    lines += [
         "## kNN accuracy (%)",
         "",
         f"Weighted kNN (k as in each run's config) on frozen {which} features at the end of training.",
