@@ -231,6 +231,7 @@ def test_plan_grid_names_configs_and_special_rows(tmp_path):
     # the supervised row: the FixMatch column's labels and budget, no FixMatch options, not for MoCo
     sup = by_name["fixmatch-supervised-from-scratch-s0"].config
     assert sup["method"] == "supervised" and sup["norm"] == "default"
+    assert sup["eval_every"] == 0  # its epochs are passes over the labels: monitored at the end only
     assert sup["method_args"] == {"label_smoothing": 0.1}  # only its own --method-arg
     assert sup["labels_per_class"] == by_name["fixmatch-eman-from-scratch-s0"].config["labels_per_class"]
     assert not any(n.startswith("moco-supervised") for n in names)

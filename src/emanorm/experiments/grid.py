@@ -267,7 +267,10 @@ def build_variants(
     variants.extend(custom)
     if supervised:
         columns = tuple(m for m in SEMI_SUPERVISED if m != "supervised")
-        variants.append(Variant("supervised", {"norm": "default"}, method="supervised", only=columns))
+        # Evaluated at the end only: its epochs are passes over the few labeled images, so an
+        # epoch-based monitor (--eval-every) would evaluate at almost every step.
+        overrides = {"norm": "default", "eval_every": 0}
+        variants.append(Variant("supervised", overrides, method="supervised", only=columns))
     if init_from:
         crossed = []
         for variant in variants:
