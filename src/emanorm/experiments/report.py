@@ -254,7 +254,8 @@ def render_markdown(
         "",
         "## Wall-clock per run (s)",
         "",
-        "Training time from each run's summary.json (mean ± std over seeds), evaluation excluded.",
+        "Training time from each run's summary.json (mean ± std over seeds): the trainer's own kNN "
+        "monitor (--eval-every) included, compare's evaluation after training (linear probe) excluded.",
         "",
         markdown_table(
             rows, columns, collect_cells(entries, "wall_clock_s"), row_header=row_header, digits=1
