@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,8 @@ def plot_curves(
         else:
             ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_ylabel(ylabel)
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the figure's width: a one-panel figure is narrow
+        fig.suptitle("\n".join(textwrap.wrap(title, width=int(11 * 4.2 * max(1, len(methods))))))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
