@@ -226,3 +226,10 @@ def test_train_step_stops_on_a_non_finite_loss_before_touching_anything():
 
     _, logs = train_step(good_step, model, {"x": torch.ones(1, 2)}, 8, 10, optimizer, scheduler)
     assert logs == {"seen": 1.0} and calls == [8] and not torch.equal(before[0], model.weight)
+
+    # a finite loss whose update makes the weights non-finite stops before the teacher moves
+    for group in optimizer.param_groups:
+        group["lr"] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="parameters became non-finite at step 9"):
+        train_step(good_step, model, {"x": torch.ones(1, 2)}, 9, 10, optimizer, scheduler)
+    assert calls == [8]

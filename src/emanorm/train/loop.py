@@ -251,9 +251,10 @@ def train_step(
     """One optimisation step exactly as ``emanorm train`` runs it, for loops of your own.
 
     ``step_fn`` runs ``method.training_step`` (the method itself, its DDP wrapper or a compiled
-    version). Forward under ``amp``, a finite-loss check, backward (scaled with ``scaler``),
-    optimizer and scheduler steps, the BN-statistics all-reduce across ranks, then
-    ``method.after_step`` (the teacher update). Returns the loss and the method's logs.
+    version). Forward under ``amp``, a finite-loss check, backward (scaled with ``scaler``), the
+    optimizer step, a finite-weights check, the scheduler step, the BN-statistics all-reduce
+    across ranks, then ``method.after_step`` (the teacher update). Returns the loss and the
+    method's logs; raises :class:`NonFiniteLossError` before the teacher moves.
     """
     with amp():
         loss, logs = step_fn(batch, step)
@@ -267,6 +268,13 @@ def train_step(
     else:
         loss.backward()
         optimizer.step()
+    # A finite loss can still step into non-finite weights (a huge lr): stop before the teacher
+    # copies them and before any checkpoint holds them.
+    params = [p.detach() for group in optimizer.param_groups for p in group["params"]]
+    if params and not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():
+        raise NonFiniteLossError(
+            f"parameters became non-finite at step {step}; the loss was {loss.item():.4g}"
+        )
     scheduler.step()
     average_batchnorm_statistics(method)
     method.after_step(step, total_steps)
