@@ -80,18 +80,24 @@ def collect_cells(entries: Iterable[Mapping[str, Any]], metric: str) -> dict[tup
     """``{(variant, method): [value per seed]}`` from raw entries holding ``metrics[metric]``
     (``metric="primary"`` takes each entry's protocol metric, ``"wall_clock_s"`` its wall-clock)."""
     cells: dict[tuple[str, str], list[float]] = {}
+    for entry, value in _entry_values(entries, metric):
+        cells.setdefault((entry["variant"], entry["method"]), []).append(value)
+    return cells
+
+
+def _entry_values(
+    entries: Iterable[Mapping[str, Any]], metric: str
+) -> Iterable[tuple[Mapping[str, Any], float]]:
+    """``(entry, value)`` of every successful entry that holds ``metric`` (see :func:`collect_cells`)."""
     for entry in entries:
         if entry.get("status") != "ok":
             continue
-        if metric == "primary":
-            value = entry.get("primary")
-        elif metric == "wall_clock_s":
-            value = entry.get("wall_clock_s")
+        if metric in ("primary", "wall_clock_s"):
+            value = entry.get(metric)
         else:
             value = entry.get("metrics", {}).get(metric)
         if value is not None:
-            cells.setdefault((entry["variant"], entry["method"]), []).append(float(value))
-    return cells
+            yield entry, float(value)
 
 
 def paired_differences(
@@ -104,8 +110,9 @@ def paired_differences(
     order), so a gap smaller than the seed-to-seed spread can still show up consistently.
     """
     by_cell: dict[tuple[str, str], dict[int, float]] = {}
-    for cell, seed, value in _values_by_seed(entries, metric):
-        by_cell.setdefault(cell, {})[seed] = value
+    for entry, value in _entry_values(entries, metric):
+        if entry.get("seed") is not None and math.isfinite(value):
+            by_cell.setdefault((entry["variant"], entry["method"]), {})[int(entry["seed"])] = value
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for (variant, method), values in by_cell.items():
         base = by_cell.get((against, method))
@@ -116,17 +123,6 @@ def paired_differences(
             diffs = [values[s] - base[s] for s in seeds]
             out[(variant, method)] = {"values": diffs, "seeds": seeds, "higher": sum(d > 0 for d in diffs)}
     return out
-
-
-def _values_by_seed(
-    entries: Iterable[Mapping[str, Any]], metric: str
-) -> Iterable[tuple[tuple[str, str], int, float]]:
-    for entry in entries:
-        if entry.get("status") != "ok" or entry.get("seed") is None:
-            continue
-        value = entry.get("primary") if metric == "primary" else entry.get("metrics", {}).get(metric)
-        if value is not None and math.isfinite(float(value)):
-            yield (entry["variant"], entry["method"]), int(entry["seed"]), float(value)
 
 
 def paired_table(
