@@ -385,3 +385,47 @@ def test_compare_self_supervised_linear_probe_and_failed_runs(tmp_path, capsys, 
     assert main([*argv, "--report-only"]) == 0
     assert cache.stat().st_mtime_ns == before
     assert json.loads((out / "results.json").read_text())["runs"][0]["primary"] == ok["primary"]
+
+
+@needs_fmnist
+def test_compare_merges_seeds_trained_elsewhere(tmp_path, capsys, one_thread):
+    """--merge-results: a grid reported from runs finished elsewhere plus the ones trained here."""
+    grid = ["compare", "--methods", "fixmatch", "--norms", "eman", "--set", "labels_per_class=4", *TINY]
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main([*grid, "--seeds", "1", "--out", str(first)]) == 0
+    earlier = json.loads((first / "results.json").read_text())["runs"][0]
+    capsys.readouterr()
+
+    merge = ["--merge-results", str(first / "results.json")]
+    # a budget that does not match the file's run is refused before anything trains
+    assert main([*grid, "--seeds", "2", "--max-steps", "3", "--out", str(second), *merge]) == 2
+    assert (
+        "fixmatch-eman-s0 is not the run this grid plans (steps: 2 there, 3 here)" in capsys.readouterr().err
+    )
+    assert not (second / "runs").exists()
+
+    assert main([*grid, "--seeds", "2", "--out", str(second), *merge, "--dry-run"]) == 0
+    err_out = capsys.readouterr()
+    assert "0 finished, 0 to resume, 1 new, 1 from --merge-results" in err_out.err
+    assert "fixmatch-eman-s0  merged" in err_out.out
+
+    assert main([*grid, "--seeds", "2", "--out", str(second), *merge]) == 0
+    assert not (second / "runs" / "fixmatch-eman-s0").exists()  # seed 0 is not trained again
+    record = json.loads((second / "results.json").read_text())
+    runs = {r["seed"]: r for r in record["runs"]}
+    assert runs[0]["merged_from"] == str(first / "results.json") and "merged_from" not in runs[1]
+    assert runs[0]["primary"] == earlier["primary"] and runs[0]["run_dir"] == earlier["run_dir"]
+    assert runs[1]["status"] == "ok" and Path(runs[1]["run_dir"]).parent == second / "runs"
+    cell = record["tables"]["top1"]["eman"]["fixmatch"]
+    assert cell["n"] == 2 and cell["values"] == [runs[0]["primary"], runs[1]["primary"]]
+    assert record["merged_from"] == [str(first / "results.json")]
+    md = (second / "results.md").read_text()
+    assert f"Reported from `{first / 'results.json'}`" in md and "`fixmatch-eman-s0`" in md
+    assert _table_rows(md, "## Top-1")[0][-1] == "2"
+
+    # a run finished in --out wins over the file's; an unreadable file is a one-line error
+    assert main([*grid, "--seeds", "2", "--out", str(first), *merge, "--report-only"]) == 0
+    assert "merged_from" not in json.loads((first / "results.json").read_text())["runs"][0]
+    (tmp_path / "bad.json").write_text("{")
+    assert main([*grid, "--out", str(second), "--merge-results", str(tmp_path / "bad.json")]) == 2
+    assert "not readable as JSON" in capsys.readouterr().err

@@ -165,6 +165,14 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     run.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
     run.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
+    run.add_argument(
+        "--merge-results",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an earlier compare's results.json (repeatable): its finished runs that are not finished "
+        "in OUT are reported from it and not trained, e.g. seeds trained elsewhere",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_compare)
     return p
@@ -260,13 +268,16 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
-def _print_plan(specs) -> None:
+def _print_plan(specs, merged) -> None:
     width = max(len(s.name) for s in specs)
     for spec in specs:
         cfg = spec.config
         budget = f"{cfg['max_steps']} steps" if cfg["max_steps"] else f"{cfg['epochs']} epochs"
         extra = f", init from {cfg['init_from']}" if cfg.get("init_from") else ""
-        print(f"  {spec.name:<{width}}  {spec.state():<8}  {cfg['method']}/{cfg['norm']}, {budget}{extra}")
+        if merged.covers(spec):
+            extra += f", reported from {merged.entries[spec.name][0]}"
+        state = "merged" if merged.covers(spec) else spec.state()
+        print(f"  {spec.name:<{width}}  {state:<8}  {cfg['method']}/{cfg['norm']}, {budget}{extra}")
 
 
 def _paired_row(choice: str, rows: list[str]) -> str | None:
@@ -282,7 +293,7 @@ def _paired_row(choice: str, rows: list[str]) -> str | None:
 
 def run_compare(args: argparse.Namespace) -> int:
     """The ``compare`` handler: plan, train what is missing, evaluate, write the three outputs."""
-    from emanorm.experiments.evaluate import DatasetCache, evaluate_run
+    from emanorm.experiments.evaluate import DatasetCache, MergedResults, evaluate_run
     from emanorm.experiments.grid import check_existing, check_init_sources, run_grid
     from emanorm.experiments.plots import curves_from_entries, plot_curves
     from emanorm.experiments.report import (
@@ -298,28 +309,34 @@ def run_compare(args: argparse.Namespace) -> int:
     paired_against = _paired_row(args.paired_against, rows)  # a typo fails before anything trains
     linear = _linear_settings(args)
     out = Path(args.out)
-    check_existing(specs)
-    states = [s.state() for s in specs]
+    merged = MergedResults(args.merge_results, which=args.which, linear=linear)
+    from_files = {s.name: merged.entry(s) for s in specs if merged.covers(s)}  # checked before training
+    to_train = [s for s in specs if s.name not in from_files]
+    check_existing(to_train)
+    states = [s.state() for s in to_train]
     print(
         f"compare: {len(specs)} runs ({len(variants)} rows x {len(methods)} methods x {len(seeds)} seeds): "
         f"{states.count('finished')} finished, {states.count('partial')} to resume, "
-        f"{states.count('new')} new",
+        f"{states.count('new')} new" + (f", {len(from_files)} from --merge-results" if from_files else ""),
         file=sys.stderr,
     )
     if args.dry_run:
-        _print_plan(specs)
+        _print_plan(specs, merged)
         return 0
     outcomes = {}
-    if not args.report_only:
-        check_init_sources(specs)
+    if not args.report_only and to_train:
+        check_init_sources(to_train)
         out.mkdir(parents=True, exist_ok=True)
         outcomes = {
-            o.spec.name: o for o in run_grid(specs, out, jobs=args.jobs, progress=not args.no_progress)
+            o.spec.name: o for o in run_grid(to_train, out, jobs=args.jobs, progress=not args.no_progress)
         }
 
     datasets = DatasetCache()
     entries = []
     for spec in specs:
+        if spec.name in from_files:
+            entries.append(from_files[spec.name])
+            continue
         entry = evaluate_run(spec, which=args.which, linear=linear, datasets=datasets)
         outcome = outcomes.get(spec.name)
         if outcome is not None and outcome.status == "failed":
@@ -332,6 +349,12 @@ def run_compare(args: argparse.Namespace) -> int:
         f"seeds {', '.join(map(str, seeds))}.",
         f"Command: `{command_line(args)}`",
     ]
+    for path in args.merge_results:
+        names = [e["name"] for e in entries if e.get("merged_from") == path]
+        if names:
+            context.append(
+                f"Reported from `{path}` (trained elsewhere, not here): {', '.join(f'`{n}`' for n in names)}."
+            )
     linear_dict = linear.as_dict() if linear else None
     out.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(
@@ -354,6 +377,7 @@ def run_compare(args: argparse.Namespace) -> int:
             {"label": v.label, "overrides": v.overrides, "method": v.method, "only": v.only} for v in variants
         ],
         "seeds": seeds,
+        "merged_from": list(args.merge_results),
         "linear": linear_dict,
         "tables": {
             "top1": aggregate(rows, methods, collect_cells(entries, "primary")),

@@ -240,3 +240,90 @@ def evaluate_run(
     if primary_key in metrics:
         entry["primary"] = metrics[primary_key]
     return entry
+
+
+# -- runs reported from an earlier results.json ------------------------------------------------------
+
+
+class MergedResults:
+    """Finished runs taken from earlier ``results.json`` files (``compare --merge-results``).
+
+    A grid can be trained in parts (seeds 0-1 on one machine, 2-4 on another, or a table that
+    grows over sessions) and reported as one. A run is taken from a file only when it is not
+    finished in this grid's own ``--out``; it is then not trained here. The entry must agree with
+    the planned run on its identity (row label, column, seed), its normalization and method, and
+    its budget; the files must use the same evaluated network and linear-probe protocol.
+    """
+
+    def __init__(
+        self, paths: list[str] | tuple[str, ...], *, which: str, linear: LinearSettings | None
+    ) -> None:
+        self.entries: dict[str, tuple[str, dict[str, Any]]] = {}
+        for path in paths:
+            record = self._read(Path(path))
+            if record.get("which") != which:
+                raise UserError(
+                    f"--merge-results {path} reports the {record.get('which')}; this grid the {which}"
+                )
+            for entry in record["runs"]:
+                if entry.get("status") != "ok":
+                    continue  # not finished there: it trains here
+                if entry.get("protocol") == "linear":
+                    self._check_linear(path, entry, linear)
+                name = entry["name"]
+                if name in self.entries:
+                    raise UserError(
+                        f"run {name} is in both --merge-results {self.entries[name][0]} and {path}"
+                    )
+                self.entries[name] = (path, entry)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"--merge-results {path}: no such file") from None
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"--merge-results {path}: not readable as JSON ({err})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("runs"), list):
+            raise UserError(f"--merge-results {path}: not a results.json of emanorm compare (no 'runs' list)")
+        return record
+
+    @staticmethod
+    def _check_linear(path: str, entry: dict[str, Any], linear: LinearSettings | None) -> None:
+        if linear is None:
+            raise UserError(
+                f"--merge-results {path}: {entry['name']} was scored by a linear probe; "
+                "this grid has --no-linear"
+            )
+        theirs = {k: entry.get("linear", {}).get(k) for k in linear.as_dict()}
+        ours = linear.as_dict()
+        differ = sorted(k for k in ours if theirs[k] != ours[k])
+        if differ:
+            diffs = ", ".join(f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in differ)
+            raise UserError(f"--merge-results {path}: {entry['name']} used another linear probe ({diffs})")
+
+    def covers(self, spec: RunSpec) -> bool:
+        """Whether ``spec`` is reported from a file instead of trained: in a file, not finished here."""
+        return spec.name in self.entries and spec.state() != "finished"
+
+    def entry(self, spec: RunSpec) -> dict[str, Any]:
+        """The file's entry for ``spec``, checked against the planned run, marked with its source."""
+        path, entry = self.entries[spec.name]
+        cfg = spec.config
+        expected = {
+            "variant": spec.variant,
+            "method": spec.method,
+            "seed": spec.seed,
+            "norm": cfg["norm"],
+            "run_method": cfg["method"],
+        }
+        if cfg.get("max_steps"):
+            expected["steps"] = cfg["max_steps"]
+        else:
+            expected["epochs"] = cfg["epochs"]
+        differ = sorted(k for k, v in expected.items() if entry.get(k) != v)
+        if differ:
+            diffs = ", ".join(f"{k}: {entry.get(k)!r} there, {expected[k]!r} here" for k in differ)
+            raise UserError(f"--merge-results {path}: {spec.name} is not the run this grid plans ({diffs})")
+        return {**entry, "merged_from": path}
