@@ -11,6 +11,7 @@ import gzip
 import os
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,18 @@ from emanorm.data.datasets import FASHION_MNIST_SYSTEM_DIR
 # machine oversubscribes it); subprocesses started by tests inherit the same setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+def torchrun_command(nproc: int, *target: str, dist_timeout_s: int) -> tuple[list[str], dict[str, str]]:
+    """``python -m torch.distributed.run`` with ``nproc`` CPU ranks on this machine, one thread each.
+
+    ``target`` is what torchrun starts (a script and its arguments, or ``-m emanorm ...``). The
+    ranks give up on a dead peer after ``dist_timeout_s`` (emanorm's ``EMANORM_DIST_TIMEOUT``), so
+    a fault test fails in bounded time instead of hanging. Returns ``(command, env)``.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EMANORM_DIST_TIMEOUT": str(dist_timeout_s)}
+    return [*command, *target], env
+
 
 # -- writers (plain functions, usable from any test) ------------------------------------------------
 

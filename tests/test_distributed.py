@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import torchrun_command
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 pytestmark = [
@@ -41,17 +41,7 @@ CASES = {
 def torchrun(tmp_path: Path, overrides: dict, nproc: int = 2) -> subprocess.CompletedProcess:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EMANORM_DIST_TIMEOUT": "60"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--standalone",
-        str(script),
-        json.dumps(overrides),
-    ]
+    command, env = torchrun_command(nproc, str(script), json.dumps(overrides), dist_timeout_s=60)
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import torchrun_command
 from emanorm.data import DatasetInfo, ImageDataset
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
@@ -336,21 +337,8 @@ def test_a_corrupt_image_names_the_file(tmp_path, corrupt_folder_dir):
 def test_a_killed_rank_stops_the_job_and_resume_completes(tmp_path):
     out = tmp_path / "run"
     fixmatch = [*RESUME_CASES["fixmatch"], "--checkpoint-every-steps", "2", *TINY, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EMANORM_DIST_TIMEOUT": "30"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "emanorm",
-        "train",
-        *fixmatch,
-        "--max-steps",
-        "400",
-    ]
+    train_args = [*fixmatch, "--max-steps", "400"]
+    command, env = torchrun_command(2, "-m", "emanorm", "train", *train_args, dist_timeout_s=30)
     launcher = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
