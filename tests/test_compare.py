@@ -399,9 +399,9 @@ def test_compare_merges_seeds_trained_elsewhere(tmp_path, capsys, one_thread):
     merge = ["--merge-results", str(first / "results.json")]
     # a budget that does not match the file's run is refused before anything trains
     assert main([*grid, "--seeds", "2", "--max-steps", "3", "--out", str(second), *merge]) == 2
-    assert (
-        "fixmatch-eman-s0 is not the run this grid plans (steps: 2 there, 3 here)" in capsys.readouterr().err
-    )
+    refused = capsys.readouterr().err
+    assert "fixmatch-eman-s0 is not the run this grid plans" in refused
+    assert "(budget: {'max_steps': 2} there, {'max_steps': 3} here)" in refused
     assert not (second / "runs").exists()
 
     assert main([*grid, "--seeds", "2", "--out", str(second), *merge, "--dry-run"]) == 0
@@ -429,3 +429,66 @@ def test_compare_merges_seeds_trained_elsewhere(tmp_path, capsys, one_thread):
     (tmp_path / "bad.json").write_text("{")
     assert main([*grid, "--out", str(second), "--merge-results", str(tmp_path / "bad.json")]) == 2
     assert "not readable as JSON" in capsys.readouterr().err
+
+
+def test_merged_results_check_each_entry_against_the_planned_run(tmp_path):
+    """MergedResults on hand-written records: identity, budget, protocol and probe must match."""
+    from emanorm.experiments.evaluate import LinearSettings, MergedResults
+    from emanorm.experiments.grid import RunSpec
+
+    linear = LinearSettings(fraction=0.1, epochs=5, lrs=(1.0,))
+
+    def spec(method="fixmatch", variant="eman", seed=0, **cfg):
+        name = f"{method}-{variant}-s{seed}"
+        config = {"norm": "eman", "method": method, "max_steps": 100, "epochs": 3, **cfg}
+        return RunSpec(variant, method, seed, name, tmp_path / "out" / name, config)
+
+    def entry(method="fixmatch", variant="eman", seed=0, **fields):
+        protocol = "test_acc" if method == "fixmatch" else "linear"
+        return {"name": f"{method}-{variant}-s{seed}", "variant": variant, "method": method, "seed": seed,
+                "norm": "eman", "run_method": method, "status": "ok", "primary": 70.0, "protocol": protocol,
+                "budget": {"max_steps": 100}, **fields}  # fmt: skip
+
+    def merged(*entries, which="teacher", probe=linear):
+        path = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
+        path.write_text(json.dumps({"which": "teacher", "runs": list(entries)}))
+        return MergedResults([str(path)], which=which, linear=probe), str(path)
+
+    ok, path = merged(entry())
+    assert ok.covers(spec()) and ok.entry(spec())["merged_from"] == path
+    assert not ok.covers(spec(seed=1))  # not in the file: trains here
+    (spec().run_dir).mkdir(parents=True)
+    (spec().run_dir / "summary.json").write_text("{}")
+    assert not ok.covers(spec())  # finished in --out: --out wins
+
+    for planned, differs in [
+        (spec(variant="bn", norm="bn"), None),  # another row: another name, not covered
+        (spec(norm="bn"), "norm: 'eman' there, 'bn' here"),
+        (spec(method="fixmatch", seed=0, max_steps=200), "budget"),
+    ]:
+        fresh, _ = merged(entry())
+        if differs is None:
+            assert not fresh.covers(planned)
+            continue
+        with pytest.raises(UserError, match=differs):
+            fresh.entry(planned)
+    # a kNN-scored self-supervised run never stands in for a linear-probe one, nor another probe
+    knn, _ = merged(entry("byol", protocol="knn"))
+    with pytest.raises(UserError, match="protocol: 'knn' there, 'linear' here"):
+        knn.entry(spec("byol"))
+    other_probe, _ = merged(entry("byol", linear={**linear.as_dict(), "epochs": 50}))
+    with pytest.raises(UserError, match=r"another linear probe .*epochs: 50 there, 5 here"):
+        other_probe.entry(spec("byol"))
+    same_probe, _ = merged(entry("byol", linear=linear.as_dict()))
+    assert same_probe.entry(spec("byol"))["primary"] == 70.0
+    # unfinished or unscored entries are not merged: those runs train here
+    for unfinished in (entry(status="failed"), entry(primary=None)):
+        assert not merged(unfinished)[0].covers(spec())
+    # one-line errors for records that are not compare's
+    with pytest.raises(UserError, match="evaluated the teacher"):
+        merged(entry(), which="student")
+    (tmp_path / "bad.json").write_text(json.dumps({"which": "teacher", "runs": [{"status": "ok"}]}))
+    with pytest.raises(UserError, match="run #0 has no name"):
+        MergedResults([str(tmp_path / "bad.json")], which="teacher", linear=None)
+    with pytest.raises(UserError, match="no such file"):
+        MergedResults([str(tmp_path / "none.json")], which="teacher", linear=None)

@@ -214,7 +214,7 @@ def evaluate_run(
         metrics["test_acc"] = float(final[f"test_acc_{which}"])
     entry.update(
         status="ok",
-        protocol="test_acc" if semi else ("linear" if linear else "knn"),
+        protocol=expected_protocol(cfg["method"], linear),
         final=final,
         steps=summary.get("steps"),
         epochs=summary.get("epochs"),
@@ -222,6 +222,7 @@ def evaluate_run(
         wall_clock_s=summary.get("wall_clock_s"),
         test_images=cfg.get("monitor_test_size") or "all",
         curve=read_curve(spec.run_dir, f"knn_{which}"),
+        budget=planned_budget(cfg),
     )
     if not semi and linear is not None:
         try:
@@ -245,37 +246,49 @@ def evaluate_run(
 # -- runs reported from an earlier results.json ------------------------------------------------------
 
 
+def planned_budget(cfg: dict[str, Any]) -> dict[str, int]:
+    """A run's budget as configured: ``{"max_steps": N}`` or ``{"epochs": E}``."""
+    return {"max_steps": cfg["max_steps"]} if cfg.get("max_steps") else {"epochs": cfg["epochs"]}
+
+
+def expected_protocol(method: str, linear: LinearSettings | None) -> str:
+    """How compare scores a run of ``method``: ``test_acc``, ``linear`` or ``knn``."""
+    return "test_acc" if is_semi_supervised(method) else ("linear" if linear else "knn")
+
+
 class MergedResults:
     """Finished runs taken from earlier ``results.json`` files (``compare --merge-results``).
 
     A grid can be trained in parts (seeds 0-1 on one machine, 2-4 on another, or a table that
     grows over sessions) and reported as one. A run is taken from a file only when it is not
     finished in this grid's own ``--out``; it is then not trained here. The entry must agree with
-    the planned run on its identity (row label, column, seed), its normalization and method, and
-    its budget; the files must use the same evaluated network and linear-probe protocol.
+    the planned run on its identity (row label, column, seed), its normalization and method, its
+    budget and how it was scored (test accuracy, linear probe with the same settings, or kNN).
     """
 
     def __init__(
         self, paths: list[str] | tuple[str, ...], *, which: str, linear: LinearSettings | None
     ) -> None:
-        self.entries: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.linear = linear
+        self.entries: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        seen: set[Path] = set()
         for path in paths:
+            if Path(path).resolve() in seen:
+                continue  # the same file named twice
+            seen.add(Path(path).resolve())
             record = self._read(Path(path))
-            if record.get("which") != which:
+            if record["which"] != which:
                 raise UserError(
-                    f"--merge-results {path} reports the {record.get('which')}; this grid the {which}"
+                    f"--merge-results {path} evaluated the {record['which']} (--which); this grid the {which}"
                 )
-            for entry in record["runs"]:
-                if entry.get("status") != "ok":
-                    continue  # not finished there: it trains here
-                if entry.get("protocol") == "linear":
-                    self._check_linear(path, entry, linear)
-                name = entry["name"]
-                if name in self.entries:
+            for number, entry in enumerate(record["runs"]):
+                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                     raise UserError(
-                        f"run {name} is in both --merge-results {self.entries[name][0]} and {path}"
+                        f"--merge-results {path}: run #{number} has no name; not a compare record"
                     )
-                self.entries[name] = (path, entry)
+                if entry.get("status") == "ok" and isinstance(entry.get("primary"), (int, float)):
+                    self.entries.setdefault(entry["name"], []).append((path, entry))
+                # anything else (failed, missing, unscored) is not finished there: it trains here
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:
@@ -285,23 +298,9 @@ class MergedResults:
             raise UserError(f"--merge-results {path}: no such file") from None
         except (OSError, json.JSONDecodeError) as err:
             raise UserError(f"--merge-results {path}: not readable as JSON ({err})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("runs"), list):
-            raise UserError(f"--merge-results {path}: not a results.json of emanorm compare (no 'runs' list)")
+        if not isinstance(record, dict) or not isinstance(record.get("runs"), list) or "which" not in record:
+            raise UserError(f"--merge-results {path}: not a results.json of emanorm compare")
         return record
-
-    @staticmethod
-    def _check_linear(path: str, entry: dict[str, Any], linear: LinearSettings | None) -> None:
-        if linear is None:
-            raise UserError(
-                f"--merge-results {path}: {entry['name']} was scored by a linear probe; "
-                "this grid has --no-linear"
-            )
-        theirs = {k: entry.get("linear", {}).get(k) for k in linear.as_dict()}
-        ours = linear.as_dict()
-        differ = sorted(k for k in ours if theirs[k] != ours[k])
-        if differ:
-            diffs = ", ".join(f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in differ)
-            raise UserError(f"--merge-results {path}: {entry['name']} used another linear probe ({diffs})")
 
     def covers(self, spec: RunSpec) -> bool:
         """Whether ``spec`` is reported from a file instead of trained: in a file, not finished here."""
@@ -309,21 +308,38 @@ class MergedResults:
 
     def entry(self, spec: RunSpec) -> dict[str, Any]:
         """The file's entry for ``spec``, checked against the planned run, marked with its source."""
-        path, entry = self.entries[spec.name]
+        sources = self.entries[spec.name]
+        if len(sources) > 1:
+            raise UserError(
+                f"run {spec.name} is in several --merge-results: {', '.join(p for p, _ in sources)}"
+            )
+        path, entry = sources[0]
         cfg = spec.config
-        expected = {
+        expected: dict[str, Any] = {
             "variant": spec.variant,
             "method": spec.method,
             "seed": spec.seed,
             "norm": cfg["norm"],
             "run_method": cfg["method"],
+            "protocol": expected_protocol(cfg["method"], self.linear),
         }
-        if cfg.get("max_steps"):
-            expected["steps"] = cfg["max_steps"]
+        budget = planned_budget(cfg)
+        if "budget" in entry:
+            expected["budget"] = budget
+        elif "max_steps" in budget:  # files written before entries recorded their budget
+            expected["steps"] = budget["max_steps"]
         else:
-            expected["epochs"] = cfg["epochs"]
+            expected["epochs"] = budget["epochs"]
         differ = sorted(k for k, v in expected.items() if entry.get(k) != v)
         if differ:
             diffs = ", ".join(f"{k}: {entry.get(k)!r} there, {expected[k]!r} here" for k in differ)
             raise UserError(f"--merge-results {path}: {spec.name} is not the run this grid plans ({diffs})")
+        if expected["protocol"] == "linear":
+            assert self.linear is not None
+            theirs = entry.get("linear") if isinstance(entry.get("linear"), dict) else {}
+            ours = self.linear.as_dict()
+            differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+            if differ:
+                diffs = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in differ)
+                raise UserError(f"--merge-results {path}: {spec.name} used another linear probe ({diffs})")
         return {**entry, "merged_from": path}
