@@ -177,6 +177,18 @@ def read_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
     return points
 
 
+def run_identity(spec: RunSpec) -> dict[str, Any]:
+    """What a run is in the grid: row label, column, the method it trains, its norm and seed."""
+    cfg = spec.config
+    return {
+        "variant": spec.variant,
+        "method": spec.method,
+        "run_method": cfg["method"],
+        "norm": cfg["norm"],
+        "seed": spec.seed,
+    }
+
+
 def evaluate_run(
     spec: RunSpec,
     *,
@@ -189,11 +201,7 @@ def evaluate_run(
     cfg = spec.config
     entry: dict[str, Any] = {
         "name": spec.name,
-        "variant": spec.variant,
-        "method": spec.method,
-        "run_method": cfg["method"],
-        "norm": cfg["norm"],
-        "seed": spec.seed,
+        **run_identity(spec),
         "run_dir": str(spec.run_dir),
         "status": "missing",
         "metrics": {},
@@ -315,14 +323,7 @@ class MergedResults:
             )
         path, entry = sources[0]
         cfg = spec.config
-        expected: dict[str, Any] = {
-            "variant": spec.variant,
-            "method": spec.method,
-            "seed": spec.seed,
-            "norm": cfg["norm"],
-            "run_method": cfg["method"],
-            "protocol": expected_protocol(cfg["method"], self.linear),
-        }
+        expected = {**run_identity(spec), "protocol": expected_protocol(cfg["method"], self.linear)}
         budget = planned_budget(cfg)
         if "budget" in entry:
             expected["budget"] = budget
