@@ -37,21 +37,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms as T
 
-from emanorm.data import BatchStream, DatasetInfo, TensorImageDataset, eval_batches, pretrain_split
+from emanorm.data import DatasetInfo, TensorImageDataset, eval_batches
 from emanorm.data.augment import blur_kernel_size
 from emanorm.models import Classifier, MLPHead, build_backbone
-from emanorm.optim import build_optimizer
-from emanorm.train import resolve_config
-from emanorm.train.distributed import pick_device
-from emanorm.train.loop import (
-    amp_context,
-    labeled_subset,
-    load_run_dataset,
-    lr_factor,
-    make_method,
-    train_step,
-    use_channels_last,
-)
+from emanorm.train import build_run, resolve_config, train_step
+from emanorm.train.distributed import pick_device, single_process
+from emanorm.train.recipe import labeled_subset, load_run_dataset
 
 #: The preset each benchmarked method runs (the CPU-sized recipes `emanorm train` uses).
 PRESETS = {"fixmatch": "small-fixmatch", "moco": "small-moco", "byol": "small-byol"}
@@ -190,68 +181,34 @@ class Path_:
 
 
 class EmanormPath(Path_):
-    """emanorm's training step as ``emanorm train`` runs it (emanorm/train/loop.py, one process).
+    """emanorm's training step as ``emanorm train`` runs it (one process).
 
-    Built from the trainer's own pieces (``make_method``, ``BatchStream``, ``build_optimizer``,
-    ``lr_factor``, ``amp_context``, ``use_channels_last``, the compile switch) in the trainer's
-    order; each step is the trainer's own ``train_step``, plus its log record every ``log_every``.
+    Built by the trainer's own recipe (``emanorm.train.build_run``: method, stream, optimizer,
+    schedule, AMP, channels_last, the compile switch); each step is the trainer's own
+    ``train_step``, plus its log record every ``log_every``.
     """
 
     name = "emanorm"
 
     def __init__(self, cfg: dict[str, Any], train_ds: Any | None = None) -> None:
         self.cfg = cfg
-        self.device = device = pick_device(cfg["device"])
-        torch.manual_seed(cfg["seed"])  # the trainer seeds before it builds anything
-        ds = train_ds if train_ds is not None else load_run_dataset(cfg, "train")
-        info = ds.info
-        labeled = labeled_indices(cfg, ds)
-        method = make_method(cfg, info, False, device.type).to(device)
-        if use_channels_last(cfg):
-            method = method.to(memory_format=torch.channels_last)
-        self.method = method
-        has_labeled, has_unlabeled = bool(method.labeled_views), bool(method.unlabeled_views)
+        # the benchmark never evaluates: the training split stands in for the test split
+        run = build_run(cfg, single_process(cfg["device"]), train_ds=train_ds, test_ds=train_ds)
+        self.run = run
+        self.device = run.device
+        self.method, self.stream, self.step_fn = run.method, run.stream, run.step_fn
+        self.total_steps = run.total_steps
+        self.optimizer, self.scheduler = run.optimizer, run.scheduler
+        self.amp, self.scaler = run.amp, run.scaler
         per_rank = cfg["batch_size"]
-        if train_ds is None and has_unlabeled and pretrain_split(cfg["dataset"]) != "train":
-            unlabeled_ds = load_run_dataset(cfg, pretrain_split(cfg["dataset"]))
-        else:
-            unlabeled_ds = ds
-        self.stream = BatchStream(
-            labeled=ds if has_labeled else None,
-            labeled_indices=labeled if has_labeled else None,
-            unlabeled=unlabeled_ds if has_unlabeled else None,
-            unlabeled_indices=torch.arange(len(unlabeled_ds)) if has_unlabeled else None,
-            labeled_views=method.labeled_views,
-            unlabeled_views=method.unlabeled_views,
-            batch_size=per_rank,
-            unlabeled_batch_size=per_rank * (cfg["unlabeled_ratio"] if has_labeled else 1),
-            seed=cfg["seed"],
-            device=device,
-            num_workers=cfg["num_workers"],
-            augment_options=cfg["augment_options"],
-        )
-        steps_per_epoch = self.stream.steps_per_epoch
-        self.total_steps = total_steps_of(cfg, steps_per_epoch)
-        warmup_steps = int(cfg["warmup_epochs"] * steps_per_epoch)
-        self.optimizer = build_optimizer(
-            method.parameter_groups(cfg["weight_decay"]), cfg["optimizer"], lr=cfg["lr"],
-            momentum=cfg["sgd_momentum"], weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"],
-            eta=cfg["lars_eta"],
-        )
-        total = self.total_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, total, warmup_steps, cfg["schedule"], cfg["lr_milestones"]),
-        )
-        self.amp, self.scaler = amp_context(device, cfg["amp"])
-        self.step_fn = torch.compile(method) if cfg["compile"] else method
+        has_labeled, has_unlabeled = bool(run.method.labeled_views), bool(run.method.unlabeled_views)
         self.images_per_step = (per_rank if has_labeled else 0) + (
             per_rank * (cfg["unlabeled_ratio"] if has_labeled else 1) if has_unlabeled else 0
         )
         self.global_step = 0
         self.last_logs: dict[str, float] = {}
         self._batches = self._forever()
-        method.train()
+        run.method.train()
 
     def _forever(self) -> Iterator[dict[str, Tensor]]:
         epoch = 0

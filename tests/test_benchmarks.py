@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from emanorm import EMATeacher
+from emanorm.evaluation import knn_monitor
 from emanorm.train import train
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -87,7 +88,7 @@ def test_emanorm_path_is_the_trainers_step(method, tmp_path):
 
     cfg = tiny_cfg(method, tmp_path / "run")
     cfg["max_steps"] = 2
-    _, trained = train(dict(cfg), progress=False, return_method=True)
+    _, trained = train(dict(cfg), monitor=knn_monitor, progress=False, return_method=True)
     path = EmanormPath(dict(cfg))
     for _ in range(2):
         path.step()

@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 
-import emanorm.train.init as init_module
+import emanorm.train.recipe as init_module
 from emanorm import cli
 from emanorm.errors import UserError
+from emanorm.evaluation import knn_monitor
 from emanorm.train import resolve_config, train
 from emanorm.train.checkpoint import safe_load
-from emanorm.train.init import initialise_from
-from emanorm.train.loop import make_method
+from emanorm.train.recipe import initialise_from, make_method
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
@@ -33,7 +33,7 @@ def moco_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {**TINY, "method": "moco", "norm": "eman", "max_steps": 2, "ema_momentum": 0.5, "out": str(out),
          "method_args": {"queue_size": 64, "dim": 16}},
     )
-    train(cfg, progress=False)
+    train(cfg, monitor=knn_monitor, progress=False)
     return out
 
 

@@ -20,9 +20,12 @@ pytestmark = [
 
 WORKER = """
 import json, os, sys, torch
+from emanorm.evaluation import knn_monitor
 from emanorm.train import resolve_config, train
 overrides = json.loads(sys.argv[1])
-summary, method = train(resolve_config(None, overrides), progress=False, return_method=True)
+summary, method = train(
+    resolve_config(None, overrides), monitor=knn_monitor, progress=False, return_method=True
+)
 rank = int(os.environ["RANK"])
 stats = {k: v for k, v in method.state_dict().items() if "running_" in k or k.endswith("queue")}
 params = {k: v for k, v in method.state_dict().items() if k.startswith("teacher.")}

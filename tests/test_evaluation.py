@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from emanorm.cli import evaluate as cmd
 from emanorm.errors import UserError
 from emanorm.evaluation import (
     MulticlassSVMTask,
@@ -34,7 +35,6 @@ from emanorm.evaluation import (
     stratified_split,
     train_finetune,
 )
-from emanorm.evaluation import commands as cmd
 
 # --- brute-force references ------------------------------------------------------------------------------
 
@@ -673,7 +673,7 @@ def test_commands_end_to_end_on_fashion_mnist(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_commands_on_a_trained_run(tmp_path):
     """A real run directory from the trainer, evaluated and exported through the real CLI and loader."""
-    checkpoint = pytest.importorskip("emanorm.train.checkpoint")
+    recipe = pytest.importorskip("emanorm.train.recipe")
     cli = pytest.importorskip("emanorm.cli")
     run = tmp_path / "run"
     try:
@@ -682,7 +682,7 @@ def test_commands_on_a_trained_run(tmp_path):
     except ImportError as err:  # a part the trainer needs is not in yet
         pytest.skip(f"trainer not runnable yet: {err}")
     assert rc == 0
-    _, config = checkpoint.load_backbone(run, which="teacher")
+    _, config = recipe.load_backbone(run, which="teacher")
     assert config["dataset"] == "fashion_mnist"
     for which in ("teacher", "student"):
         assert cli.main(f"eval knn {run} --which {which} --labels-per-class 50 --no-progress".split()) == 0
@@ -691,5 +691,5 @@ def test_commands_on_a_trained_run(tmp_path):
     assert cli.main(f"eval linear {run} --labels-per-class 10 --lrs 1 --epochs 2 --no-progress".split()) == 0
     assert cli.main(f"export {run} --which teacher --format torchvision".split()) == 0
     state = torch.load(run / "export" / "backbone_teacher.pth", weights_only=True)
-    fresh, _ = checkpoint.load_backbone(run, which="student")
+    fresh, _ = recipe.load_backbone(run, which="student")
     fresh.load_state_dict(state, strict=True)  # the teacher's weights load into a rebuilt backbone

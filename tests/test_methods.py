@@ -163,7 +163,7 @@ def test_out_of_range_options_raise():
 )
 def test_norm_plan(name, norm, mode, kind):
     method = make(name, norm)
-    assert method.plan.backbone_kind == kind
+    assert method.plan.layer_kind == kind
     assert (method.teacher.norm if method.teacher is not None else None) == mode
 
 

@@ -19,6 +19,7 @@ import torch
 from conftest import torchrun_command
 from emanorm.data import DatasetInfo, ImageDataset
 from emanorm.errors import UserError
+from emanorm.evaluation import knn_monitor
 from emanorm.train import checkpoint as ckpt
 from emanorm.train import resolve_config, train
 
@@ -230,7 +231,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # the loss turns nan/inf, or (a finite loss with lr 1e12) the update makes the weights non-finite
     message = r"(loss is (nan|inf)|parameters became non-finite) at step \d+"
     with pytest.raises(UserError, match=message) as info:
-        train(cfg, progress=False)
+        train(cfg, monitor=knn_monitor, progress=False)
     failed_step = int(str(info.value).split("at step ")[1].split(";")[0])
     state = ckpt.safe_load(out)
     assert state["global_step"] == failed_step  # the last good step, nothing after it

@@ -13,9 +13,10 @@ import torch
 import yaml
 
 from emanorm.errors import UserError
+from emanorm.evaluation import knn_monitor
 from emanorm.methods import METHODS
-from emanorm.train import resolve_config, train
-from emanorm.train.checkpoint import load_backbone, safe_load
+from emanorm.train import load_backbone, resolve_config, train
+from emanorm.train.checkpoint import safe_load
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
@@ -57,7 +58,7 @@ INVALID = [(m, n) for m, cls in METHODS.items() for n in ("shuffle_bn", "eman") 
 @pytest.mark.parametrize(("method", "norm"), VALID)
 def test_every_valid_pair_trains_and_writes_a_run_directory(method, norm, tmp_path):
     run = tmp_path / "run"
-    summary = train(tiny_config(method, norm, run), progress=False)
+    summary = train(tiny_config(method, norm, run), monitor=knn_monitor, progress=False)
     assert summary["steps"] == 2 and summary["method"] == method and summary["norm"] == norm
     saved = json.loads((run / "summary.json").read_text())
     assert {"method", "norm", "dataset", "steps", "final"} <= saved.keys()
@@ -84,13 +85,13 @@ def test_every_valid_pair_trains_and_writes_a_run_directory(method, norm, tmp_pa
 @pytest.mark.parametrize(("method", "norm"), INVALID)
 def test_invalid_pairs_fail_clearly(method, norm, tmp_path):
     with pytest.raises(UserError, match=f"norm '{norm}' is not valid for method '{method}'"):
-        train(tiny_config(method, norm, tmp_path / "run"), progress=False)
+        train(tiny_config(method, norm, tmp_path / "run"), monitor=knn_monitor, progress=False)
 
 
 def test_eman_teacher_statistics_follow_the_student(tmp_path):
     """After training, the EMAN teacher's BN statistics are an EMA of the student's, not defaults."""
     cfg = tiny_config("fixmatch", "eman", tmp_path / "run", max_steps=3, ema_momentum=0.5)
-    _, method = train(cfg, progress=False, return_method=True)
+    _, method = train(cfg, monitor=knn_monitor, progress=False, return_method=True)
     teacher_stats = {k: v for k, v in method.teacher.module.state_dict().items() if "running_mean" in k}
     assert teacher_stats and all(v.abs().sum() > 0 for v in teacher_stats.values())
 

@@ -16,7 +16,7 @@ from emanorm import cli
 from emanorm.data import build_augmentation, dataset_info, load_dataset
 from emanorm.data.voc import VOC_CLASSES, find_voc_root, read_voc_labels
 from emanorm.errors import UserError
-from emanorm.evaluation import MultiLabelSVMTask, class_average_precisions, lowshot_svm
+from emanorm.evaluation import MultiLabelSVMTask, class_average_precisions, knn_monitor, lowshot_svm
 from emanorm.evaluation.transfer import ChannelAdapter, adapted_transform, describe_adaptation
 from emanorm.train import resolve_config, train
 
@@ -92,7 +92,7 @@ def fmnist_run(tmp_path_factory: pytest.TempPathFactory, tiny_fashion_mnist_dir:
         "data_dir": str(tiny_fashion_mnist_dir), "knn_bank_size": 32, "monitor_test_size": 16,
         "method_args": {"queue_size": 32, "dim": 8},
     })
-    train(cfg, progress=False)
+    train(cfg, monitor=knn_monitor, progress=False)
     return out
 
 

@@ -3,7 +3,6 @@
 See docs/evaluation.md for each protocol and how it relates to the paper's.
 """
 
-from emanorm.evaluation.commands import add_eval_parsers, add_export_parser
 from emanorm.evaluation.export import EXPORT_FORMATS, backbone_state_dict, export_backbone, load_exported
 from emanorm.evaluation.features import (
     TensorImages,
@@ -35,6 +34,7 @@ from emanorm.evaluation.lowshot import (
     lowshot_svm,
     select_cost,
 )
+from emanorm.evaluation.monitor import knn_monitor
 from emanorm.evaluation.retrieval import retrieval_scores
 
 __all__ = [
@@ -49,8 +49,6 @@ __all__ = [
     "MultiLabelSVMTask",
     "MulticlassSVMTask",
     "TensorImages",
-    "add_eval_parsers",
-    "add_export_parser",
     "assert_frozen",
     "assert_state_unchanged",
     "backbone_state_dict",
@@ -61,6 +59,7 @@ __all__ = [
     "finetune",
     "iterate_dataset",
     "knn_accuracy",
+    "knn_monitor",
     "knn_predict",
     "linear_probe",
     "load_exported",

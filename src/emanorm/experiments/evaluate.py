@@ -18,9 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from emanorm.data import build_augmentation, load_dataset, select_labeled
 from emanorm.errors import UserError
+from emanorm.evaluation import assert_frozen, dataset_batches, extract_features, linear_probe, resolve_device
 from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS
 from emanorm.experiments.grid import RunSpec
+from emanorm.train import load_backbone
+from emanorm.train.config import SEMI_SUPERVISED
 
 log = logging.getLogger("emanorm")
 
@@ -44,8 +50,6 @@ class LinearSettings:
 
 
 def is_semi_supervised(method: str) -> bool:
-    from emanorm.train.config import SEMI_SUPERVISED
-
     return method in SEMI_SUPERVISED
 
 
@@ -56,8 +60,6 @@ class DatasetCache:
         self._items: dict[tuple[Any, ...], Any] = {}
 
     def get(self, cfg: dict[str, Any], split: str) -> Any:
-        from emanorm.data import load_dataset
-
         key = (cfg["dataset"], split, cfg.get("data_dir"), cfg.get("image_size"))
         if key not in self._items:
             try:
@@ -77,18 +79,6 @@ def linear_probe_run(
     run_dir: Path, settings: LinearSettings, datasets: DatasetCache, device: str = "auto"
 ) -> dict[str, Any]:
     """Linear probe of a finished run's frozen backbone: top-1/top-5 in percent and the details."""
-    import torch
-
-    from emanorm.data import build_augmentation, select_labeled
-    from emanorm.evaluation import (
-        assert_frozen,
-        dataset_batches,
-        extract_features,
-        linear_probe,
-        resolve_device,
-    )
-    from emanorm.train.checkpoint import load_backbone
-
     started = time.perf_counter()
     backbone, cfg = load_backbone(run_dir, settings.which)
     train_set = datasets.get(cfg, "train")

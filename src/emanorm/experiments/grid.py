@@ -24,8 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm.auto import tqdm
 
 from emanorm.errors import UserError
+from emanorm.evaluation.monitor import knn_monitor
+from emanorm.methods import METHODS as METHOD_CLASSES
+from emanorm.train import train
+from emanorm.train.config import (
+    METHODS,
+    NORMS,
+    SEMI_SUPERVISED,
+    comparable,
+    dump_config,
+    preset_names,
+    resolve_config,
+)
 
 log = logging.getLogger("emanorm")
 
@@ -242,8 +255,6 @@ def build_variants(
       for the semi-supervised columns;
     - ``init_from`` crosses every variant with each start point (``scratch`` or a run).
     """
-    from emanorm.train.config import NORMS, SEMI_SUPERVISED
-
     for norm in norms:
         if norm not in NORMS:
             raise UserError(f"unknown norm {norm!r} in --norms; allowed: {', '.join(NORMS)}")
@@ -315,8 +326,6 @@ def resolve_run_config(
     """The full config of one run: preset or ``config`` (``{method}`` is replaced by the column),
     then ``common`` (``--set``, budget, dataset), then ``method_args[run method]`` (``--method-arg``),
     then the variant's overrides, then method/seed/out."""
-    from emanorm.train.config import preset_names, resolve_config
-
     base = config.replace("{method}", column) if config else None
     run_method = variant.method or column
     overrides: dict[str, Any] = copy.deepcopy(common or {})
@@ -354,9 +363,6 @@ def plan_grid(
     method_args: dict[str, dict[str, Any]] | None = None,
 ) -> list[RunSpec]:
     """Every run of the grid with its resolved config; invalid settings fail here, before any training."""
-    from emanorm.methods import METHODS as METHOD_CLASSES
-    from emanorm.train.config import METHODS
-
     if not methods:
         raise UserError(f"--methods is empty; choose from {', '.join(METHODS)}")
     for method in method_args or {}:
@@ -417,8 +423,6 @@ def plan_grid(
 
 def check_existing(specs: Iterable[RunSpec]) -> None:
     """Refuse to mix configs: a started or finished run must have been made with the config planned now."""
-    from emanorm.train.config import comparable
-
     problems = []
     for spec in specs:
         if spec.state() == "new":
@@ -465,8 +469,6 @@ def check_init_sources(specs: Iterable[RunSpec]) -> None:
 
 def write_run_config(spec: RunSpec, folder: Path) -> Path:
     """The run's resolved config as YAML (``emanorm train --config FILE`` reproduces the run)."""
-    from emanorm.train.config import dump_config
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{spec.name}.yaml"
     path.write_text(dump_config(spec.config))
@@ -579,11 +581,9 @@ def _run_subprocess(
 
 
 def _run_in_process(spec: RunSpec, log_file: Path) -> str | None:
-    from emanorm.train import train
-
     try:
         with run_lock(log_file.with_suffix(".lock")):
-            train(copy.deepcopy(spec.config), resume=True, progress=False)
+            train(copy.deepcopy(spec.config), monitor=knn_monitor, resume=True, progress=False)
     except RunBusyError as err:
         return str(err)
     except UserError as err:
@@ -611,8 +611,6 @@ def run_grid(
     that many ``python -m emanorm train --config OUT/configs/NAME.yaml --resume`` subprocesses at
     once, each with ``OMP_NUM_THREADS = cpus // jobs``; their output goes to ``OUT/logs/NAME.log``.
     """
-    from tqdm.auto import tqdm
-
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
     out = Path(out)

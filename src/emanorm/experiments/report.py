@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from emanorm.train.config import SEMI_SUPERVISED
+
 MISSING = "–"
 
 
@@ -186,10 +188,8 @@ def aggregate(
 
 def protocol_note(methods: Sequence[str], linear: Mapping[str, Any] | None, which: str) -> str:
     """One line saying how each column was measured."""
-    from emanorm.experiments.evaluate import is_semi_supervised
-
-    semi = [m for m in methods if is_semi_supervised(m)]
-    ssl = [m for m in methods if not is_semi_supervised(m)]
+    semi = [m for m in methods if m in SEMI_SUPERVISED]
+    ssl = [m for m in methods if m not in SEMI_SUPERVISED]
     parts = []
     if semi:
         parts.append(f"{', '.join(semi)}: test accuracy of the {which}")

@@ -15,14 +15,13 @@ from emanorm.methods.moco import MoCo
 from emanorm.methods.supervised import Supervised
 from emanorm.models import Classifier
 
-#: Method name -> class.
+#: Method name -> class: the one registry (the CLI's choices, the config's checks and ``compare``
+#: derive from it; a new method is one file plus one line here).
 METHODS: dict[str, type[Method]] = {
-    "moco": MoCo,
-    "byol": BYOL,
-    "fixmatch": FixMatch,
-    "meanteacher": MeanTeacher,
-    "supervised": Supervised,
+    cls.name: cls for cls in (FixMatch, MoCo, BYOL, MeanTeacher, Supervised)
 }
+#: The methods trained with labels (judged by test accuracy), from each class's ``semi_supervised``.
+SEMI_SUPERVISED: tuple[str, ...] = tuple(name for name, cls in METHODS.items() if cls.semi_supervised)
 
 
 def build_method(
@@ -56,6 +55,7 @@ __all__ = [
     "ALL_NORMS",
     "BYOL",
     "METHODS",
+    "SEMI_SUPERVISED",
     "TEACHER_NORMS",
     "Classifier",
     "FixMatch",

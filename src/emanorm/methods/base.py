@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from emanorm.models import Classifier
 from emanorm.norms import convert_norm, convert_to_split_bn, is_distributed, shuffle_batch, unshuffle_batch
+from emanorm.optim import parameter_groups
 from emanorm.teacher import EMATeacher, warmup_momentum
 
 #: Every ``--norm`` value, in the order of the paper's Tables 1 and 8.
@@ -53,7 +54,7 @@ class NormPlan:
         norm: the value asked for (``default`` included).
         resolved: ``norm`` with ``default`` replaced by the method's own default; FixMatch keeps
             ``default`` (its teacher-free form).
-        backbone_kind: the norm layers the backbone is built with (``bn``/``sync_bn``/``gn``/``in``).
+        layer_kind: the norm layers the backbone is built with (``bn``/``sync_bn``/``gn``/``in``).
         teacher_mode: the :class:`EMATeacher` mode, or ``None`` where the form has no teacher.
         shuffle: the teacher's input is shuffled across the (global) batch (ShuffleBN).
         num_splits: ``> 1`` where the BN layers of the backbone compute statistics per sub-batch
@@ -62,7 +63,7 @@ class NormPlan:
 
     norm: str
     resolved: str
-    backbone_kind: str
+    layer_kind: str
     teacher_mode: str | None
     shuffle: bool = False
     num_splits: int = 1
@@ -184,11 +185,6 @@ def to_floats(**values: Tensor | float) -> dict[str, float]:
     return {k: logs[k] for k in values}
 
 
-def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Top-1 accuracy as a 0-d tensor (no synchronisation)."""
-    return (logits.argmax(dim=1) == targets).float().mean()
-
-
 # -- the base class --------------------------------------------------------------------------
 class Method(nn.Module):
     """Base class: option checking, the norm plan, student/teacher construction and the API.
@@ -203,8 +199,9 @@ class Method(nn.Module):
     OPTIONS: ClassVar[dict[str, Any]] = {}
     labeled_views: ClassVar[dict[str, str]] = {}
     unlabeled_views: ClassVar[dict[str, str]] = {}
-    #: False for MoCo, which updates its teacher inside ``training_step``.
-    updates_teacher_after_step: ClassVar[bool] = True
+    #: Trained with labels and judged by test accuracy (FixMatch, Mean Teacher, supervised); the
+    #: trainer, the monitor and ``compare`` read it from here.
+    semi_supervised: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -249,7 +246,7 @@ class Method(nn.Module):
     # -- construction helpers ----------------------------------------------------------------
     def make_backbone(self) -> nn.Module:
         """A fresh backbone with the plan's norm layers."""
-        backbone = self.backbone_factory(self.plan.backbone_kind)
+        backbone = self.backbone_factory(self.plan.layer_kind)
         if not hasattr(backbone, "feature_dim"):
             raise ValueError("backbone_factory must return a module with a feature_dim attribute")
         return backbone
@@ -261,7 +258,7 @@ class Method(nn.Module):
         get GN/IN for the ``gn``/``in`` plans and SyncBN under DDP for ``sync_bn`` (on one process
         the factory's backbone falls back to BN, and so do the heads).
         """
-        kind = self.plan.backbone_kind
+        kind = self.plan.layer_kind
         if kind in ("gn", "in") or (kind == "sync_bn" and is_distributed()):
             for head in heads:
                 convert_norm(head, kind)
@@ -295,10 +292,10 @@ class Method(nn.Module):
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after ``optimizer.step()`` with the index of that step: moves the teacher."""
-        if self.teacher is not None and self.updates_teacher_after_step:
+        if self.teacher is not None:
             self.update_teacher(step, total_steps)
 
-    def momentum_at(self, step: int, total_steps: int) -> float:
+    def momentum_at(self, step: int, total_steps: int | None = None) -> float:
         """The teacher momentum of ``step``: constant, optionally with Mean Teacher's warm-up."""
         m = self.momentum
         if self.options.get("momentum_warmup", False):
@@ -306,7 +303,7 @@ class Method(nn.Module):
         return m
 
     @torch.no_grad()
-    def update_teacher(self, step: int, total_steps: int) -> None:
+    def update_teacher(self, step: int, total_steps: int | None = None) -> None:
         """One EMA step of the teacher towards the student."""
         assert self.teacher is not None
         m = self.momentum_at(step, total_steps)
@@ -353,8 +350,6 @@ class Method(nn.Module):
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Optimiser parameter groups; bias and norm parameters excluded when the option says so."""
-        from emanorm.optim import parameter_groups  # imported here: only the optimiser set-up needs it
-
         groups = parameter_groups(
             nn.ModuleList(self.trainable_modules()), weight_decay,
             exclude_bias_and_norm=self.options.get("exclude_bias_and_norm", False),

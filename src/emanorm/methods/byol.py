@@ -9,17 +9,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emanorm.losses import regression_loss
 from emanorm.methods.base import ALL_NORMS, Method, Projected, batch_get, check_range, to_floats
 from emanorm.models import MLPHead
 from emanorm.teacher import cosine_momentum, warmup_momentum
-
-
-def regression_loss(p: Tensor, z: Tensor) -> Tensor:
-    """BYOL's ``2 - 2 cos(p, z)``, averaged over the batch."""
-    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
 
 
 class BYOL(Method):
@@ -66,8 +61,10 @@ class BYOL(Method):
         loss = regression_loss(p1, z2) + regression_loss(p2, z1)
         return loss, to_floats(loss=loss)
 
-    def momentum_at(self, step: int, total_steps: int) -> float:
+    def momentum_at(self, step: int, total_steps: int | None = None) -> float:
         """BYOL's cosine schedule from ``momentum`` to 1, optionally with Mean Teacher's warm-up."""
+        if total_steps is None:
+            raise ValueError("BYOL's cosine momentum needs total_steps")
         m = cosine_momentum(self.momentum, step, total_steps)
         if self.options["momentum_warmup"]:
             m = warmup_momentum(m, step)

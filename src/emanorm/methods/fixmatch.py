@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emanorm.losses import accuracy, pseudo_label_loss
 from emanorm.methods.base import (
     ALL_NORMS,
     Method,
-    accuracy,
     batch_get,
     check_choice,
     check_range,
@@ -38,6 +38,7 @@ class FixMatch(Method):
     """FixMatch: cross-entropy on labeled ``x`` + ``lambda_u`` x confident pseudo-label CE on ``u_s``."""
 
     name: ClassVar[str] = "fixmatch"
+    semi_supervised: ClassVar[bool] = True
     NORMS: ClassVar[tuple[str, ...]] = ALL_NORMS
     DEFAULT_NORM: ClassVar[str] = "default"
     OPTIONS: ClassVar[dict[str, Any]] = {
@@ -93,7 +94,7 @@ class FixMatch(Method):
         confidence, pseudo = probs.max(dim=1)
         mask = (confidence >= self.options["threshold"]).float()
         loss_x = F.cross_entropy(logits_x, y)
-        loss_u = (F.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean()
+        loss_u = pseudo_label_loss(logits_s, pseudo, mask)
         loss = loss_x + self.options["lambda_u"] * loss_u
         values: dict[str, Tensor] = {
             "loss": loss, "loss_x": loss_x, "loss_u": loss_u, "mask": mask.mean(),

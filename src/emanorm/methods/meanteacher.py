@@ -11,14 +11,13 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emanorm.losses import accuracy, softmax_mse
 from emanorm.methods.base import (
     ALL_NORMS,
     Method,
-    accuracy,
     batch_get,
     check_range,
     masked_mean,
@@ -40,6 +39,7 @@ class MeanTeacher(Method):
     """Mean Teacher with a softmax-MSE consistency on unlabeled weak views."""
 
     name: ClassVar[str] = "meanteacher"
+    semi_supervised: ClassVar[bool] = True
     NORMS: ClassVar[tuple[str, ...]] = ALL_NORMS
     DEFAULT_NORM: ClassVar[str] = "bn"
     OPTIONS: ClassVar[dict[str, Any]] = {
@@ -72,8 +72,7 @@ class MeanTeacher(Method):
         logits_x, logits_u = self.student_forward([x, u_w])
         logits_t = self.teacher_forward(u_w2)
         loss_x = F.cross_entropy(logits_x, y)
-        # Mean over samples and classes, i.e. the original's sum / (classes x batch).
-        loss_c = F.mse_loss(torch.softmax(logits_u, dim=1), torch.softmax(logits_t.float(), dim=1))
+        loss_c = softmax_mse(logits_u, logits_t)
         weight = self.consistency_weight(step)
         loss = loss_x + weight * loss_c
         values: dict[str, Tensor | float] = {

@@ -17,11 +17,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emanorm.losses import info_nce
 from emanorm.methods.base import (
     ALL_NORMS,
     Method,
     Projected,
-    accuracy,
     batch_get,
     check_range,
     concat_all_gather,
@@ -29,18 +29,6 @@ from emanorm.methods.base import (
 )
 from emanorm.models import MLPHead
 from emanorm.norms import is_distributed
-
-
-def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """InfoNCE of L2-normalised queries ``q`` against their keys ``k`` and the negatives ``queue``.
-
-    Returns the cross-entropy loss and the top-1 accuracy of the positive (index 0).
-    """
-    positive = (q * k).sum(dim=1, keepdim=True)
-    negatives = q @ queue.t()
-    logits = torch.cat([positive, negatives], dim=1) / temperature
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, labels), accuracy(logits, labels)
 
 
 class MoCo(Method):
@@ -59,7 +47,6 @@ class MoCo(Method):
         "exclude_bias_and_norm": False,
     }
     unlabeled_views: ClassVar[dict[str, str]] = {"view1": "moco", "view2": "moco"}
-    updates_teacher_after_step: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -85,7 +72,7 @@ class MoCo(Method):
         q1 = F.normalize(self.student(view1), dim=1)
         q2 = F.normalize(self.student(view2), dim=1) if symmetric else None
         # Original MoCo order: momentum update after the query forward, before the key forward.
-        self.update_teacher(step, 0)
+        self.update_teacher(step)
         k2 = F.normalize(self.teacher_forward(view2), dim=1)
         k1 = F.normalize(self.teacher_forward(view1), dim=1) if symmetric else None
         temperature = self.options["temperature"]
@@ -100,8 +87,11 @@ class MoCo(Method):
         return loss, to_floats(loss=loss, acc=acc, momentum=self.current_momentum)
 
     def after_step(self, step: int, total_steps: int) -> None:
-        """Enqueue the keys of the step that was just backpropagated."""
-        super().after_step(step, total_steps)
+        """Enqueue the keys of the step that was just backpropagated.
+
+        The teacher already moved inside ``training_step`` (MoCo's order), so unlike the base
+        class this moves no weights.
+        """
         if self._pending_keys is not None:
             self.enqueue(self._pending_keys)
             self._pending_keys = None

@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from emanorm.methods.base import Method, accuracy, batch_get, check_range, to_floats
+from emanorm.losses import accuracy
+from emanorm.methods.base import Method, batch_get, check_range, to_floats
 from emanorm.models import Classifier
 
 
@@ -19,6 +20,7 @@ class Supervised(Method):
     """A backbone + linear classifier trained with (optionally label-smoothed) cross-entropy."""
 
     name: ClassVar[str] = "supervised"
+    semi_supervised: ClassVar[bool] = True
     NORMS: ClassVar[tuple[str, ...]] = ("default", "bn", "sync_bn", "gn", "in")
     DEFAULT_NORM: ClassVar[str] = "bn"
     OPTIONS: ClassVar[dict[str, Any]] = {"label_smoothing": 0.0, "exclude_bias_and_norm": False}

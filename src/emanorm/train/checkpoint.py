@@ -1,4 +1,8 @@
-"""Checkpoints: atomic writes, safe loads (never unpickle code), rebuilding a run's backbone."""
+"""Checkpoint files: atomic writes, safe loads (never unpickle code), RNG state, strict loading.
+
+Rebuilding a run's method or backbone from a checkpoint is the recipe's job
+(``emanorm.train.recipe.load_backbone``).
+"""
 
 from __future__ import annotations
 
@@ -133,35 +137,3 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) 
     if mismatch:
         raise UserError(f"{what} does not match this model: {mismatch}")
     module.load_state_dict(state, strict=True)
-
-
-def build_method_from_checkpoint(data: dict[str, Any], path: str | Path) -> nn.Module:
-    """The method a checkpoint describes, on CPU, with its weights, without touching any data."""
-    from types import SimpleNamespace
-
-    from emanorm.train.loop import make_method
-
-    if "config" not in data or "method" not in data or "dataset_info" not in data:
-        raise UserError(f"{path} is not an emanorm checkpoint (keys: {', '.join(sorted(data)[:8])})")
-    method = make_method(data["config"], SimpleNamespace(**data["dataset_info"]), distributed=False)
-    load_matching(method, data["method"], f"checkpoint {path}")
-    return method
-
-
-def load_backbone(path: str | Path, which: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the backbone of a run (a run directory or a ``.pt`` file) with its trained weights."""
-    if which not in ("teacher", "student"):
-        raise UserError(f"--which must be teacher or student, got {which!r}")
-    data = safe_load(path)
-    method = build_method_from_checkpoint(data, path)
-    encoder = method.encoder(which)
-    encoder.eval()
-    return encoder, {**data["config"], "dataset_info": data["dataset_info"]}
-
-
-def load_method(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The whole trained method of a run (for classifiers and test accuracy)."""
-    data = safe_load(path)
-    method = build_method_from_checkpoint(data, path)
-    method.eval()
-    return method, data["config"]

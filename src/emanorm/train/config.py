@@ -15,12 +15,16 @@ from typing import Any
 import yaml
 
 from emanorm.errors import UserError
+from emanorm.methods import ALL_NORMS
+from emanorm.methods import METHODS as METHOD_CLASSES
+from emanorm.methods import SEMI_SUPERVISED as SEMI_SUPERVISED_METHODS
 
 log = logging.getLogger("emanorm")
 
-METHODS = ("fixmatch", "moco", "byol", "meanteacher", "supervised")
-NORMS = ("default", "bn", "sync_bn", "shuffle_bn", "gn", "in", "eman", "teacher_pn", "student_pn")
-SEMI_SUPERVISED = ("fixmatch", "meanteacher", "supervised")
+#: The registries, derived from the method classes (``emanorm.methods.METHODS``).
+METHODS: tuple[str, ...] = tuple(METHOD_CLASSES)
+NORMS: tuple[str, ...] = ALL_NORMS
+SEMI_SUPERVISED: tuple[str, ...] = SEMI_SUPERVISED_METHODS
 
 DEFAULTS: dict[str, Any] = {
     # what to train

@@ -88,3 +88,8 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def single_process(device_preference: str = "auto") -> DistInfo:
+    """One process, no process group: for building a run outside ``torchrun``."""
+    return DistInfo(0, 1, 0, pick_device(device_preference))

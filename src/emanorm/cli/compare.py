@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from emanorm.cli.common import fraction, positive_int
 from emanorm.errors import UserError
-from emanorm.evaluation.commands import positive_int
 from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS
 
 COMPARE_HELP = """\
@@ -29,16 +29,6 @@ std over seeds), OUT/results.json (every raw number with its run directory) and 
 
 See docs/compare.md.
 """
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction like 0.1 or 10%, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"the fraction must lie in (0, 1], got {text!r}")
-    return value
 
 
 def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -139,7 +129,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--linear-fraction",
-        type=_fraction,
+        type=fraction,
         default=0.1,
         help="labels for the linear probe (default 0.1 = 10%%)",
     )

@@ -1,7 +1,7 @@
 """Throughput of the augmentation presets against per-sample PIL pipelines (the usual DataLoader way).
 
-    python -m emanorm.data.bench --size 28 --channels 1 --batch 256 --threads 1
-    python -m emanorm.data.bench --stream     # whole BatchStream steps on Fashion-MNIST
+    python benchmarks/augment_throughput.py --size 28 --channels 1 --batch 256 --threads 1
+    python benchmarks/augment_throughput.py --stream     # whole BatchStream steps on Fashion-MNIST
 
 Times are CPU seconds of this process (``time.process_time``), median of ``--repeats`` batches, so
 other jobs on a shared machine disturb them less than wall-clock would.

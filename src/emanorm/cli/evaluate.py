@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from emanorm.cli.common import fraction, positive_int
+from emanorm.data import DatasetInfo, build_augmentation, load_dataset, select_labeled
 from emanorm.errors import UserError
 from emanorm.evaluation.export import EXPORT_FORMATS, backbone_state_dict, export_backbone, load_exported
 from emanorm.evaluation.features import (
@@ -37,6 +39,7 @@ from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS, linear_probe
 from emanorm.evaluation.lowshot import DEFAULT_SHOTS, MultiLabelSVMTask, lowshot_svm
 from emanorm.evaluation.retrieval import retrieval_scores
 from emanorm.evaluation.transfer import adapted_transform, describe_adaptation
+from emanorm.train.recipe import load_backbone
 
 PROTOCOLS = ("knn", "linear", "finetune", "retrieval", "lowshot")
 WHICH = ("teacher", "student")
@@ -49,13 +52,9 @@ _SIZED_DATASETS = ("imagenet", "folder", "voc2007")
 
 
 def _load_backbone(path: str, which: str) -> tuple[nn.Module, dict[str, Any]]:
-    """``emanorm.train.checkpoint.load_backbone`` with user-facing errors."""
+    """``emanorm.train.load_backbone`` with user-facing errors."""
     if not Path(path).exists():
         raise UserError(f"no run directory or checkpoint at '{path}'")
-    try:
-        from emanorm.train.checkpoint import load_backbone
-    except ImportError as err:  # the trainer is a separate part of the package
-        raise UserError(f"cannot load runs: emanorm.train.checkpoint is unavailable ({err})") from err
     try:
         backbone, config = load_backbone(path, which=which)
     except (FileNotFoundError, KeyError, ValueError) as err:
@@ -64,53 +63,22 @@ def _load_backbone(path: str, which: str) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _load_dataset(name: str, split: str, data_dir: str | None, **options: Any) -> ImageSource:
-    from emanorm.data import load_dataset
-
     return load_dataset(name, split, data_dir=data_dir, **options)
 
 
 def _dataset_info(fields: dict[str, Any]) -> Any:
-    from emanorm.data import DatasetInfo
-
     return DatasetInfo(**{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])})
 
 
 def _augmentation(preset: str, info: Any) -> nn.Module:
-    from emanorm.data import build_augmentation
-
     return build_augmentation(preset, info)
 
 
 def _select_labeled(targets: Tensor, num_classes: int, **kwargs: Any) -> Tensor:
-    from emanorm.data import select_labeled
-
     return select_labeled(targets, num_classes, **kwargs)
 
 
 # --- argument parsing --------------------------------------------------------------------------------
-
-
-def _fraction(text: str) -> float:
-    """``0.1`` or ``10%`` -> 0.1, in (0, 1]."""
-    try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        msg = f"label fraction must be a number like 0.1 or 10%, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"label fraction must be in (0, 1] (or (0%, 100%]), got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An ``argparse`` type: an integer >= 1 (shared with ``emanorm compare``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _device(text: str) -> str:
@@ -130,7 +98,7 @@ def _common_parser() -> argparse.ArgumentParser:
         "--labels-per-class", type=positive_int, metavar="K", help="use K training labels per class"
     )
     labels.add_argument(
-        "--label-fraction", type=_fraction, metavar="F", help="use a fraction of training labels: 0.01 or 1%%"
+        "--label-fraction", type=fraction, metavar="F", help="use a fraction of training labels: 0.01 or 1%%"
     )
     labels.add_argument("--label-index-csv", metavar="FILE", help="labeled subset as a CSV with column Index")
     p.add_argument("--seed", type=int, help="seed of the labeled subset and of training (default: the run's)")

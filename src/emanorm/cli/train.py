@@ -1,28 +1,14 @@
-"""The ``emanorm`` command: a thin, config-driven layer over the library."""
+"""``emanorm train`` and ``emanorm presets``."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from typing import Any
 
-import yaml
-
-from emanorm.errors import UserError
-
-DESCRIPTION = """\
-Self- and semi-supervised learning with EMA teachers and EMAN
-(Exponential Moving Average Normalization, Cai et al., CVPR 2021).
-
-  emanorm train                          FixMatch with an EMAN teacher on Fashion-MNIST (the main job)
-  emanorm train --method moco --norm eman --epochs 20
-  emanorm eval knn runs/moco-eman-fashion_mnist-s0
-  emanorm compare --methods fixmatch --norms bn,eman --seeds 3
-  emanorm presets                        list the YAML presets
-
-Every option of `train` has a default; a preset (--config) sets a recipe; flags override it.
-"""
+from emanorm.cli.common import key_value
+from emanorm.evaluation.monitor import knn_monitor
+from emanorm.train import resolve_config, train
+from emanorm.train.config import DEFAULTS, METHODS, NORMS, load_config_source, preset_names
 
 TRAIN_HELP = """\
 Train a method with a chosen normalization. Without --config the small preset for the method
@@ -32,26 +18,7 @@ Multi-GPU / multi-node: torchrun --nproc_per_node N -m emanorm train ...
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the full usage is one --help away)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip().replace("-", "_"), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise argparse.ArgumentTypeError(f"cannot parse the value of {text!r}") from None
-
-
 def add_train_parser(subparsers: Any) -> None:
-    from emanorm.train.config import METHODS, NORMS
-
     p = subparsers.add_parser(
         "train",
         help="train a method (the main job)",
@@ -95,7 +62,7 @@ def add_train_parser(subparsers: Any) -> None:
     opt.add_argument(
         "--method-arg",
         action="append",
-        type=_key_value,
+        type=key_value,
         metavar="KEY=VALUE",
         help="a method option, e.g. threshold=0.95 (repeatable; see docs/methods.md)",
     )
@@ -121,7 +88,7 @@ def add_train_parser(subparsers: Any) -> None:
     run.add_argument(
         "--set",
         action="append",
-        type=_key_value,
+        type=key_value,
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set warmup_epochs=5 (repeatable)",
     )
@@ -130,36 +97,9 @@ def add_train_parser(subparsers: Any) -> None:
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = (
-        "method",
-        "norm",
-        "dataset",
-        "data_dir",
-        "backbone",
-        "labels_per_class",
-        "label_fraction",
-        "label_index_csv",
-        "epochs",
-        "max_steps",
-        "batch_size",
-        "unlabeled_ratio",
-        "lr",
-        "optimizer",
-        "ema_momentum",
-        "eman_momentum",
-        "bn_momentum",
-        "seed",
-        "out",
-        "device",
-        "num_workers",
-        "amp",
-        "compile",
-        "eval_every",
-        "checkpoint_every_steps",
-        "init_from",
-        "init_which",
-    )
-    overrides = {k: getattr(args, k) for k in keys}
+    """The config keys the command line sets: every flag named like a config key, then --set and
+    --method-arg (flags left out are None and keep the preset's value)."""
+    overrides = {k: v for k, v in vars(args).items() if k in DEFAULTS}
     for key, value in args.set or []:
         overrides[key] = value
     if args.method_arg:
@@ -168,10 +108,10 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from emanorm.train import resolve_config, train
-
     cfg = resolve_config(args.config, train_overrides(args))
-    summary = train(cfg, resume=args.resume, force=args.force, progress=not args.no_progress)
+    summary = train(
+        cfg, monitor=knn_monitor, resume=args.resume, force=args.force, progress=not args.no_progress
+    )
     if summary.get("run_dir"):
         print(format_report(summary))
     return 0
@@ -196,54 +136,14 @@ def format_report(summary: dict[str, Any]) -> str:
 
 
 def run_presets(args: argparse.Namespace) -> int:
-    from emanorm.train.config import load_config_source, preset_names
-
     for name in preset_names():
         source = load_config_source(name)
         print(f"{name:32s} {source.get('description', '')}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="emanorm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    add_train_parser(subparsers)
-    from emanorm.evaluation.commands import add_eval_parsers, add_export_parser
 
-    add_eval_parsers(subparsers)
-    add_export_parser(subparsers)
-    try:
-        from emanorm.experiments.commands import add_compare_parser
 
-        add_compare_parser(subparsers)
-    except ImportError:
-        pass
+def add_presets_parser(subparsers: Any) -> None:
     presets = subparsers.add_parser("presets", help="list the YAML presets")
     presets.set_defaults(func=run_presets)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    try:
-        return int(args.func(args) or 0)
-    except UserError as err:
-        print(f"emanorm: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("emanorm: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

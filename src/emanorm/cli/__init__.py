@@ -1,0 +1,67 @@
+"""The ``emanorm`` command: a thin, config-driven layer over the library.
+
+Every argparse parser of the project lives in this package (one module per subcommand); the
+library packages never parse arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from emanorm.cli.common import Parser
+from emanorm.cli.compare import add_compare_parser
+from emanorm.cli.evaluate import add_eval_parsers, add_export_parser
+from emanorm.cli.train import add_presets_parser, add_train_parser
+from emanorm.errors import UserError
+
+DESCRIPTION = """\
+Self- and semi-supervised learning with EMA teachers and EMAN
+(Exponential Moving Average Normalization, Cai et al., CVPR 2021).
+
+  emanorm train                          FixMatch with an EMAN teacher on Fashion-MNIST (the main job)
+  emanorm train --method moco --norm eman --epochs 20
+  emanorm eval knn runs/moco-eman-fashion_mnist-s0
+  emanorm compare --methods fixmatch --norms bn,eman --seeds 3
+  emanorm presets                        list the YAML presets
+
+Every option of `train` has a default; a preset (--config) sets a recipe; flags override it.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="emanorm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    add_train_parser(subparsers)
+    add_eval_parsers(subparsers)
+    add_export_parser(subparsers)
+    add_compare_parser(subparsers)
+    add_presets_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"emanorm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("emanorm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""The run recipe: everything a config describes, built once, in one order.
+
+``build_run(cfg)`` turns a resolved config into a :class:`Run`: the datasets and the labeled
+split, the method (student and EMA teacher, on the device, in its memory format), the batch
+stream, the optimizer, the learning-rate schedule and the AMP context. The training loop, the
+benchmarks, ``--init-from``, checkpoint loading and loops of your own all start from it, so a run
+is set up the same way everywhere. Nothing here writes files or evaluates anything.
+
+    run = build_run(resolve_config(None, {"method": "moco", "max_steps": 100}))
+    for batch in run.stream:
+        loss, logs = train_step(run.step_fn, run.method, batch, step, run.total_steps,
+                                run.optimizer, run.scheduler, amp=run.amp, scaler=run.scaler)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from emanorm.data import BatchStream, DatasetInfo, ImageDataset, load_dataset, pretrain_split, select_labeled
+from emanorm.errors import UserError
+from emanorm.methods import Method, build_method
+from emanorm.models import build_backbone
+from emanorm.optim import build_optimizer
+from emanorm.train.checkpoint import load_matching, safe_load, state_mismatch
+from emanorm.train.distributed import DistInfo, single_process
+
+log = logging.getLogger("emanorm")
+
+AmpContext = Callable[[], Any]
+
+
+# -- the pieces ------------------------------------------------------------------------------------
+def make_method(cfg: Mapping[str, Any], info: Any, distributed: bool, device_type: str = "cpu") -> Method:
+    """The method a config asks for, with backbones built for the norm layers its plan needs."""
+    warned = []
+
+    def backbone_factory(layer_kind: str) -> nn.Module:
+        if layer_kind == "sync_bn" and not distributed:
+            if not warned:
+                log.info("SyncBN on one process is plain BN: falling back to bn")
+                warned.append(True)
+            layer_kind = "bn"
+        if layer_kind == "sync_bn" and device_type != "cuda":
+            raise UserError(
+                "SyncBN across processes needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU); "
+                "on CPU use --norm bn or --norm eman"
+            )
+        return build_backbone(
+            cfg["backbone"], in_channels=info.channels, image_size=info.image_size, norm=layer_kind
+        )
+
+    try:
+        return build_method(
+            cfg["method"],
+            backbone_factory=backbone_factory,
+            num_classes=info.num_classes,
+            norm=cfg["norm"],
+            momentum=cfg["ema_momentum"],
+            eman_momentum=cfg["eman_momentum"],
+            bn_momentum=cfg["bn_momentum"],
+            **(cfg.get("method_args") or {}),
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def use_channels_last(cfg: Mapping[str, Any]) -> bool:
+    """Whether to run the networks in channels_last memory format.
+
+    ``auto`` means on, on every device: on this project's CPU it was never slower (1.00-1.5x
+    faster per step for the small net and the ResNets, docs/performance.md) and on CUDA it is
+    what cuDNN prefers with AMP. ``false`` keeps NCHW, e.g. for a model that needs it.
+    """
+    return cfg["channels_last"] in (True, "auto")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: list[float]) -> float:
+    """Linear warm-up, then cosine, step (x0.1 at each milestone fraction) or constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "step":
+        return 0.1 ** sum(step >= m * total for m in milestones)
+    return 1.0
+
+
+def amp_context(device: torch.device, amp: str) -> tuple[AmpContext, torch.amp.GradScaler | None]:
+    """``(autocast context factory, GradScaler or None)`` for ``amp`` (auto: bf16 on CUDA, off on CPU)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def load_run_dataset(cfg: Mapping[str, Any], split: str) -> ImageDataset:
+    """Split ``split`` of the config's dataset; a missing or broken dataset is a one-line UserError."""
+    try:
+        return load_dataset(
+            cfg["dataset"],
+            split,
+            data_dir=cfg["data_dir"],
+            image_size=cfg["image_size"],
+            on_corrupt=cfg["on_corrupt"],
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise UserError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+
+
+def labeled_subset(cfg: Mapping[str, Any], train_ds: ImageDataset) -> torch.Tensor | None:
+    """The labeled indices the config asks for (seeded, equal on every rank), or None for all."""
+    if not any(cfg[k] is not None for k in ("labels_per_class", "label_fraction", "label_index_csv")):
+        return None
+    try:
+        return select_labeled(
+            train_ds.targets,
+            train_ds.info.num_classes,
+            labels_per_class=cfg["labels_per_class"],
+            fraction=cfg["label_fraction"],
+            index_csv=cfg["label_index_csv"],
+            seed=cfg["seed"],
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+
+
+# -- a run's method from a checkpoint ----------------------------------------------------------------
+def method_from_checkpoint(data: Mapping[str, Any], path: str | Path) -> Method:
+    """The method a checkpoint describes, on CPU, with its weights, without touching any data."""
+    if "config" not in data or "method" not in data or "dataset_info" not in data:
+        raise UserError(f"{path} is not an emanorm checkpoint (keys: {', '.join(sorted(data)[:8])})")
+    method = make_method(data["config"], SimpleNamespace(**data["dataset_info"]), distributed=False)
+    load_matching(method, data["method"], f"checkpoint {path}")
+    return method
+
+
+def load_backbone(path: str | Path, which: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the backbone of a run (a run directory or a ``.pt`` file) with its trained weights."""
+    if which not in ("teacher", "student"):
+        raise UserError(f"--which must be teacher or student, got {which!r}")
+    data = safe_load(path)
+    encoder = method_from_checkpoint(data, path).encoder(which)
+    encoder.eval()
+    return encoder, {**data["config"], "dataset_info": data["dataset_info"]}
+
+
+def load_method(path: str | Path) -> tuple[Method, dict[str, Any]]:
+    """The whole trained method of a run (for classifiers and test accuracy), in eval mode."""
+    data = safe_load(path)
+    method = method_from_checkpoint(data, path)
+    method.eval()
+    return method, data["config"]
+
+
+def _differences(source: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:
+    """``"name: source vs target"`` for each of backbone / channels / image size that differs."""
+    out = []
+    for key, label in (("backbone", "backbone"), ("channels", "channels"), ("image_size", "image size")):
+        if key in target and source.get(key) is not None and source[key] != target[key]:
+            out.append(f"{label} {source[key]} vs {target[key]}")
+    return out
+
+
+def initialise_from(
+    method: nn.Module, path: str | Path, which: str = "teacher", *, target: Mapping[str, Any] | None = None
+) -> None:
+    """Copy the ``which`` backbone of the run at ``path`` (parameters and BN statistics) into
+    the student's and the teacher's backbones (``--init-from``, the paper's Table 6 chain);
+    heads keep their fresh initialisation.
+
+    ``target`` (``backbone``, ``channels``, ``image_size`` of the run being started) makes a
+    source trained on another backbone, channel count or input size a ``UserError`` naming each
+    difference, even where the weights would fit. Without it, mismatched weights still fail with
+    the keys and shapes that differ. The source is rebuilt under a forked RNG, so starting from a
+    checkpoint draws the same random numbers afterwards as starting from scratch.
+    """
+    with torch.random.fork_rng(devices=[]):
+        source, source_cfg = load_backbone(path, which)
+    info = source_cfg.get("dataset_info") or {}
+    about = {"backbone": source_cfg.get("backbone"), "channels": info.get("channels"),
+             "image_size": info.get("image_size")}
+    described = (
+        f"the {which} backbone of {path} ({source_cfg.get('method')} on {source_cfg.get('dataset')}: "
+        f"{about['backbone']}, {about['channels']} channel(s), {about['image_size']} px)"
+    )
+    state = source.state_dict()
+    targets = {id(method.encoder("student")): method.encoder("student")}
+    targets.setdefault(id(method.encoder("teacher")), method.encoder("teacher"))
+    differ = _differences(about, target) if target is not None else []
+    if differ:  # refused before anything is loaded, with the weights' mismatch too where there is one
+        mismatch = state_mismatch(method.encoder("student"), state)
+        detail = f"; the weights do not match this model: {mismatch}" if mismatch else ""
+        differences = "; ".join(differ)
+        raise UserError(f"cannot initialise from {described}: {differences} (source vs this run){detail}")
+    for module in targets.values():
+        device = next(iter(module.state_dict().values())).device
+        load_matching(module, {k: v.to(device) for k, v in state.items()}, described)
+    log.info("initialised the backbones from the %s of %s (%s run)", which, path, source_cfg.get("method"))
+
+
+# -- the recipe ----------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything one training run is made of; built by :func:`build_run`."""
+
+    cfg: dict[str, Any]
+    dist: DistInfo
+    train_ds: ImageDataset
+    test_ds: ImageDataset
+    info: DatasetInfo
+    labeled: torch.Tensor  # dataset indices of the labeled images (all labeled ones without a split)
+    split_digest: str  # sha1 of ``labeled``: the same on every rank, recorded in summary.json
+    method: Method  # the unwrapped method: checkpoints, after_step, evaluation
+    step_fn: Callable[..., Any]  # what a step calls: the method, its DDP wrapper, or a compiled version
+    stream: BatchStream
+    total_steps: int
+    total_epochs: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    amp: AmpContext
+    scaler: torch.amp.GradScaler | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.stream.steps_per_epoch
+
+
+def _split_digest(labeled: torch.Tensor, dist_info: DistInfo) -> str:
+    digest = hashlib.sha1(labeled.cpu().numpy().tobytes()).hexdigest()
+    if dist_info.distributed:  # a split drawn per rank would silently train on different labels
+        digests: list[Any] = [None] * dist_info.world_size
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise UserError(
+                f"the labeled split differs between ranks ({digests}); check --data-dir on every node"
+            )
+    return digest
+
+
+def build_run(
+    cfg: dict[str, Any],
+    dist_info: DistInfo | None = None,
+    *,
+    resuming: bool = False,
+    train_ds: ImageDataset | None = None,
+    test_ds: ImageDataset | None = None,
+) -> Run:
+    """Build the run ``cfg`` describes (``dist_info``: torchrun's ranks; default one process).
+
+    ``resuming`` skips ``--init-from`` (a resumed run loads its own weights over it anyway).
+    ``train_ds`` / ``test_ds`` reuse datasets already in memory instead of loading them again.
+    Seeds torch with ``cfg["seed"]`` first: two builds of one config hold identical weights.
+    """
+    dist_info = dist_info or single_process(cfg["device"])
+    device = dist_info.device
+    if cfg["batch_size"] % dist_info.world_size:
+        raise UserError(
+            f"batch_size {cfg['batch_size']} must be divisible by the process count {dist_info.world_size}"
+        )
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg["seed"])
+
+    # data
+    train_ds = train_ds if train_ds is not None else load_run_dataset(cfg, "train")
+    test_ds = test_ds if test_ds is not None else load_run_dataset(cfg, "test")
+    info = train_ds.info
+    labeled = labeled_subset(cfg, train_ds)
+    if labeled is None:
+        labeled = (train_ds.targets >= 0).nonzero().flatten()
+    split_digest = _split_digest(labeled, dist_info)
+
+    # method
+    method = make_method(cfg, info, dist_info.distributed, device.type).to(device)
+    if use_channels_last(cfg):
+        method = method.to(memory_format=torch.channels_last)
+    if cfg["init_from"] and not resuming:
+        target = {"backbone": cfg["backbone"], "channels": info.channels, "image_size": info.image_size}
+        initialise_from(method, cfg["init_from"], cfg["init_which"], target=target)
+
+    # the batches: labeled and/or unlabeled views, as the method declares them
+    per_rank = cfg["batch_size"] // dist_info.world_size
+    has_labeled, has_unlabeled = bool(method.labeled_views), bool(method.unlabeled_views)
+    if not has_labeled and not has_unlabeled:
+        raise UserError(f"method {cfg['method']} declares no views")
+    unlabeled_ds = train_ds  # STL-10 adds its 100k unlabeled images to the unlabeled side
+    if has_unlabeled and pretrain_split(cfg["dataset"]) != "train":
+        unlabeled_ds = load_run_dataset(cfg, pretrain_split(cfg["dataset"]))
+    stream = BatchStream(
+        labeled=train_ds if has_labeled else None,
+        labeled_indices=labeled if has_labeled else None,
+        unlabeled=unlabeled_ds if has_unlabeled else None,
+        unlabeled_indices=torch.arange(len(unlabeled_ds)) if has_unlabeled else None,
+        labeled_views=method.labeled_views,
+        unlabeled_views=method.unlabeled_views,
+        batch_size=per_rank,
+        unlabeled_batch_size=per_rank * (cfg["unlabeled_ratio"] if has_labeled else 1),
+        seed=cfg["seed"],
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        device=device,
+        num_workers=cfg["num_workers"],
+        augment_options=cfg["augment_options"],
+        loader_timeout=cfg["loader_timeout"],
+    )
+    steps_per_epoch = stream.steps_per_epoch
+    if steps_per_epoch < 1:
+        raise UserError(f"the dataset is too small for batch size {cfg['batch_size']}: zero steps per epoch")
+    total_steps = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
+    warmup_steps = int(cfg["warmup_epochs"] * steps_per_epoch)
+
+    # optimisation
+    optimizer = build_optimizer(
+        method.parameter_groups(cfg["weight_decay"]),
+        cfg["optimizer"],
+        lr=cfg["lr"],
+        momentum=cfg["sgd_momentum"],
+        weight_decay=cfg["weight_decay"],
+        nesterov=cfg["nesterov"],
+        eta=cfg["lars_eta"],
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, total_steps, warmup_steps, cfg["schedule"], cfg["lr_milestones"]),
+    )
+    amp, scaler = amp_context(device, cfg["amp"])
+
+    model: nn.Module = method
+    if dist_info.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            method,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # never overwrite the teacher's statistics with rank 0's
+        )
+    return Run(
+        cfg=cfg,
+        dist=dist_info,
+        train_ds=train_ds,
+        test_ds=test_ds,
+        info=info,
+        labeled=labeled,
+        split_digest=split_digest,
+        method=method,
+        step_fn=torch.compile(model) if cfg["compile"] else model,
+        stream=stream,
+        total_steps=total_steps,
+        total_epochs=math.ceil(total_steps / steps_per_epoch),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        amp=amp,
+        scaler=scaler,
+    )
