@@ -433,10 +433,10 @@ def test_compare_merges_seeds_trained_elsewhere(tmp_path, capsys, one_thread):
 
 def test_merged_results_check_each_entry_against_the_planned_run(tmp_path):
     """MergedResults on hand-written records: identity, budget, protocol and probe must match."""
-    from emanorm.experiments.evaluate import LinearSettings, MergedResults
+    from emanorm.experiments.evaluate import LinearProtocol, MergedResults
     from emanorm.experiments.grid import RunSpec
 
-    linear = LinearSettings(fraction=0.1, epochs=5, lrs=(1.0,))
+    linear = LinearProtocol(fraction=0.1, epochs=5, lrs=(1.0,))
 
     def spec(method="fixmatch", variant="eman", seed=0, **cfg):
         name = f"{method}-{variant}-s{seed}"

@@ -15,12 +15,11 @@ import torchvision
 from torch import nn
 
 from emanorm.cli import evaluate as cmd
+from emanorm.cli.evaluate import add_eval_parsers, add_export_parser
 from emanorm.errors import UserError
 from emanorm.evaluation import (
     MulticlassSVMTask,
     TensorImages,
-    add_eval_parsers,
-    add_export_parser,
     assert_frozen,
     assert_state_unchanged,
     export_backbone,

@@ -132,7 +132,7 @@ def test_bad_norm_option_and_name_raise(name):
         option, default = next(iter(METHODS[name].OPTIONS.items()))
         with pytest.raises(ValueError, match=option):
             make(name, **{option: "not-a-" + type(default).__name__})
-    with pytest.raises(ValueError, match="unknown method 'simclr'; allowed: moco, byol"):
+    with pytest.raises(ValueError, match="unknown method 'simclr'; allowed: fixmatch, moco, byol"):
         build_method("simclr", backbone_factory=factory, num_classes=3, norm="bn", momentum=0.9,
                      eman_momentum=None, bn_momentum=0.1)
 

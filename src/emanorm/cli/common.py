@@ -46,3 +46,15 @@ def fraction(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"the fraction must lie in (0, 1] (or (0%, 100%]), got {text!r}")
     return value
+
+
+def add_command(subparsers: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose description keeps its own line breaks (the examples in it)."""
+    return subparsers.add_parser(
+        name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_repeatable(group: Any, flag: str, metavar: str, help: str) -> None:
+    """A flag that may be given several times; the values are collected in a list."""
+    group.add_argument(flag, action="append", default=[], metavar=metavar, help=help)

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emanorm.cli.common import fraction, positive_int
+from emanorm.cli.common import add_command, add_repeatable, fraction, positive_int
 from emanorm.errors import UserError
 from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS
+from emanorm.train.config import METHODS, NORMS
 
 COMPARE_HELP = """\
 Train every (variant, method, seed) of a grid, each as a normal run directory under OUT/runs/,
@@ -33,13 +34,9 @@ See docs/compare.md.
 
 def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``compare`` to the ``emanorm`` command's subparsers; its handler is ``run_compare``."""
-    from emanorm.train.config import METHODS, NORMS
-
-    p = subparsers.add_parser(
-        "compare",
-        help="train and compare a grid of methods x normalizations x seeds (Table 1 / Figure 3)",
-        description=COMPARE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = add_command(
+        subparsers, "compare",
+        "train and compare a grid of methods x normalizations x seeds (Table 1 / Figure 3)", COMPARE_HELP,
     )
     grid = p.add_argument_group("the grid (rows x columns x seeds)")
     grid.add_argument(
@@ -75,12 +72,9 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="cross every row with start points: 'scratch', a run directory or checkpoint, or NAME=PATH; "
         "{seed} in PATH is the run's seed (Table 6)",
     )
-    grid.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="LABEL:KEY=VALUE,...",
-        help="a custom row, e.g. 'eman-lr0.1:norm=eman,lr=0.1' (repeatable; method=NAME runs another method)",
+    add_repeatable(
+        grid, "--variant", "LABEL:KEY=VALUE,...",
+        "a custom row, e.g. 'eman-lr0.1:norm=eman,lr=0.1' (repeatable; method=NAME runs another method)",
     )
     cfg = p.add_argument_group("settings passed to every run")
     cfg.add_argument(
@@ -101,19 +95,13 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     cfg.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], help="training device (default auto: GPU if any)"
     )
-    cfg.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key of every run, as `emanorm train --set` (repeatable)",
+    add_repeatable(
+        cfg, "--set", "KEY=VALUE", "override any config key of every run, as `emanorm train --set` "
+        "(repeatable)",
     )
-    cfg.add_argument(
-        "--method-arg",
-        action="append",
-        default=[],
-        metavar="METHOD:KEY=VALUE",
-        help="an option of one method's runs, e.g. byol:hidden_dim=512 (repeatable; see docs/methods.md)",
+    add_repeatable(
+        cfg, "--method-arg", "METHOD:KEY=VALUE",
+        "an option of one method's runs, e.g. byol:hidden_dim=512 (repeatable; see docs/methods.md)",
     )
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--which", choices=["teacher", "student"], default="teacher", help="network to report")
@@ -183,7 +171,7 @@ def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _linear_settings(args: argparse.Namespace):
-    from emanorm.experiments.evaluate import LinearSettings
+    from emanorm.experiments.evaluate import LinearProtocol
 
     if args.no_linear:
         return None
@@ -198,7 +186,7 @@ def _linear_settings(args: argparse.Namespace):
         lrs.append(lr)
     if not lrs:
         raise UserError("--linear-lrs is empty")
-    return LinearSettings(
+    return LinearProtocol(
         fraction=args.linear_fraction, epochs=args.linear_epochs, lrs=tuple(lrs), which=args.which
     )
 

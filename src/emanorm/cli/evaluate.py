@@ -38,6 +38,7 @@ from emanorm.evaluation.knn import knn_predict
 from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS, linear_probe
 from emanorm.evaluation.lowshot import DEFAULT_SHOTS, MultiLabelSVMTask, lowshot_svm
 from emanorm.evaluation.retrieval import retrieval_scores
+from emanorm.evaluation.settings import FinetuneSettings, LinearSettings, ProbeSettings
 from emanorm.evaluation.transfer import adapted_transform, describe_adaptation
 from emanorm.train.recipe import load_backbone
 
@@ -118,6 +119,17 @@ def _common_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_protocol_options(parser: argparse.ArgumentParser) -> None:
+    """The options the trained protocols (linear, finetune) share; defaults from ``ProbeSettings``."""
+    defaults = ProbeSettings()
+    add = parser.add_argument
+    add("--epochs", type=positive_int, default=defaults.epochs, help="(default %(default)s)")
+    add("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
+    add("--val-fraction", type=float, default=defaults.val_fraction,
+        help="validation share of the labels for the lr search (default %(default)s)")
+    add("--repeats", type=positive_int, default=1, help="label subsets (seeds seed..seed+N-1)")
+
+
 def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``eval`` with one subcommand per protocol to an ``argparse`` subparsers object."""
     common = _common_parser()
@@ -135,13 +147,8 @@ def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
 
     lin = sub.add_parser("linear", parents=[common], help="linear classifier on frozen features")
     lin.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LINEAR_LRS), help="lr grid")
-    lin.add_argument("--epochs", type=positive_int, default=50)
     lin.add_argument("--probe-batch-size", type=positive_int, default=256, help="classifier batch size")
-    lin.add_argument("--weight-decay", type=float, default=0.0)
-    lin.add_argument(
-        "--val-fraction", type=float, default=0.1, help="validation share of the labels for the lr"
-    )
-    lin.add_argument("--repeats", type=positive_int, default=1, help="label subsets (seeds seed..seed+N-1)")
+    _add_protocol_options(lin)
     lin.set_defaults(func=run_linear)
 
     ft = sub.add_parser("finetune", parents=[common], help="fine-tune backbone + classifier on the labels")
@@ -149,12 +156,7 @@ def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
     ft.add_argument(
         "--classifier-lr", type=float, default=0.1, help="paper: 1.0 for 1%% labels, 0.1 for 10%%"
     )
-    ft.add_argument("--epochs", type=positive_int, default=50)
-    ft.add_argument("--weight-decay", type=float, default=0.0)
-    ft.add_argument(
-        "--val-fraction", type=float, default=0.1, help="validation share of the labels for the lr"
-    )
-    ft.add_argument("--repeats", type=positive_int, default=1, help="label subsets (seeds seed..seed+N-1)")
+    _add_protocol_options(ft)
     ft.set_defaults(func=run_finetune)
 
     ret = sub.add_parser("retrieval", parents=[common], help="top-k mAP / recall (train = database)")
@@ -524,6 +526,11 @@ def run_linear(args: argparse.Namespace) -> int:
     union = torch.unique(torch.cat(subsets))
     row = torch.full((len(ctx.train_set),), -1, dtype=torch.long)
     row[union] = torch.arange(len(union))
+    probe = LinearSettings(
+        lrs=tuple(args.lrs), epochs=args.epochs, batch_size=args.probe_batch_size,
+        weight_decay=args.weight_decay, val_fraction=args.val_fraction, device=ctx.device,
+        progress=ctx.progress,
+    )
     runs = []
     # The whole protocol runs under the frozen check: no weight or BN statistic may move.
     with assert_frozen(ctx.backbone):
@@ -531,22 +538,10 @@ def run_linear(args: argparse.Namespace) -> int:
         f_t, y_t = ctx.features(ctx.test_set, ctx.test_indices, "test features")
         for seed, subset in zip(seeds, subsets, strict=True):
             with _user_errors():
+                part = row[subset]
                 runs.append(
-                    linear_probe(
-                        f_u[row[subset]],
-                        y_u[row[subset]],
-                        f_t,
-                        y_t,
-                        num_classes=ctx.num_classes,
-                        lrs=args.lrs,
-                        epochs=args.epochs,
-                        batch_size=args.probe_batch_size,
-                        weight_decay=args.weight_decay,
-                        val_fraction=args.val_fraction,
-                        seed=seed,
-                        device=ctx.device,
-                        progress=ctx.progress,
-                    )
+                    linear_probe(f_u[part], y_u[part], f_t, y_t, num_classes=ctx.num_classes,
+                                 settings=probe, seed=seed)
                 )
     results = _repeated_results(runs)
     settings = {
@@ -571,30 +566,20 @@ def run_finetune(args: argparse.Namespace) -> int:
     augment = _augmentation("weak", ctx.input_info)
     if ctx.input_info is not ctx.info:  # another dataset: its images in the run's channels first
         augment = adapted_transform(ctx.info, ctx.input_info, augment)
+    tuning = FinetuneSettings(
+        backbone_lrs=tuple(args.backbone_lrs), classifier_lr=args.classifier_lr, epochs=args.epochs,
+        batch_size=args.batch_size, weight_decay=args.weight_decay, val_fraction=args.val_fraction,
+        device=ctx.device, amp=args.amp, progress=ctx.progress,
+    )
     runs = []
     with assert_frozen(ctx.backbone):  # finetune trains a copy; the loaded backbone stays as it was
         for seed in seeds:
             with _user_errors():
                 runs.append(
                     finetune(
-                        ctx.backbone,
-                        ctx.train_set,
-                        ctx.labeled(seed),
-                        ctx.test_set,
-                        num_classes=ctx.num_classes,
-                        augment=augment,
-                        eval_transform=ctx.transform,
-                        backbone_lrs=args.backbone_lrs,
-                        classifier_lr=args.classifier_lr,
-                        epochs=args.epochs,
-                        batch_size=args.batch_size,
-                        weight_decay=args.weight_decay,
-                        val_fraction=args.val_fraction,
-                        seed=seed,
-                        device=ctx.device,
-                        amp=args.amp,
-                        test_indices=ctx.test_indices,
-                        progress=ctx.progress,
+                        ctx.backbone, ctx.train_set, ctx.labeled(seed), ctx.test_set,
+                        num_classes=ctx.num_classes, augment=augment, eval_transform=ctx.transform,
+                        test_indices=ctx.test_indices, settings=tuning, seed=seed,
                     )
                 )
     results = _repeated_results(runs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from emanorm.cli.common import key_value
+from emanorm.cli.common import add_command, key_value
 from emanorm.evaluation.monitor import knn_monitor
 from emanorm.train import resolve_config, train
 from emanorm.train.config import DEFAULTS, METHODS, NORMS, load_config_source, preset_names
@@ -19,12 +19,7 @@ Multi-GPU / multi-node: torchrun --nproc_per_node N -m emanorm train ...
 
 
 def add_train_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train a method (the main job)",
-        description=TRAIN_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "train", "train a method (the main job)", TRAIN_HELP)
     what = p.add_argument_group("what to train")
     what.add_argument("--method", help=f"one of {', '.join(METHODS)} (default fixmatch)")
     what.add_argument("--norm", help=f"one of {', '.join(NORMS)} (default eman)")

@@ -36,6 +36,7 @@ from emanorm.evaluation.lowshot import (
 )
 from emanorm.evaluation.monitor import knn_monitor
 from emanorm.evaluation.retrieval import retrieval_scores
+from emanorm.evaluation.settings import FinetuneSettings, LinearSettings, ProbeSettings
 
 __all__ = [
     "DEFAULT_BACKBONE_LRS",
@@ -44,10 +45,13 @@ __all__ = [
     "DEFAULT_SHOTS",
     "EXPORT_FORMATS",
     "BackboneClassifier",
+    "FinetuneSettings",
+    "LinearSettings",
     "LowShotTask",
     "MultiLabelSVM",
     "MultiLabelSVMTask",
     "MulticlassSVMTask",
+    "ProbeSettings",
     "TensorImages",
     "assert_frozen",
     "assert_state_unchanged",

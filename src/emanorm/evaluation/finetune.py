@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,9 @@ from tqdm.auto import tqdm
 
 from emanorm.evaluation.features import ImageSource, iterate_dataset, resolve_device
 from emanorm.evaluation.linear import milestones, search_lr, stratified_split, topk_accuracies
+from emanorm.evaluation.settings import DEFAULT_BACKBONE_LRS, FinetuneSettings
 
-DEFAULT_BACKBONE_LRS: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+__all__ = ["DEFAULT_BACKBONE_LRS", "BackboneClassifier", "FinetuneSettings", "finetune", "train_finetune"]
 _MIN_SENSIBLE_STEPS = 200
 log = logging.getLogger(__name__)
 
@@ -98,24 +100,19 @@ def train_finetune(
     num_classes: int,
     augment: nn.Module,
     backbone_lr: float,
-    classifier_lr: float = 0.1,
-    epochs: int = 50,
-    batch_size: int = 256,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    amp: bool = False,
-    progress: bool = True,
+    settings: FinetuneSettings | None = None,
+    **overrides: Any,
 ) -> tuple[BackboneClassifier, bool]:
     """Fine-tune a *copy* of ``backbone`` plus a new classifier on ``dataset[indices]``.
 
     Returns ``(model, diverged)``. The input ``backbone`` is left untouched. The per-sample
     augmentation draws from the global torch RNG, forked and seeded here so runs repeat exactly.
     """
+    st = FinetuneSettings.resolve(settings, overrides)
+    epochs, batch_size, seed, amp, classifier_lr = st.epochs, st.batch_size, st.seed, st.amp, st.classifier_lr
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    device = resolve_device(device)
+    device = resolve_device(st.device)
     indices = torch.as_tensor(indices, dtype=torch.long)
     if len(indices) == 0:
         raise ValueError("fine-tuning needs at least one labeled image")
@@ -133,13 +130,13 @@ def train_finetune(
                 {"params": model.fc.parameters(), "lr": classifier_lr},
             ],
             lr=classifier_lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
+            momentum=st.momentum,
+            weight_decay=st.weight_decay,
         )
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones(epochs), gamma=0.1)
         model.train()
         loss = torch.zeros(())
-        bar = tqdm(range(epochs), desc=f"finetune lr={backbone_lr:g}", disable=not progress, leave=False)
+        bar = tqdm(range(epochs), desc=f"finetune lr={backbone_lr:g}", disable=not st.progress, leave=False)
         for _ in bar:
             order = indices[torch.randperm(len(indices), generator=gen)]
             for x, y in iterate_dataset(dataset, order, batch_size):
@@ -167,18 +164,9 @@ def finetune(
     num_classes: int,
     augment: nn.Module,
     eval_transform: nn.Module,
-    backbone_lrs: Sequence[float] = DEFAULT_BACKBONE_LRS,
-    classifier_lr: float = 0.1,
-    epochs: int = 50,
-    batch_size: int = 256,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    amp: bool = False,
     test_indices: Tensor | None = None,
-    progress: bool = True,
+    settings: FinetuneSettings | None = None,
+    **overrides: Any,
 ) -> dict[str, object]:
     """Fine-tune backbone + classifier on the labeled ``train_indices``; report test top-1/top-5.
 
@@ -188,30 +176,22 @@ def finetune(
     the best (ties: the smaller lr) is retrained on all of them and tested once. ``backbone`` is not
     modified. Returns fractions in [0, 1] plus the chosen lr and the per-lr validation scores.
     """
+    st = FinetuneSettings.resolve(settings, overrides)
+    backbone_lrs, classifier_lr = st.backbone_lrs, st.classifier_lr
+    epochs, batch_size = st.epochs, st.batch_size
     if not backbone_lrs:
         raise ValueError("backbone_lrs must hold at least one learning rate")
     if any(lr < 0 for lr in backbone_lrs) or classifier_lr <= 0:
         raise ValueError(f"learning rates must be positive, got {list(backbone_lrs)} and {classifier_lr}")
-    device = resolve_device(device)
+    device = resolve_device(st.device)
+    st = replace(st, device=device)
     train_indices = torch.as_tensor(train_indices, dtype=torch.long)
     labels = torch.as_tensor(train_set.targets)[train_indices]
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         bad = labels.unique()[:5].tolist()
         raise ValueError(f"training labels must lie in [0, num_classes={num_classes}); got {bad}")
     eval_transform = eval_transform.to(device)
-    common = dict(
-        num_classes=num_classes,
-        augment=augment,
-        classifier_lr=classifier_lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        seed=seed,
-        device=device,
-        amp=amp,
-        progress=progress,
-    )
+    common = {"num_classes": num_classes, "augment": augment, "settings": st}
     steps = epochs * -(-len(train_indices) // batch_size)
     if steps < _MIN_SENSIBLE_STEPS:
         # Epoch-based budgets (the paper's 50 epochs of 1% ImageNet = 2,500 steps) shrink to a handful
@@ -228,20 +208,14 @@ def finetune(
     val_top1: dict[str, float] = {}
     best_lr = lrs[0]
     if len(lrs) > 1:
-        fit_pos, val_pos = stratified_split(labels, val_fraction, seed)
+        fit_pos, val_pos = stratified_split(labels, st.val_fraction, st.seed)
         if len(val_pos) == 0:
             raise ValueError(
                 "too few labels to carve a validation split for the backbone-lr search; pass one backbone lr"
             )
 
         def fit(lr: float) -> tuple[BackboneClassifier, bool]:
-            return train_finetune(
-                backbone,
-                train_set,
-                train_indices[fit_pos],
-                backbone_lr=lr,
-                **common,  # type: ignore[arg-type]
-            )
+            return train_finetune(backbone, train_set, train_indices[fit_pos], backbone_lr=lr, **common)
 
         def validate(model: BackboneClassifier) -> float:
             return evaluate_classifier(
@@ -251,19 +225,14 @@ def finetune(
                 transform=eval_transform,
                 batch_size=batch_size,
                 device=device,
-                amp=amp,
+                amp=st.amp,
             )["top1"]
 
         best_lr, val_top1 = search_lr(lrs, fit, validate)
-    model, diverged = train_finetune(
-        backbone,
-        train_set,
-        train_indices,
-        backbone_lr=best_lr,
-        **common,  # type: ignore[arg-type]
-    )
+    model, diverged = train_finetune(backbone, train_set, train_indices, backbone_lr=best_lr, **common)
     result: dict[str, object] = evaluate_classifier(
-        model, test_set, test_indices, transform=eval_transform, batch_size=batch_size, device=device, amp=amp
+        model, test_set, test_indices, transform=eval_transform, batch_size=batch_size, device=device,
+        amp=st.amp,
     )
     result.update(
         best_backbone_lr=best_lr,

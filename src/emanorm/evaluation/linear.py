@@ -9,7 +9,7 @@ labels, then the classifier is retrained on all training labels and evaluated on
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from emanorm.evaluation.features import resolve_device
 from emanorm.evaluation.knn import check_labels
+from emanorm.evaluation.settings import DEFAULT_LINEAR_LRS, LinearSettings
 
-# Covers the paper's MoCo grid {15, 30, 60} scale and its BYOL grid {0.2, 0.4, 0.8} scale coarsely.
-DEFAULT_LINEAR_LRS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+__all__ = ["DEFAULT_LINEAR_LRS", "LinearSettings", "linear_probe", "train_linear"]
 Model = TypeVar("Model")
 
 
@@ -99,24 +99,21 @@ def train_linear(
     num_classes: int,
     *,
     lr: float,
-    epochs: int = 50,
-    batch_size: int = 256,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    progress: bool = True,
+    settings: LinearSettings | None = None,
     desc: str = "linear",
+    **overrides: Any,
 ) -> tuple[nn.Linear, bool]:
     """Train a linear classifier on fixed features; returns ``(classifier, diverged)``.
 
     Initialised as in MoCo's linear protocol (weights N(0, 0.01), zero bias). Training stops early
     and reports ``diverged=True`` when the loss becomes non-finite (a too-large lr in the grid).
     """
+    st = LinearSettings.resolve(settings, overrides)
+    epochs, batch_size = st.epochs, st.batch_size
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    device = resolve_device(device)
-    gen = torch.Generator().manual_seed(seed)
+    device = resolve_device(st.device)
+    gen = torch.Generator().manual_seed(st.seed)
     x = features.to(device, torch.float32)
     y = labels.to(device).long()
     clf = nn.Linear(x.shape[1], num_classes)
@@ -124,10 +121,10 @@ def train_linear(
         clf.weight.copy_(torch.randn(clf.weight.shape, generator=gen) * 0.01)
         clf.bias.zero_()
     clf.to(device)
-    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=st.momentum, weight_decay=st.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones(epochs), gamma=0.1)
     n = x.shape[0]
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+    for _ in tqdm(range(epochs), desc=desc, disable=not st.progress, leave=False):
         perm = torch.randperm(n, generator=gen).to(device)
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
@@ -148,15 +145,8 @@ def linear_probe(
     test_labels: Tensor,
     *,
     num_classes: int | None = None,
-    lrs: Sequence[float] = DEFAULT_LINEAR_LRS,
-    epochs: int = 50,
-    batch_size: int = 256,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    progress: bool = True,
+    settings: LinearSettings | None = None,
+    **overrides: Any,
 ) -> dict[str, object]:
     """Linear evaluation of frozen features: lr search on a validation split, retrain, test once.
 
@@ -166,6 +156,8 @@ def linear_probe(
     the search. Returns fractions in [0, 1]: ``top1``, ``top5``, ``best_lr``, ``val_top1`` per lr
     (-1 for a diverged lr), and the sizes used. The test set is used only for the final evaluation.
     """
+    st = LinearSettings.resolve(settings, overrides)
+    lrs, seed = st.lrs, st.seed
     if not lrs:
         raise ValueError("lrs must hold at least one learning rate")
     if any(lr <= 0 for lr in lrs):
@@ -176,16 +168,8 @@ def linear_probe(
         raise ValueError("linear_probe needs at least one training feature")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max() if len(test_labels) else 0)) + 1
-    common = dict(
-        epochs=epochs,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        device=device,
-        progress=progress,
-    )
     lrs = sorted(set(float(lr) for lr in lrs))
-    fit_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
+    fit_idx, val_idx = stratified_split(train_labels, st.val_fraction, seed)
     if len(lrs) > 1 and len(val_idx) == 0:
         raise ValueError(
             "too few training labels to carve a validation split for the lr search "
@@ -198,9 +182,8 @@ def linear_probe(
             train_labels[fit_idx],
             num_classes,
             lr=lr,
-            seed=seed,
+            settings=st,
             desc=f"linear lr={lr:g}",
-            **common,  # type: ignore[arg-type]
         )
 
     def validate(clf: nn.Linear) -> float:
@@ -208,21 +191,15 @@ def linear_probe(
 
     best_lr, val_top1 = search_lr(lrs, fit, validate)
     clf, diverged = train_linear(
-        train_feats,
-        train_labels,
-        num_classes,
-        lr=best_lr,
-        seed=seed,
-        desc=f"linear final lr={best_lr:g}",
-        **common,  # type: ignore[arg-type]
+        train_feats, train_labels, num_classes, lr=best_lr, settings=st, desc=f"linear final lr={best_lr:g}"
     )
     result: dict[str, object] = topk_accuracies(predict_logits(clf, test_feats), test_labels, (1, 5))
     result.update(
         best_lr=best_lr,
         val_top1=val_top1,
         diverged=diverged,
-        epochs=epochs,
-        batch_size=batch_size,
+        epochs=st.epochs,
+        batch_size=st.batch_size,
         num_train=int(train_feats.shape[0]),
         num_val=len(val_idx) if len(lrs) > 1 else 0,
         num_test=int(test_feats.shape[0]),

@@ -3,7 +3,7 @@
 See docs/compare.md.
 """
 
-from emanorm.experiments.evaluate import LinearSettings, evaluate_run, linear_probe_run, read_curve
+from emanorm.experiments.evaluate import LinearProtocol, evaluate_run, linear_probe_run, read_curve
 from emanorm.experiments.grid import (
     RunOutcome,
     RunSpec,
@@ -18,7 +18,7 @@ from emanorm.experiments.plots import band, plot_curves
 from emanorm.experiments.report import Stats, format_stats, markdown_table, render_markdown, summarize
 
 __all__ = [
-    "LinearSettings",
+    "LinearProtocol",
     "RunOutcome",
     "RunSpec",
     "Stats",

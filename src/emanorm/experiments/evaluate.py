@@ -23,7 +23,7 @@ import torch
 from emanorm.data import build_augmentation, load_dataset, select_labeled
 from emanorm.errors import UserError
 from emanorm.evaluation import assert_frozen, dataset_batches, extract_features, linear_probe, resolve_device
-from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS
+from emanorm.evaluation.settings import DEFAULT_LINEAR_LRS, LinearSettings
 from emanorm.experiments.grid import RunSpec
 from emanorm.train import load_backbone
 from emanorm.train.config import SEMI_SUPERVISED
@@ -32,8 +32,9 @@ log = logging.getLogger("emanorm")
 
 
 @dataclass(frozen=True)
-class LinearSettings:
-    """The linear-probe protocol for self-supervised runs (see ``emanorm.evaluation.linear_probe``)."""
+class LinearProtocol:
+    """The linear-probe protocol of a grid's self-supervised runs: which labels, which network, and
+    the probe's settings (``emanorm.evaluation.LinearProtocol``)."""
 
     fraction: float = 0.1
     epochs: int = 50
@@ -42,6 +43,11 @@ class LinearSettings:
     batch_size: int = 256
     label_seed: int = 0  # the same labeled subset for every run: only the pre-training differs
     which: str = "teacher"
+
+    def probe(self, device: Any) -> LinearSettings:
+        """The library's settings for this protocol's linear probe."""
+        return LinearSettings(lrs=self.lrs, epochs=self.epochs, batch_size=self.batch_size,
+                             seed=self.label_seed, device=device, progress=False)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -76,7 +82,7 @@ class DatasetCache:
 
 
 def linear_probe_run(
-    run_dir: Path, settings: LinearSettings, datasets: DatasetCache, device: str = "auto"
+    run_dir: Path, settings: LinearProtocol, datasets: DatasetCache, device: str = "auto"
 ) -> dict[str, Any]:
     """Linear probe of a finished run's frozen backbone: top-1/top-5 in percent and the details."""
     started = time.perf_counter()
@@ -105,17 +111,8 @@ def linear_probe_run(
         )
     try:
         result = linear_probe(
-            train_f,
-            train_y,
-            test_f,
-            test_y,
-            num_classes=info.num_classes,
-            lrs=settings.lrs,
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            seed=settings.label_seed,
-            device=torch_device,
-            progress=False,
+            train_f, train_y, test_f, test_y, num_classes=info.num_classes,
+            settings=settings.probe(device=torch_device),
         )
     except ValueError as err:
         raise UserError(f"linear probe of {run_dir}: {err}") from None
@@ -131,7 +128,7 @@ def linear_probe_run(
 
 
 def cached_linear_probe(
-    spec: RunSpec, summary: dict[str, Any], settings: LinearSettings, datasets: DatasetCache, device: str
+    spec: RunSpec, summary: dict[str, Any], settings: LinearProtocol, datasets: DatasetCache, device: str
 ) -> dict[str, Any]:
     """The probe result kept in ``RUN_DIR/compare_linear.json``; recomputed only when the settings
     or the run (its step count or wall-clock) changed."""
@@ -183,7 +180,7 @@ def evaluate_run(
     spec: RunSpec,
     *,
     which: str = "teacher",
-    linear: LinearSettings | None = None,
+    linear: LinearProtocol | None = None,
     datasets: DatasetCache | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
@@ -249,7 +246,7 @@ def planned_budget(cfg: dict[str, Any]) -> dict[str, int]:
     return {"max_steps": cfg["max_steps"]} if cfg.get("max_steps") else {"epochs": cfg["epochs"]}
 
 
-def expected_protocol(method: str, linear: LinearSettings | None) -> str:
+def expected_protocol(method: str, linear: LinearProtocol | None) -> str:
     """How compare scores a run of ``method``: ``test_acc``, ``linear`` or ``knn``."""
     return "test_acc" if is_semi_supervised(method) else ("linear" if linear else "knn")
 
@@ -265,7 +262,7 @@ class MergedResults:
     """
 
     def __init__(
-        self, paths: list[str] | tuple[str, ...], *, which: str, linear: LinearSettings | None
+        self, paths: list[str] | tuple[str, ...], *, which: str, linear: LinearProtocol | None
     ) -> None:
         self.linear = linear
         self.entries: dict[str, list[tuple[str, dict[str, Any]]]] = {}

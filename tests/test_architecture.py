@@ -1,0 +1,70 @@
+"""The package's shape, as docs/architecture.md states it: one-way imports, argparse only in the CLI."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import emanorm
+
+PACKAGE = Path(emanorm.__file__).parent
+
+
+def _imports() -> dict[str, set[tuple[str, str]]]:
+    """Subpackage -> {(imported subpackage, importing module)}, imports inside functions included."""
+    edges: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for path in PACKAGE.rglob("*.py"):
+        module = path.relative_to(PACKAGE).with_suffix("").as_posix()
+        unit = module.split("/")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "emanorm" and len(parts) > 1 and parts[1] != unit:
+                    edges[unit].add((parts[1], module))
+                if parts[0] == "argparse":
+                    edges["<argparse>"].add((unit, module))
+    return edges
+
+
+def test_no_import_cycle_between_subpackages():
+    edges = _imports()
+    graph = {unit: {target for target, _ in found} for unit, found in edges.items() if unit != "<argparse>"}
+    cycles = []
+
+    def visit(unit: str, path: list[str]) -> None:
+        for target in sorted(graph.get(unit, ())):
+            if target in path:
+                cycles.append([*path[path.index(target):], target])
+            else:
+                visit(target, [*path, target])
+
+    for unit in graph:
+        visit(unit, [unit])
+    assert not cycles, f"import cycles: {cycles[:3]}"
+
+
+def test_the_trainer_knows_evaluation_only_through_its_monitor_callback():
+    edges = _imports()
+    assert not {t for t, _ in edges["train"]} & {"evaluation", "experiments", "cli"}
+    assert not {t for t, _ in edges["methods"]} & {"train", "data", "evaluation", "experiments", "cli"}
+    assert not {t for t, _ in edges["teacher"]}  # the EMAN idea depends on torch alone
+
+
+def test_argparse_only_in_the_cli_package():
+    users = {module for _, module in _imports()["<argparse>"]}
+    assert users and all(module.startswith("cli/") for module in users), sorted(users)
+
+
+def test_method_registries_have_one_source():
+    from emanorm.methods import METHODS as CLASSES
+    from emanorm.train.config import CHOICES, METHODS, NORMS, SEMI_SUPERVISED
+
+    assert METHODS == tuple(CLASSES) == CHOICES["method"]
+    assert set(SEMI_SUPERVISED) == {name for name, cls in CLASSES.items() if cls.semi_supervised}
+    assert set(NORMS) >= {norm for cls in CLASSES.values() for norm in cls.NORMS}
