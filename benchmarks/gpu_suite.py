@@ -39,6 +39,7 @@ import platform
 import re
 import resource
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -109,14 +110,17 @@ class Suite:
         self.partial: dict[str, Any] = {}  # what a failing part measured before it failed
         self.deadline = self.started + args.budget_s
         self.log_path = self.out / "gpu_suite.log"
-        self.log_path.write_text(f"# gpu_suite {shlex.join(sys.argv)}\n")
+        command = shlex.join([sys.executable, "benchmarks/gpu_suite.py", *args.argv])
+        self.log_path.write_text(f"# {command}\n")
         self.results: dict[str, Any] = {
-            "suite": {"command": shlex.join([sys.executable, *sys.argv]), "device": args.device,
+            "suite": {"command": command, "device": args.device,
                       "quick": args.quick, "budget_s": args.budget_s, "workers": args.workers,
                       "out": str(self.out), "files": list(OUTPUT_FILES)},
             "machine": machine_info(args.device),
             "parts": {},
         }
+        if args.commit:  # a copied working tree has no .git to ask
+            self.results["machine"]["emanorm_commit"] = args.commit
 
     # -- bookkeeping
     def remaining(self) -> float:
@@ -700,10 +704,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--supervised-epochs", type=int, default=5)
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the matrix (default inductor; quick: eager)")
+    p.add_argument("--commit", default=None,
+                   help="the emanorm commit to record (default: git rev-parse HEAD, where there is a .git)")
     p.add_argument("--work-dir", default=None, help="where run directories go (default: a temporary folder)")
     p.add_argument("--measure-cells", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cell-json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     bad = [x for x in args.parts if x not in PART_NAMES]
     if bad:
@@ -730,7 +737,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     m = suite.results["machine"]
     print(f"# gpu_suite on {m.get('gpu', m['device'])}: torch {m['torch']}, CUDA {m['cuda']}, "
           f"{m['date_utc']}; budget {args.budget_s:.0f} s; out {suite.out}", flush=True)
-    suite.run([p for p in PARTS if p.name in args.parts])
+    try:
+        suite.run([p for p in PARTS if p.name in args.parts])
+    finally:
+        if not args.work_dir:  # run directories and per-part JSON: their figures are in the JSON now
+            shutil.rmtree(suite.work, ignore_errors=True)
     suite.save()
     plot(suite.results, suite.out / "gpu_suite.png")
     summary = summary_markdown(suite.results)
