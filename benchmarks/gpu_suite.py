@@ -1,7 +1,7 @@
 """Every GPU figure of docs/performance.md in one command, within a time budget (issue 20).
 
     python benchmarks/gpu_suite.py --device cuda --data-dir .device-data/fashion-mnist --out "$OUT"
-    python benchmarks/gpu_suite.py --device cpu --quick --out /tmp/gpu-suite    # dry run, ~1-2 min
+    python benchmarks/gpu_suite.py --device cpu --quick --out /tmp/gpu-suite    # dry run, ~75 CPU-s
 
 Parts, in this order (each in its own process, with its own timeout; a part that fails, times out
 or does not fit the remaining budget is recorded as such and the suite goes on):
@@ -72,6 +72,7 @@ from emanorm.train.distributed import pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
+FILE_PIPELINE = BENCH / "file_pipeline.py"  # the ImageNet-path issue's benchmark, once it lands
 OUTPUT_FILES = ("gpu_suite.json", "gpu_suite.log", "gpu_suite.png", "cuda_tests.xml", "summary.md")
 
 #: The matrix cells: (amp, channels_last, compile). The first is emanorm's GPU default.
@@ -401,7 +402,7 @@ def contract_lines(text: str) -> dict[str, float]:
 
 
 def file_pipeline(s: Suite) -> dict[str, Any]:
-    script = BENCH / "file_pipeline.py"
+    script = FILE_PIPELINE
     if not script.exists():
         raise PartSkipped("benchmarks/file_pipeline.py does not exist yet (the ImageNet-path issue)")
     # its flags are its own: pass only the ones its --help offers
