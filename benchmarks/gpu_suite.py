@@ -108,6 +108,7 @@ class Suite:
         self.work.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
         self.timeout = 0.0  # the running part's timeout
+        self.current: subprocess.Popen | None = None  # the running part's process
         self.partial: dict[str, Any] = {}  # what a failing part measured before it failed
         self.deadline = self.started + args.budget_s
         self.log_path = self.out / "gpu_suite.log"
@@ -150,14 +151,15 @@ class Suite:
         self.log(f"\n## {label}: {shlex.join(cmd)}  (timeout {timeout:.0f} s)")
         start, cpu, before = time.perf_counter(), children_cpu_seconds(), self.log_path.stat().st_size
         with open(self.log_path, "a") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = self.current = subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=log,
+                                                   stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 rc = proc.wait(timeout=max(timeout, 1.0))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                self.stop_current()
                 raise PartTimeout(f"{label} passed its {timeout:.0f} s timeout") from None
+            finally:
+                self.current = None
         seconds = round(time.perf_counter() - start, 1)
         cpu_s = round(children_cpu_seconds() - cpu, 1)
         output = self.output_since(before)
@@ -165,6 +167,13 @@ class Suite:
         if rc != 0:
             raise PartFailed(f"{label} exited with {rc}: {last_error_line(output)}")
         return {"seconds": seconds, "cpu_s": cpu_s}
+
+    def stop_current(self) -> None:
+        """Kill the running part's whole process group (its own session: Ctrl-C does not reach it)."""
+        proc = self.current
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     def output_since(self, offset: int) -> str:
         """What the log gained after byte ``offset`` (a part's own output)."""
@@ -738,9 +747,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     m = suite.results["machine"]
     print(f"# gpu_suite on {m.get('gpu', m['device'])}: torch {m['torch']}, CUDA {m['cuda']}, "
           f"{m['date_utc']}; budget {args.budget_s:.0f} s; out {suite.out}", flush=True)
+    def stop(signum: int, _frame: Any) -> None:
+        suite.stop_current()
+        for entry in suite.results["parts"].values():
+            if entry["status"] == "running":  # the JSON says which part the signal cut short
+                entry.update(status="killed", reason=f"the suite got signal {signum}")
+        suite.save()
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         suite.run([p for p in PARTS if p.name in args.parts])
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if not args.work_dir:  # run directories and per-part JSON: their figures are in the JSON now
             shutil.rmtree(suite.work, ignore_errors=True)
     suite.save()
