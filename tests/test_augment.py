@@ -204,6 +204,7 @@ def test_randaugment_draws_per_sample() -> None:
     assert len({tuple(v.flatten()[::5].tolist()) for v in y}) > 8
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset", AUGMENTATIONS)
 def test_cuda_matches_cpu(preset: str) -> None:
