@@ -15,6 +15,7 @@ from emanorm.cli.compare import add_compare_parser
 from emanorm.cli.evaluate import add_eval_parsers, add_export_parser
 from emanorm.cli.train import add_presets_parser, add_train_parser
 from emanorm.errors import UserError
+from emanorm.experiments.grid import die_with_parent
 
 DESCRIPTION = """\
 Self- and semi-supervised learning with EMA teachers and EMAN
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

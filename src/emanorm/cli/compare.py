@@ -214,6 +214,8 @@ def plan_from_args(args: argparse.Namespace):
         supervised=args.supervised,
     )
     seeds = parse_seeds(args.seeds, args.first_seed)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} exists and is not a directory; choose a folder for the grid")
     specs = plan_grid(
         methods,
         variants,

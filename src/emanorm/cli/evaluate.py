@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -303,6 +304,8 @@ def prepare(args: argparse.Namespace, *, multilabel_ok: bool = False) -> EvalCon
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available; use cpu or auto")
+    if Path(args.run).exists():  # before any work: a result that cannot be written would be lost
+        check_writable(Path(args.out) if args.out else None, run_dir_of(args.run))
     backbone, config = _load_backbone(args.run, args.which)
     dataset = args.dataset or config.get("dataset")
     if not dataset:
@@ -423,8 +426,6 @@ def finish(
         "input_adaptation": ctx.adaptation,
         "elapsed_s": round(time.time() - ctx.started, 2),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
     labels = (
         "all labels"
         if ctx.labels == {"label_fraction": 1.0}
@@ -432,9 +433,27 @@ def finish(
     )
     if ctx.adaptation:
         rows = [*rows, *((f"input {k}", str(v)) for k, v in ctx.adaptation.items())]
+    # printed first: if the write fails, the result is still on the screen
     print(format_table(f"{protocol} | {args.which} | {ctx.dataset} ({ctx.test_split}) | {labels}", rows))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+    except OSError as err:
+        why = err.strerror or err
+        raise UserError(f"could not write {out}: {why}; the result is printed above") from None
     print(f"wrote {out}")
     return 0
+
+
+def check_writable(out: Path | None, default_dir: Path) -> None:
+    """Refuse an output that cannot be written: ``out`` a directory, or a folder that is read-only."""
+    if out is not None and out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file path")
+    folder = out.parent if out is not None else default_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write to {folder} (read-only); choose another place with --out")
 
 
 @contextlib.contextmanager
@@ -665,12 +684,21 @@ def run_lowshot(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """``emanorm export``: the backbone's state_dict for torchvision or safetensors."""
-    backbone, config = _load_backbone(args.run, args.which)
     suffix = ".pth" if args.format == "torchvision" else ".safetensors"
     out = Path(args.out) if args.out else run_dir_of(args.run) / "export" / f"backbone_{args.which}{suffix}"
+    if (out.suffix == ".safetensors") != (args.format == "safetensors"):
+        raise UserError(
+            f"--out {out} does not fit --format {args.format}: name it *{suffix}, or choose the other format"
+        )
+    if Path(args.run).exists():
+        check_writable(out, out.parent)
+    backbone, config = _load_backbone(args.run, args.which)
     metadata = {"which": args.which, "source": str(args.run)}
     metadata.update({k: str(config[k]) for k in ("backbone", "method", "norm", "dataset") if k in config})
-    export_backbone(backbone, out, args.format, metadata=metadata)
+    try:
+        export_backbone(backbone, out, args.format, metadata=metadata)
+    except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError
+        raise UserError(f"could not write {out}: {getattr(err, 'strerror', None) or err}") from None
     # Read the file back: what was written is exactly the backbone's state.
     expected, written = backbone_state_dict(backbone), load_exported(out)
     if expected.keys() != written.keys() or any(not torch.equal(expected[k], written[k]) for k in expected):

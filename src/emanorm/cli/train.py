@@ -92,18 +92,21 @@ def add_train_parser(subparsers: Any) -> None:
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config keys the command line sets: every flag named like a config key, then --set and
-    --method-arg (flags left out are None and keep the preset's value)."""
-    overrides = {k: v for k, v in vars(args).items() if k in DEFAULTS}
-    for key, value in args.set or []:
-        overrides[key] = value
+    """The config keys the flags set: every flag named like a config key (flags left out are None
+    and keep the preset's value)."""
+    return {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
+
+
+def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--set`` and ``--method-arg`` values, applied as given (``--set key=null`` clears a key)."""
+    explicit: dict[str, Any] = dict(args.set or [])
     if args.method_arg:
-        overrides["method_args"] = dict(args.method_arg)
-    return overrides
+        explicit["method_args"] = dict(args.method_arg)
+    return explicit
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args.config, train_overrides(args))
+    cfg = resolve_config(args.config, train_overrides(args), explicit=explicit_settings(args))
     summary = train(
         cfg, monitor=knn_monitor, resume=args.resume, force=args.force, progress=not args.no_progress
     )

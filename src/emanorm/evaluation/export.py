@@ -59,13 +59,16 @@ def export_backbone(
     path.parent.mkdir(parents=True, exist_ok=True)
     state = backbone_state_dict(backbone)
     tmp = path.with_name(path.name + ".tmp")
-    if format == "torchvision":
-        torch.save(state, tmp)
-    else:
-        from safetensors.torch import save_file
+    try:
+        if format == "torchvision":
+            torch.save(state, tmp)
+        else:
+            from safetensors.torch import save_file
 
-        save_file(state, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)  # atomic: a crash never leaves a half-written export behind
+            save_file(state, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        tmp.replace(path)  # atomic: a crash never leaves a half-written export behind
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from emanorm.train.config import (
     preset_names,
     resolve_config,
 )
+from emanorm.train.lock import RunBusyError, run_lock
 
 log = logging.getLogger("emanorm")
 
@@ -510,34 +512,6 @@ class _Children:
                     proc.terminate()
 
 
-class RunBusyError(UserError):
-    """Another process is training this run (it holds the run's lock)."""
-
-
-@contextlib.contextmanager
-def run_lock(lock_file: Path) -> Iterator[int | None]:
-    """Hold an exclusive ``flock`` on ``lock_file`` while a run trains; yields its descriptor.
-
-    A training subprocess inherits the descriptor, so the lock lasts as long as the child, even
-    if this process dies: a second ``compare`` on the same ``--out`` reports the run as busy
-    instead of training it twice at once. Without ``fcntl`` (not POSIX) there is no lock.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield None
-        return
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunBusyError(f"another process is training it (it holds {lock_file})") from None
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def _exit_error(code: int, log_file: Path) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -546,12 +520,31 @@ def _exit_error(code: int, log_file: Path) -> str:
     return f"exit status {code}: {_last_error_line(log_file)}"
 
 
+#: Set by ``compare`` for its training subprocesses: the pid they must not outlive.
+PARENT_ENV = "EMANORM_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """In a training subprocess of ``compare``: ask the kernel for SIGTERM when the parent dies
+    (Linux ``PR_SET_PDEATHSIG``), so a ``compare`` killed with SIGKILL leaves no trainer behind;
+    exit at once if the parent is already gone. A no-op elsewhere."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if str(os.getppid()) != parent:
+        raise SystemExit(f"emanorm: the compare process {parent} that started this run is gone")
+
+
 def _run_subprocess(
     spec: RunSpec, config_file: Path, log_file: Path, threads: int, children: _Children
 ) -> tuple[str | None, float]:
     started = time.perf_counter()
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env[PARENT_ENV] = str(os.getpid())  # the child dies with this process (die_with_parent)
     command = [sys.executable, "-m", "emanorm", "train", "--config", str(config_file), "--resume"]
     command.append("--no-progress")
     try:

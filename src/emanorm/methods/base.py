@@ -295,6 +295,10 @@ class Method(nn.Module):
         if self.teacher is not None:
             self.update_teacher(step, total_steps)
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise ``ValueError`` when a global batch of ``batch_size`` images cannot train this method
+        (called before training starts, so a bad setting fails before any file is written)."""
+
     def momentum_at(self, step: int, total_steps: int | None = None) -> float:
         """The teacher momentum of ``step``: constant, optionally with Mean Teacher's warm-up."""
         m = self.momentum

@@ -96,6 +96,9 @@ class MoCo(Method):
             self.enqueue(self._pending_keys)
             self._pending_keys = None
 
+    def check_batch_size(self, batch_size: int) -> None:
+        self._check_queue_size(batch_size * (2 if self.options["symmetric"] else 1))
+
     def _check_queue_size(self, batch: int) -> None:
         size = self.queue.shape[0]
         if size % batch:

@@ -56,9 +56,25 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        return head.decode("utf-8").isprintable() or "\n" in head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+
+
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``torch.load(weights_only=True)``: a file that carries pickled code fails without running it."""
     path = resolve_checkpoint_path(path)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError as err:
+        raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    # torch.save writes a zip archive (older torch: a pickle, protocol byte 0x80); anything else is not ours
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        what = "empty" if not head else ("text" if _looks_like_text(head) else "neither a zip nor a pickle")
+        raise UserError(f"{path} is not a PyTorch checkpoint (the file is {what})")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

@@ -7,13 +7,16 @@ it reads well in ``config.yaml`` and loads safely anywhere.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from emanorm.data import build_augmentation
 from emanorm.errors import UserError
 from emanorm.methods import ALL_NORMS
 from emanorm.methods import METHODS as METHOD_CLASSES
@@ -127,11 +130,27 @@ def load_config_source(name_or_path: str) -> dict[str, Any]:
     return _read_yaml(text, f"preset {name_or_path}")
 
 
+LABEL_KEYS = ("labels_per_class", "label_fraction", "label_index_csv")
+
+
 def resolve_config(
-    config: str | None = None, overrides: dict[str, Any] | None = None, method: str | None = None
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    method: str | None = None,
+    *,
+    explicit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Defaults, then the preset or file (``small-<method>`` when none is named), then overrides."""
+    """Defaults, then the preset or file (``small-<method>`` when none is named), then overrides.
+
+    ``overrides`` that are None are ignored (a flag not given); ``explicit`` values are applied as
+    they are, None included (``--set labels_per_class=null`` clears the preset's value).
+    """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in (explicit or {}).items():
+        if key == "method_args" and isinstance(value, dict):
+            overrides["method_args"] = {**overrides.get("method_args", {}), **value}
+        else:
+            overrides[key] = value
     chosen_method = overrides.get("method", method)
     if config is None:
         candidate = f"small-{chosen_method or DEFAULTS['method']}"
@@ -155,10 +174,11 @@ def resolve_config(
         cfg["max_steps"] = None
     if "max_steps" in overrides and "epochs" not in overrides:
         cfg["epochs"] = None
-    if "label_fraction" in overrides and "labels_per_class" not in overrides:
-        cfg["labels_per_class"] = None
-    if "labels_per_class" in overrides and "label_fraction" not in overrides:
-        cfg["label_fraction"] = None
+    # one way to pick labels: the one named on the command line replaces the preset's
+    if any(overrides.get(k) is not None for k in LABEL_KEYS):
+        for key in LABEL_KEYS:
+            if key not in overrides:
+                cfg[key] = None
     validate_config(cfg)
     if cfg["preset"] and "from-moco" in cfg["preset"] and not cfg["init_from"]:
         log.warning("preset %s expects --init-from a MoCo run; without it this trains from scratch", config)
@@ -186,12 +206,44 @@ def _positive(cfg: dict[str, Any], key: str, kind: type = int, allow_none: bool 
     cfg[key] = kind(value)
 
 
+BOOLEANS = ("compile", "nesterov", "deterministic")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _augment_option_kinds() -> dict[str, str]:
+    """``build_augmentation``'s keyword options and their annotations (the allowed augment_options)."""
+    params = inspect.signature(build_augmentation).parameters.values()
+    return {p.name: str(p.annotation) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _check_augment_options(options: dict[str, Any]) -> None:
+    kinds = _augment_option_kinds()
+    for key, value in options.items():
+        if key not in kinds:
+            raise UserError(f"unknown augment option {key!r}; allowed: {', '.join(kinds)}")
+        if value is None:
+            continue
+        if kinds[key].startswith("bool") and not isinstance(value, bool):
+            raise UserError(f"augment option {key} must be true or false, got {value!r}")
+        if kinds[key].startswith(("float", "int")) and not (_number(value) and math.isfinite(value)):
+            raise UserError(f"augment option {key} must be a number, got {value!r}")
+
+
 def validate_config(cfg: dict[str, Any]) -> None:
     """Raise UserError naming the first bad value and what is allowed."""
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             shown = ", ".join(str(a) for a in allowed)
             raise UserError(f"unknown {key} {cfg[key]!r}; allowed: {shown}")
+    for key in BOOLEANS:
+        if not isinstance(cfg[key], bool):
+            raise UserError(f"{key} must be true or false, got {cfg[key]!r}")
+    for key, value in cfg.items():  # nan / inf anywhere fail at step 0 otherwise
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value!r}")
     for key in ("epochs", "max_steps", "batch_size", "unlabeled_ratio", "labels_per_class"):
         _positive(cfg, key)
     for key in ("log_every", "knn_k", "knn_bank_size"):
@@ -203,6 +255,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
         raise UserError(
             f"augment_options must be a mapping (e.g. {{blur: true}}), got {cfg['augment_options']!r}"
         )
+    _check_augment_options(cfg["augment_options"])
     _positive(cfg, "lr", float, allow_none=False)
     for key in ("eval_every", "num_workers", "checkpoint_every_steps", "warmup_epochs", "weight_decay"):
         value = cfg[key]
@@ -230,6 +283,19 @@ def validate_config(cfg: dict[str, Any]) -> None:
         raise UserError(f"method_args must be a mapping, got {cfg['method_args']!r}")
     if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool) or cfg["seed"] < 0:
         raise UserError(f"seed must be an integer >= 0, got {cfg['seed']!r}")
+    milestones = cfg["lr_milestones"]
+    if not isinstance(milestones, list) or not all(_number(m) and 0 < m < 1 for m in milestones):
+        raise UserError(
+            f"lr_milestones must be a list of fractions of training in (0, 1), e.g. [0.6, 0.8]; "
+            f"got {milestones!r}"
+        )
+    if cfg["optimizer"] == "sgd" and cfg["nesterov"] and cfg["sgd_momentum"] == 0:
+        raise UserError("nesterov needs sgd_momentum > 0; set nesterov=false or a momentum such as 0.9")
+    if not (_number(cfg["lars_eta"]) and cfg["lars_eta"] > 0):
+        raise UserError(f"lars_eta must be a positive number, got {cfg['lars_eta']!r}")
+    for key in ("lr", "weight_decay"):
+        if cfg[key] > 1e6:
+            raise UserError(f"{key} {cfg[key]!r} is far too large (above 1e6): check the value")
 
 
 def dump_config(cfg: dict[str, Any]) -> str:

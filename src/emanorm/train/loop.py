@@ -8,6 +8,7 @@ whole run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import shutil
@@ -28,7 +29,14 @@ from emanorm.data import write_split_csv
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
 from emanorm.train.config import comparable, dump_config
-from emanorm.train.distributed import average_batchnorm_statistics, barrier, cleanup, init_distributed
+from emanorm.train.distributed import (
+    DistInfo,
+    average_batchnorm_statistics,
+    barrier,
+    cleanup,
+    init_distributed,
+)
+from emanorm.train.lock import run_directory
 from emanorm.train.recipe import Run, build_run
 
 log = logging.getLogger("emanorm")
@@ -40,6 +48,11 @@ Monitor = Callable[[nn.Module, Run], dict[str, float]]
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one fused norm per tensor group)."""
+    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
 
 
 def train_step(
@@ -75,13 +88,13 @@ def train_step(
     else:
         loss.backward()
         optimizer.step()
-    # A finite loss can still step into non-finite weights (a huge lr): stop before the teacher
-    # copies them and before any checkpoint holds them.
+    # A finite loss can still step into non-finite weights or BN statistics (a huge lr): stop
+    # before the teacher copies them and before any checkpoint holds them.
     params = [p.detach() for group in optimizer.param_groups for p in group["params"]]
-    if params and not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():
-        raise NonFiniteLossError(
-            f"parameters became non-finite at step {step}; the loss was {loss.item():.4g}"
-        )
+    buffers = [b for b in method.buffers() if b.is_floating_point()]
+    if not all_finite(params + buffers):
+        bad = "BN statistics" if all_finite(params) else "parameters"
+        raise NonFiniteLossError(f"{bad} became non-finite at step {step}; the loss was {loss.item():.4g}")
     scheduler.step()
     average_batchnorm_statistics(method)
     method.after_step(step, total_steps)
@@ -126,6 +139,9 @@ def claim_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+    # a write killed mid-way leaves its temporary behind (the checkpoint itself is intact)
+    for stale in (run_dir / "checkpoints").glob(f".{ckpt.CHECKPOINT_NAME}.*.tmp"):
+        stale.unlink(missing_ok=True)
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -155,27 +171,50 @@ class RunLogger:
     def record(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for key, value in record.items():
+                    if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+        except OSError as err:
+            raise UserError(f"could not write the run's metrics ({self.path.parent}): {_why(err)}") from None
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as err:
+                where = self.path.parent
+                raise UserError(f"could not write TensorBoard events in {where}: {_why(err)}") from None
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
+def _why(err: BaseException) -> str:
+    """An OSError / torch write error in a few words ("no space left on device", ...)."""
+    text = str(err).strip()
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text:
+        return "no space left on device"
+    return getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
+
+
 def write_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Atomic write; a full disk or a vanished directory is a clear error and the old file stays."""
     try:
         ckpt.atomic_save(state, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError
         raise UserError(
-            f"could not write checkpoint {path}: {err.strerror or err}; the previous checkpoint is intact"
+            f"could not write checkpoint {path}: {_why(err)}; the previous checkpoint is intact"
         ) from None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a small run file; a full disk or a read-only directory is one line naming the file."""
+    try:
+        path.write_text(text)
+    except OSError as err:
+        raise UserError(f"could not write {path}: {_why(err)}") from None
 
 
 def save_checkpoint(run: Run, path: Path, position: dict[str, int], elapsed: float) -> None:
@@ -187,11 +226,17 @@ def save_checkpoint(run: Run, path: Path, position: dict[str, int], elapsed: flo
         rngs = gathered
     if not run.dist.is_main:
         return
+    method_state = run.method.state_dict()
+    bad = [k for k, v in method_state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:  # never replace the last good checkpoint with one that cannot be evaluated
+        raise NonFiniteLossError(
+            f"{len(bad)} tensors are non-finite (e.g. {', '.join(bad[:3])}); not checkpointed"
+        )
     state = {
         "format": 1,
         "config": run.cfg,
         "dataset_info": asdict(run.info),
-        "method": run.method.state_dict(),
+        "method": method_state,
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
@@ -203,9 +248,23 @@ def save_checkpoint(run: Run, path: Path, position: dict[str, int], elapsed: flo
     write_checkpoint(state, path)
 
 
-def restore_checkpoint(run: Run, path: Path) -> tuple[dict[str, int], float]:
-    """Load a checkpoint into the run; returns its position and elapsed seconds."""
+def restore_checkpoint(run: Run, path: Path, force: bool = False) -> tuple[dict[str, int], float]:
+    """Load a checkpoint into the run; returns its position and elapsed seconds.
+
+    A config that differs from the checkpoint's own (what matters for ``--resume``) is refused
+    unless ``force``: the run would otherwise go on under one schedule and report another.
+    """
     state = ckpt.safe_load(path, map_location=run.device)
+    if not isinstance(state.get("config"), dict) or not all(
+        isinstance(state.get(k), int) and state[k] >= 0 for k in ("epoch", "step_in_epoch", "global_step")
+    ):
+        raise UserError(f"{path} is not an emanorm training checkpoint (no config or position)")
+    old, new = comparable(state["config"]), comparable(run.cfg)
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if differ and not force:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
+        raise UserError(f"--resume with a config that differs from the checkpoint's ({details}); "
+                        "use --force to override")
     ckpt.load_matching(run.method, state["method"], f"checkpoint {path}")
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -214,7 +273,10 @@ def restore_checkpoint(run: Run, path: Path) -> tuple[dict[str, int], float]:
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[run.dist.rank] if run.dist.rank < len(rngs) else rngs[0])
     if not torch.equal(state["labeled_indices"].cpu(), run.labeled.cpu()):
-        raise UserError("the labeled split differs from the checkpoint's; was the dataset changed?")
+        raise UserError(
+            f"the labeled split differs from the checkpoint's {path}: the dataset files, the seed or "
+            "the label flags changed since it was written"
+        )
     position = {k: state[k] for k in ("epoch", "step_in_epoch", "global_step")}
     log.info("resumed from %s at step %d (epoch %d)", path, position["global_step"], position["epoch"])
     return position, state.get("elapsed", 0.0)
@@ -234,26 +296,57 @@ def train(
 
     ``monitor(method, run)`` evaluates along training (every ``eval_every`` epochs and at the end;
     ``emanorm train`` passes ``emanorm.evaluation.knn_monitor``); without one nothing is
-    evaluated and the summary's ``final`` is empty. Returns the summary, or
+    evaluated and the summary's ``final`` is empty. One trainer per run directory: a second one
+    is refused (``RunBusyError``) before it changes anything. Returns the summary, or
     ``(summary, method)`` with ``return_method``.
     """
     dist_info = init_distributed(cfg["device"])
+    if cfg["out"] is None:
+        cfg["out"] = default_run_dir(cfg)
     try:
-        summary, method = _train(cfg, dist_info, monitor, resume, force, progress)
+        with contextlib.ExitStack() as held:
+            def lock_and_check() -> None:
+                held.enter_context(run_directory(Path(cfg["out"])))
+                check_run_dir(cfg, resume, force)
+
+            on_main_first(dist_info, lock_and_check)
+            summary, method = _train(cfg, dist_info, monitor, resume, force, progress)
         return (summary, method) if return_method else summary
     finally:
         cleanup()
 
 
+def on_main_first(dist_info: DistInfo, step: Callable[[], None]) -> None:
+    """Run ``step`` on rank 0; its UserError stops every rank (none waits at a barrier for it)."""
+    error: str | None = None
+    failure: UserError | None = None
+    if dist_info.is_main:
+        try:
+            step()
+        except UserError as err:
+            error, failure = str(err), err
+    if dist_info.distributed:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise UserError(error)
+
+
 def _train(
-    cfg: dict[str, Any], dist_info: Any, monitor: Monitor | None, resume: bool, force: bool, progress: bool
+    cfg: dict[str, Any],
+    dist_info: DistInfo,
+    monitor: Monitor | None,
+    resume: bool,
+    force: bool,
+    progress: bool,
 ) -> tuple[dict[str, Any], nn.Module]:
-    if cfg["out"] is None:
-        cfg["out"] = default_run_dir(cfg)
-    run_dir = check_run_dir(cfg, resume, force) if dist_info.is_main else Path(cfg["out"])
+    run_dir = Path(cfg["out"])
     checkpoint_file = run_dir / "checkpoints" / ckpt.CHECKPOINT_NAME
     resuming = resume and checkpoint_file.exists()
-    run = build_run(cfg, dist_info, resuming=resuming)
+    run = build_run(cfg, dist_info, resuming=resuming)  # everything validated before a file changes
     method = run.method
     if dist_info.is_main:
         claim_run_dir(run_dir, resume, force)
@@ -261,13 +354,16 @@ def _train(
 
     position, elapsed = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}, 0.0
     if resuming:
-        position, elapsed = restore_checkpoint(run, checkpoint_file)
+        position, elapsed = restore_checkpoint(run, checkpoint_file, force)
     elif resume:
         log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
     epoch, step_in_epoch, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
     if dist_info.is_main:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        write_split_csv(run.labeled, run_dir / "labeled_split.csv")
+        write_text(run_dir / "config.yaml", dump_config(cfg))
+        try:
+            write_split_csv(run.labeled, run_dir / "labeled_split.csv")
+        except OSError as err:
+            raise UserError(f"could not write {run_dir / 'labeled_split.csv'}: {_why(err)}") from None
     logger = RunLogger(run_dir, dist_info.is_main, global_step)
     bar = tqdm(
         total=run.total_steps, initial=global_step, desc=f"{cfg['method']}-{cfg['norm']}", unit="step",
@@ -287,6 +383,11 @@ def _train(
         where = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
         save_checkpoint(run, checkpoint_file, where, elapsed + time.perf_counter() - started)
 
+    def kept() -> str:
+        if checkpoint_file.exists():
+            return f"the last good checkpoint is kept at {checkpoint_file}"
+        return "no checkpoint had been written yet"
+
     started = time.perf_counter()
     window_start, window_images = time.perf_counter(), 0
     last_eval: dict[str, float] = {}
@@ -300,9 +401,7 @@ def _train(
                     amp=run.amp, scaler=run.scaler,
                 )
             except NonFiniteLossError as err:
-                raise NonFiniteLossError(
-                    f"{err}; stopped, the last good checkpoint is kept at {checkpoint_file}"
-                ) from None
+                raise NonFiniteLossError(f"{err}; stopped, {kept()}") from None
             global_step += 1
             step_in_epoch += 1
             window_images += sum(v.shape[0] for v in batch.values() if v.dim() == 4)
@@ -327,12 +426,15 @@ def _train(
         if epoch_done:
             epoch, step_in_epoch = epoch + 1, 0
         finished = global_step >= run.total_steps
+        try:  # the epoch is kept before its evaluation: a crash there loses no training
+            checkpoint()
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"{err}; stopped, {kept()}") from None
         if finished or (cfg["eval_every"] and epoch_done and epoch % cfg["eval_every"] == 0):
             last_eval = evaluate()
-        checkpoint()
     bar.close()
-    if not last_eval:  # resumed a run that had already finished its steps
-        last_eval = monitor(method, run) if monitor is not None and dist_info.is_main else {}
+    if not last_eval:  # resumed after the last step's checkpoint: its evaluation is still due
+        last_eval = evaluate()
     logger.close()
 
     summary = {
@@ -351,6 +453,6 @@ def _train(
         "final": last_eval,
     }
     if dist_info.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     barrier()
     return summary, method

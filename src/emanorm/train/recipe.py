@@ -30,7 +30,7 @@ from torch import nn
 
 from emanorm.data import BatchStream, DatasetInfo, ImageDataset, load_dataset, pretrain_split, select_labeled
 from emanorm.errors import UserError
-from emanorm.methods import Method, build_method
+from emanorm.methods import METHODS, Method, build_method
 from emanorm.models import build_backbone
 from emanorm.optim import build_optimizer
 from emanorm.train.checkpoint import load_matching, safe_load, state_mismatch
@@ -141,11 +141,50 @@ def labeled_subset(cfg: Mapping[str, Any], train_ds: ImageDataset) -> torch.Tens
 
 
 # -- a run's method from a checkpoint ----------------------------------------------------------------
+#: Sane ranges of a checkpoint's dataset description: anything outside is a damaged file, refused
+#: before a network of that size is allocated.
+_INFO_RANGES = {"num_classes": (1, 100_000), "channels": (1, 16), "image_size": (1, 8192)}
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_checkpoint(data: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse (one line) a checkpoint whose metadata is malformed or whose weights are not finite."""
+    if not all(k in data for k in ("config", "method", "dataset_info")):
+        keys = ", ".join(map(str, sorted(data)[:8]))
+        raise UserError(f"{path} is not an emanorm checkpoint (keys: {keys})")
+    cfg, info, weights = data["config"], data["dataset_info"], data["method"]
+    for key, value, kind in (("config", cfg, dict), ("dataset_info", info, dict), ("method", weights, dict)):
+        if not isinstance(value, kind):
+            kind_name = type(value).__name__
+            raise UserError(f"checkpoint {path} is malformed: {key} is a {kind_name}, not a mapping")
+    if cfg.get("method") not in METHODS:
+        raise UserError(f"checkpoint {path} names method {cfg.get('method')!r}; known: {', '.join(METHODS)}")
+    for key, (low, high) in _INFO_RANGES.items():
+        if not _int_in(info.get(key), low, high):
+            raise UserError(
+                f"checkpoint {path} is malformed: dataset_info {key} = {info.get(key)!r} "
+                f"(expected an integer in [{low}, {high}])"
+            )
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
+        raise UserError(f"checkpoint {path} is malformed: its weights are not all named tensors")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise UserError(
+            f"checkpoint {path} holds non-finite values in {len(bad)} tensors (e.g. {', '.join(bad[:3])}); "
+            "it cannot be evaluated or exported"
+        )
+
+
 def method_from_checkpoint(data: Mapping[str, Any], path: str | Path) -> Method:
     """The method a checkpoint describes, on CPU, with its weights, without touching any data."""
-    if "config" not in data or "method" not in data or "dataset_info" not in data:
-        raise UserError(f"{path} is not an emanorm checkpoint (keys: {', '.join(sorted(data)[:8])})")
-    method = make_method(data["config"], SimpleNamespace(**data["dataset_info"]), distributed=False)
+    check_checkpoint(data, path)
+    try:
+        method = make_method(data["config"], SimpleNamespace(**data["dataset_info"]), distributed=False)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"checkpoint {path} is malformed: its config lacks or garbles {err}") from None
     load_matching(method, data["method"], f"checkpoint {path}")
     return method
 
@@ -294,6 +333,10 @@ def build_run(
     method = make_method(cfg, info, dist_info.distributed, device.type).to(device)
     if use_channels_last(cfg):
         method = method.to(memory_format=torch.channels_last)
+    try:
+        method.check_batch_size(cfg["batch_size"])
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if cfg["init_from"] and not resuming:
         target = {"backbone": cfg["backbone"], "channels": info.channels, "image_size": info.image_size}
         initialise_from(method, cfg["init_from"], cfg["init_which"], target=target)

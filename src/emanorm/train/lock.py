@@ -1,0 +1,81 @@
+"""One trainer per run directory: an OS lock (``flock``) held for the run's whole life.
+
+The kernel releases the lock when its holder dies, however it dies, so a lock left by a killed
+trainer is simply taken over by the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from emanorm.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
+
+
+class RunBusyError(UserError):
+    """Another process is training this run (it holds the run's lock)."""
+
+
+def _holder(lock_file: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(lock_file.read_text().strip() or "0")
+        if pid:
+            return f"pid {pid}; "
+    return ""
+
+
+@contextlib.contextmanager
+def run_lock(lock_file: Path, *, what: str = "it") -> Iterator[int | None]:
+    """Hold an exclusive ``flock`` on ``lock_file``; yields its descriptor (None without fcntl).
+
+    A subprocess that inherits the descriptor keeps the lock for as long as it lives.
+    ``RunBusyError`` when another process holds it.
+    """
+    if fcntl is None:
+        yield None
+        return
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusyError(
+                f"another process is training {what} ({_holder(lock_file)}it holds {lock_file})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def run_directory(run_dir: Path) -> Iterator[Path]:
+    """Create ``run_dir`` if needed and hold its lock; a directory made here and left holding
+    nothing but the lock (the run failed before writing) is removed again."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} exists and is not a directory")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
+    lock_file = run_dir / LOCK_NAME
+    try:
+        with run_lock(lock_file, what=f"the run in {run_dir}"):
+            yield run_dir
+    except BaseException:
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME, "checkpoints"}:
+            for remove in (lambda: (run_dir / "checkpoints").rmdir(), lock_file.unlink, run_dir.rmdir):
+                with contextlib.suppress(OSError):
+                    remove()
+        raise
