@@ -11,13 +11,14 @@ and calling ``torchvision.transforms.v2.functional`` on each group. docs/data.md
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from emanorm.data.datasets import DataError, DatasetInfo, resize_center_crop
+from emanorm.data.datasets import Box, DataError, DatasetInfo, resize_center_crop
 
 AUGMENTATIONS = ("none", "weak", "strong", "moco", "byol1", "byol2")
 
@@ -93,6 +94,54 @@ class _Op:
         return f"{type(self).__name__}({args})"
 
 
+_TRIES = 10  # torchvision's RandomResizedCrop.get_params tries 10 boxes, then falls back
+
+
+def fallback_box(height: int, width: int, ratio: tuple[float, float]) -> Box:
+    """get_params' box when no try fits: the largest centred crop whose aspect ratio is in bounds."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass
+class CropDraws:
+    """The uniform draws behind RandomResizedCrop boxes for a batch of ``n`` images of any sizes.
+
+    Drawn before the images are decoded (their sizes unknown); ``box(row, height, width)`` then
+    applies torchvision's ``RandomResizedCrop.get_params`` to them: area fraction ~ U(scale), log
+    aspect ratio ~ U(log ratio), the first of 10 tries that fits, top and left uniform over the valid
+    positions, else the centred fallback. ``flipped(row)``: the horizontal flip, p = ``flip_p``.
+    """
+
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    area: list[list[float]]  # (n, 10) uniforms
+    log_ratio: list[list[float]]  # (n, 10) uniforms
+    top: list[float]
+    left: list[float]
+    flip: list[bool]
+
+    def box(self, row: int, height: int, width: int) -> Box:
+        area = height * width
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for u_area, u_ratio in zip(self.area[row], self.log_ratio[row], strict=True):
+            target = area * (self.scale[0] + u_area * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(lo + u_ratio * (hi - lo))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return int(self.top[row] * (height - h + 1)), int(self.left[row] * (width - w + 1)), h, w
+        return fallback_box(height, width, self.ratio)
+
+    def flipped(self, row: int) -> bool:
+        return self.flip[row]
+
+
 class RandomResizedCropFlip(_Op):
     """torchvision's RandomResizedCrop box sampling (10 tries, then a centre crop) per sample, plus a
     horizontal flip with probability ``flip_p``; crop, resize and flip are one bilinear grid_sample."""
@@ -100,6 +149,16 @@ class RandomResizedCropFlip(_Op):
     def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5) -> None:
         self.size, self.scale, self.ratio, self.flip_p = size, scale, ratio, flip_p
+
+    def draw(self, n: int, g: Generator) -> CropDraws:
+        """Draws for ``n`` boxes on images whose sizes are not known yet (file datasets: the boxes are
+        taken from each whole decoded image); same order of draws as ``boxes``, then the flips."""
+        area = torch.rand(n, _TRIES, generator=g)
+        log_ratio = torch.rand(n, _TRIES, generator=g)
+        top, left = torch.rand(n, generator=g), torch.rand(n, generator=g)
+        flip = _coin(n, self.flip_p, g)
+        return CropDraws(tuple(self.scale), tuple(self.ratio), area.tolist(), log_ratio.tolist(),
+                         top.tolist(), left.tolist(), flip.tolist())
 
     def boxes(self, n: int, height: int, width: int, g: Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-sample (top, left, h, w) as float tensors, same distribution as torchvision's get_params."""
@@ -383,6 +442,17 @@ class BatchAugment(nn.Module):
 
     def extra_repr(self) -> str:
         return f"preset={self.preset!r}, size={self.info.image_size}, ops=[{', '.join(map(repr, self.ops))}]"
+
+    @property
+    def crop(self) -> RandomResizedCropFlip | None:
+        """The preset's RandomResizedCrop + flip when it is its first op (file datasets apply it to
+        the whole image while decoding, see ``without_crop``), else None."""
+        return self.ops[0] if self.ops and isinstance(self.ops[0], RandomResizedCropFlip) else None
+
+    def without_crop(self) -> BatchAugment:
+        """This preset minus its leading crop + flip: what is left to run on the device once
+        ``FileImageDataset.fetch_views`` has cropped, resized and flipped each view."""
+        return BatchAugment(self.preset, self.info, self.ops[1:] if self.crop is not None else self.ops)
 
     def _mean_std(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._stats:
