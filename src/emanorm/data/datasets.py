@@ -195,7 +195,10 @@ def open_image_file(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
             im = Image.open(path if data is None else io.BytesIO(data))
     except Image.DecompressionBombError:  # Pillow's own refusal (2x its limit): say it our way
-        im = _open_unchecked(path if data is None else io.BytesIO(data))
+        try:
+            im = _open_unchecked(path if data is None else io.BytesIO(data))
+        except Exception as err:
+            raise DataError(f"cannot decode image file {path}: {err}") from err
     except Exception as err:
         raise DataError(f"cannot decode image file {path}: {err}") from err
     width, height = im.size
