@@ -3,6 +3,7 @@ reduced-size and device JPEG decoding, and bad files (docs/data.md, "File images
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -278,6 +279,39 @@ def test_a_symlink_loop_or_a_second_link_does_not_repeat_images(tmp_path):
 
 
 # -- the device decoder ---------------------------------------------------------------------------------
+def test_the_device_decoder_path_gives_the_cpu_views_when_run_on_the_cpu(photo_dir, tmp_path):
+    """read_views + decode_views (the nvJPEG path) exercised with device="cpu": same boxes, same
+    pixels up to the reduced-size decodes the CPU path may use; non-RGB JPEGs decoded by the reader."""
+    ds = load_dataset("imagenet", "train", photo_dir, image_size=128)
+    with Image.open(ds.paths[0]) as im:
+        im.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    ds.paths[1] = str(tmp_path / "cmyk.jpg")
+    op = RandomResizedCropFlip(128, (0.2, 1.0))
+    draws = [op.draw(len(ds), torch.Generator().manual_seed(v)) for v in range(2)]
+    encoded = ds.read_views(range(len(ds)), draws)
+    assert encoded.jpeg[1] is None and encoded.decoded[1] is not None and encoded.jpeg[0] is not None
+    cpu = ds.fetch_views(range(len(ds)), draws)
+    for c, d in zip(cpu, decode_views(encoded, "cpu"), strict=True):
+        assert d.shape == c.shape and d.dtype == torch.uint8
+        assert (d.float() - c.float()).abs().mean() < 3.0
+
+
+def test_the_stream_carries_undecoded_batches_through_workers(photo_dir):
+    """The stream's device-decoder path (on CUDA it is the default) forced on the CPU: workers send
+    bytes and boxes, the main process decodes; same seed, same batches, serial or with workers."""
+    ds = load_dataset("imagenet", "train", photo_dir, image_size=64)
+    kw = dict(unlabeled=ds, unlabeled_views={"q": "moco", "k": "moco"}, batch_size=4, seed=2)
+    runs = []
+    for workers in (0, 2):
+        stream = BatchStream(**kw, num_workers=workers)
+        stream._requests = [dataclasses.replace(r, encoded=True) for r in stream._requests]
+        runs.append(list(stream))
+    plain = list(BatchStream(**kw))
+    for a, b, c in zip(*runs, plain, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert (a["q"] - c["q"]).abs().mean() < 0.1  # normalised units: decoders differ slightly
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
 def test_gpu_decoding_gives_the_cpu_views(photo_dir, tmp_path):
     ds = load_dataset("imagenet", "train", photo_dir, image_size=224)
