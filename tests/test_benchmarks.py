@@ -185,3 +185,13 @@ def test_time_to_accuracy_records_curves_and_ends_with_the_ratio_line(capsys):
         assert [c["step"] for c in curve] == [1, 2]
         assert curve[0]["seconds"] <= curve[1]["seconds"] and 0 <= curve[1]["accuracy"] <= 100
     assert result["target"] == min(max(c["accuracy"] for c in cv) for cv in result["curves"].values())
+
+
+def test_file_pipeline_times_both_paths_and_ends_with_the_contract_line(capsys):
+    pytest.importorskip("skimage")
+    bench = load("file_pipeline")
+    result = bench.main(["--images", "16", "--batch", "4", "--passes", "1", "--size", "64", "--workers", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"speedup=\d+\.\d\d", lines[-1]) and result["speedup"] > 0
+    assert any(line.startswith("| emanorm |") for line in lines)
+    assert any(line.startswith("| reference |") for line in lines)

@@ -11,13 +11,14 @@ and calling ``torchvision.transforms.v2.functional`` on each group. docs/data.md
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from emanorm.data.datasets import DataError, DatasetInfo, resize_center_crop
+from emanorm.data.datasets import Box, DataError, DatasetInfo, resize_center_crop
 
 AUGMENTATIONS = ("none", "weak", "strong", "moco", "byol1", "byol2")
 
@@ -40,23 +41,25 @@ def _gray(x: Tensor) -> Tensor:
     """ITU-R 601 luma as in torchvision's rgb_to_grayscale, keeping a channel dim of 1."""
     if x.shape[1] == 1:
         return x
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    return (0.2989 * x[:, 0]).add_(0.587 * x[:, 1]).add_(0.114 * x[:, 2]).unsqueeze(1)
 
 
 # Per-sample colour ops: ``f`` has shape (n, 1, 1, 1); formulas follow torchvision's functional ops.
+# In-place steps on fresh temporaries compute the same values as the plain expressions, with fewer
+# large allocations (each costs page faults on the CPU, more than the arithmetic at 224 px).
 def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
     return (x * f).clamp_(0, 1)
 
 
 def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
     mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+    return (f * x).add_((1 - f) * mean).clamp_(0, 1)
 
 
 def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
     if x.shape[1] == 1:
         return x
-    return (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
+    return (f * x).add_((1 - f) * _gray(x)).clamp_(0, 1)
 
 
 def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
@@ -70,16 +73,30 @@ def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(1)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    delta = maxc - torch.minimum(torch.minimum(r, g), b)
-    inv = 1 / delta.clamp_min(1e-12)
-    h6 = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2, (r - g) * inv + 4))
-    h6 = h6 + 6 * f[:, 0]
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = (h6 + n) % 6
-        out.append(maxc - delta * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
-    return torch.stack(out, 1)
+    # Every step writes into one of a few buffers (out=, in place): the same values as the plain
+    # expressions maxc == r ? (g - b) / d : maxc == g ? (b - r) / d + 2 : (r - g) / d + 4, etc.
+    maxc = torch.maximum(r, g)
+    torch.maximum(maxc, b, out=maxc)
+    delta = torch.minimum(r, g)
+    torch.minimum(delta, b, out=delta)
+    torch.sub(maxc, delta, out=delta)
+    inv = delta.clamp_min(1e-12).reciprocal_()  # what ``1 / t`` computes
+    h6 = torch.sub(r, g).mul_(inv).add_(4)
+    other = torch.sub(b, r).mul_(inv).add_(2)
+    where = torch.eq(maxc, g)
+    torch.where(where, other, h6, out=h6)
+    torch.sub(g, b, out=other).mul_(inv)
+    torch.eq(maxc, r, out=where)
+    torch.where(where, other, h6, out=h6)
+    h6.add_(6 * f[:, 0])
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    k, mirrored = other, inv  # buffers free from here on
+    for i, n in enumerate((5.0, 3.0, 1.0)):
+        torch.add(h6, n, out=k).remainder_(6)
+        torch.neg(k, out=mirrored).add_(4)  # 4 - k
+        torch.minimum(k, mirrored, out=k).clamp_(0, 1).mul_(delta)
+        torch.sub(maxc, k, out=out[:, i])
+    return out
 
 
 class _Op:
@@ -93,6 +110,54 @@ class _Op:
         return f"{type(self).__name__}({args})"
 
 
+_TRIES = 10  # torchvision's RandomResizedCrop.get_params tries 10 boxes, then falls back
+
+
+def fallback_box(height: int, width: int, ratio: tuple[float, float]) -> Box:
+    """get_params' box when no try fits: the largest centred crop whose aspect ratio is in bounds."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass
+class CropDraws:
+    """The uniform draws behind RandomResizedCrop boxes for a batch of ``n`` images of any sizes.
+
+    Drawn before the images are decoded (their sizes unknown); ``box(row, height, width)`` then
+    applies torchvision's ``RandomResizedCrop.get_params`` to them: area fraction ~ U(scale), log
+    aspect ratio ~ U(log ratio), the first of 10 tries that fits, top and left uniform over the valid
+    positions, else the centred fallback. ``flipped(row)``: the horizontal flip, p = ``flip_p``.
+    """
+
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    area: list[list[float]]  # (n, 10) uniforms
+    log_ratio: list[list[float]]  # (n, 10) uniforms
+    top: list[float]
+    left: list[float]
+    flip: list[bool]
+
+    def box(self, row: int, height: int, width: int) -> Box:
+        area = height * width
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for u_area, u_ratio in zip(self.area[row], self.log_ratio[row], strict=True):
+            target = area * (self.scale[0] + u_area * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(lo + u_ratio * (hi - lo))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return int(self.top[row] * (height - h + 1)), int(self.left[row] * (width - w + 1)), h, w
+        return fallback_box(height, width, self.ratio)
+
+    def flipped(self, row: int) -> bool:
+        return self.flip[row]
+
+
 class RandomResizedCropFlip(_Op):
     """torchvision's RandomResizedCrop box sampling (10 tries, then a centre crop) per sample, plus a
     horizontal flip with probability ``flip_p``; crop, resize and flip are one bilinear grid_sample."""
@@ -100,6 +165,16 @@ class RandomResizedCropFlip(_Op):
     def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5) -> None:
         self.size, self.scale, self.ratio, self.flip_p = size, scale, ratio, flip_p
+
+    def draw(self, n: int, g: Generator) -> CropDraws:
+        """Draws for ``n`` boxes on images whose sizes are not known yet (file datasets: the boxes are
+        taken from each whole decoded image); same order of draws as ``boxes``, then the flips."""
+        area = torch.rand(n, _TRIES, generator=g)
+        log_ratio = torch.rand(n, _TRIES, generator=g)
+        top, left = torch.rand(n, generator=g), torch.rand(n, generator=g)
+        flip = _coin(n, self.flip_p, g)
+        return CropDraws(tuple(self.scale), tuple(self.ratio), area.tolist(), log_ratio.tolist(),
+                         top.tolist(), left.tolist(), flip.tolist())
 
     def boxes(self, n: int, height: int, width: int, g: Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-sample (top, left, h, w) as float tensors, same distribution as torchvision's get_params."""
@@ -211,8 +286,12 @@ class RandomGrayscale(_Op):
         self.p = p
 
     def __call__(self, x: Tensor, g: Generator) -> Tensor:
-        m = _coin(x.shape[0], self.p, g).to(x.device, non_blocking=True).view(-1, 1, 1, 1)
-        return torch.where(m, _gray(x).expand_as(x), x)
+        rows = _rows(_coin(x.shape[0], self.p, g))
+        if rows.numel() == 0:
+            return x
+        rows = rows.to(x.device, non_blocking=True)
+        sub = x.index_select(0, rows)  # only the chosen rows: the same values, a fifth of the work
+        return x.index_copy(0, rows, _gray(sub).expand_as(sub))
 
 
 class GaussianBlur(_Op):
@@ -384,6 +463,17 @@ class BatchAugment(nn.Module):
     def extra_repr(self) -> str:
         return f"preset={self.preset!r}, size={self.info.image_size}, ops=[{', '.join(map(repr, self.ops))}]"
 
+    @property
+    def crop(self) -> RandomResizedCropFlip | None:
+        """The preset's RandomResizedCrop + flip when it is its first op (file datasets apply it to
+        the whole image while decoding, see ``without_crop``), else None."""
+        return self.ops[0] if self.ops and isinstance(self.ops[0], RandomResizedCropFlip) else None
+
+    def without_crop(self) -> BatchAugment:
+        """This preset minus its leading crop + flip: what is left to run on the device once
+        ``FileImageDataset.fetch_views`` has cropped, resized and flipped each view."""
+        return BatchAugment(self.preset, self.info, self.ops[1:] if self.crop is not None else self.ops)
+
     def _mean_std(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._stats:
             self._stats[device] = (torch.tensor(self.info.mean, device=device).view(1, -1, 1, 1),
@@ -404,7 +494,8 @@ class BatchAugment(nn.Module):
             for op in self.ops:
                 x = op(x, generator)
         mean, std = self._mean_std(x.device)
-        return ((x - mean) / std).contiguous()
+        # in place on the fresh difference: the same values, one large allocation fewer
+        return (x - mean).div_(std).contiguous()
 
 
 def blur_kernel_size(image_size: int) -> int:

@@ -8,6 +8,7 @@ bytes to the device and augment there. Readers are written against the published
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import pickle
@@ -16,10 +17,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from emanorm.errors import UserError
@@ -154,39 +158,150 @@ class TensorImageDataset(ImageDataset):
 # ---------------------------------------------------------------------------------------------
 # Image files
 
+# Pillow's own default limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89.5M pixels, 9459 x 9459): a larger
+# file is refused from its header, before anything is decoded (a decompression bomb is a tiny file that
+# decodes to gigabytes), with the file named. ``max_image_pixels=None`` turns the check off.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# The standard evaluation view: the shorter side resized to image_size / 0.875 (256 for 224), then a
+# centre crop of image_size.
+DEFAULT_EVAL_CROP_FRACTION = 0.875
+# The DCT scalings libjpeg can decode at, through Pillow's Image.draft (largest first).
+_JPEG_REDUCTIONS = (8, 4, 2)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
-def _decode_with_pil(path: str, channels: int) -> Tensor:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB" if channels == 3 else "L")
-        arr = np.asarray(im, dtype=np.uint8)
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+Box = tuple[int, int, int, int]
+"""A crop box ``(top, left, height, width)`` in pixels of the full-size image."""
 
 
-def decode_image_file(path: str | Path, channels: int = 3) -> Tensor:
-    """Decode one image file to uint8 ``(C, H, W)``; raise DataError naming the file if unreadable.
+class ViewBoxes(Protocol):
+    """The crop boxes of one training view for a batch, known per sample once the image's size is
+    (``emanorm.data.augment.CropDraws``: RandomResizedCrop's distribution)."""
 
-    torchvision.io decodes JPEG/PNG/GIF/WebP; Pillow is the fallback for the other ImageFolder
-    formats (BMP, PPM/PGM, TIFF) and for CMYK or otherwise unusual files.
-    """
+    def box(self, row: int, height: int, width: int) -> Box: ...
+
+    def flipped(self, row: int) -> bool: ...
+
+
+def open_image_file(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *,
+                    data: bytes | bytearray | None = None) -> Image.Image:
+    """Open an image lazily (its header only; from ``data`` if given, the file's bytes); refuse it
+    above ``max_pixels`` before it is decoded. Errors are DataErrors naming ``path``."""
     path = str(path)
+    if max_pixels is None or max_pixels > (Image.MAX_IMAGE_PIXELS or math.inf):
+        # Pillow itself refuses at twice its own limit; a limit raised here must be the one that rules.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        from torchvision.io import ImageReadMode, decode_image
-
         with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            img = decode_image(path, mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
-        if img.dtype != torch.uint8:  # 16-bit PNG
-            img = TF.to_dtype(img, torch.uint8, scale=True)
-        return img
-    except Exception as tv_err:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
+            im = Image.open(path if data is None else io.BytesIO(data))
+    except Image.DecompressionBombError:  # Pillow's own refusal (2x its limit): say it our way
         try:
-            return _decode_with_pil(path, channels)
-        except Exception as pil_err:
-            raise DataError(f"cannot decode image file {path}: {pil_err or tv_err}") from pil_err
+            im = _open_unchecked(path if data is None else io.BytesIO(data))
+        except Exception as err:
+            raise DataError(f"cannot decode image file {path}: {err}") from err
+    except Exception as err:
+        raise DataError(f"cannot decode image file {path}: {err}") from err
+    width, height = im.size
+    if max_pixels is not None and width * height > max_pixels:
+        im.close()
+        raise DataError(f"image file {path} is {width}x{height} = {width * height} pixels, above the limit "
+                        f"max_image_pixels={max_pixels} (a decompression bomb?); raise the limit to read it")
+    return im
+
+
+def _open_unchecked(source: str | io.BytesIO) -> Image.Image:
+    """Open a file Pillow refused as a decompression bomb, only to read the size it claims."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return Image.open(source)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _read_bytes(path: str) -> bytearray:
+    try:
+        with open(path, "rb") as f:
+            return bytearray(f.read())
+    except OSError as err:
+        raise DataError(f"cannot read image file {path}: {err}") from err
+
+
+def _pixels(im: Image.Image, channels: int) -> Tensor:
+    """Decode an opened image to uint8 ``(C, H, W)`` (channels-last in memory), whatever its mode:
+    palette, CMYK, grey+alpha... through Pillow's conversions; 16-bit greys scaled to 8 bits (Pillow's
+    convert would clip them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "palette images with transparency expressed in bytes"
+        if im.mode in _SIXTEEN_BIT_MODES:
+            grey = (np.clip(np.asarray(im), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+            arr = np.repeat(grey[:, :, None], channels, axis=2)
+        else:
+            target = "RGB" if channels == 3 else "L"
+            arr = np.array(im if im.mode == target else im.convert(target))
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def _decode(path: str, im: Image.Image, channels: int, reduction: int = 1,
+            data: bytearray | None = None) -> tuple[Tensor, float]:
+    """Decode ``im``, at 1/``reduction`` of its size where the file allows (JPEG: libjpeg's DCT
+    scaling through Pillow's ``Image.draft``); returns the pixels and the factor that takes full-size
+    coordinates to decoded ones. A plain RGB or grey JPEG at full size whose bytes are given goes to
+    ``torchvision.io.decode_jpeg`` (libjpeg-turbo too, without Pillow's copies: about 25% faster)."""
+    scale = 1.0
+    try:
+        if im.format == "JPEG" and reduction > 1:
+            width, height = im.size
+            drafted = im.draft(None, (width // reduction, height // reduction))
+            if drafted is not None:
+                scale = drafted[1][2] / width
+        elif im.format == "JPEG" and data is not None and im.mode in ("RGB", "L"):
+            mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders for torchcodec
+                return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=mode), scale
+        return _pixels(im, channels), scale
+    except Exception as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"cannot decode image file {path}: {message}") from err
+
+
+def decode_image_file(path: str | Path, channels: int = 3,
+                      max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Tensor:
+    """Decode one image file at full size to uint8 ``(C, H, W)``; a DataError names the file if it is
+    unreadable or above ``max_pixels``. Pillow decodes every ImageFolder format (JPEG through
+    libjpeg-turbo, PNG, BMP, PPM/PGM, TIFF, WebP, GIF) and mode (CMYK, palette, 16-bit, alpha)."""
+    with open_image_file(path, max_pixels) as im:
+        return _decode(str(path), im, channels)[0].contiguous()
+
+
+def _jpeg_reduction(smallest_side: float, size: int) -> int:
+    """The largest DCT reduction after which a crop of ``smallest_side`` pixels still has ``size``."""
+    return next((r for r in _JPEG_REDUCTIONS if smallest_side >= r * size), 1)
+
+
+def _scaled_box(box: Box, scale: float, height: int, width: int) -> Box:
+    """``box`` in coordinates of the image decoded at ``scale`` (its size ``height`` x ``width``)."""
+    top, left, h, w = box
+    if scale == 1.0:
+        return box
+    y0, x0 = min(round(top * scale), height - 1), min(round(left * scale), width - 1)
+    y1 = max(min(round((top + h) * scale), height), y0 + 1)
+    x1 = max(min(round((left + w) * scale), width), x0 + 1)
+    return y0, x0, y1 - y0, x1 - x0
+
+
+def centre_box(height: int, width: int) -> Box:
+    """The centred square of side ``min(height, width)`` (a view without a random crop)."""
+    side = min(height, width)
+    return round((height - side) / 2), round((width - side) / 2), side, side
+
+
+def crop_resize(img: Tensor, box: Box, size: int, flip: bool = False) -> Tensor:
+    """Crop ``box`` out of a ``(C, H, W)`` image at its own resolution, resize the crop to ``size`` x
+    ``size`` (bilinear, antialiased: RandomResizedCrop's defaults) and flip it horizontally if asked."""
+    out = TF.resized_crop(img, *box, [size, size], antialias=True)
+    return TF.horizontal_flip(out) if flip else out
 
 
 def resize_center_crop(img: Tensor, size: int, crop_fraction: float = 1.0) -> Tensor:
@@ -199,27 +314,95 @@ def resize_center_crop(img: Tensor, size: int, crop_fraction: float = 1.0) -> Te
     return img
 
 
+@dataclass
+class EncodedViews:
+    """Training views of a batch read from disk but not decoded yet (``FileImageDataset.read_views``):
+    JPEG bytes and boxes for a device's decoder, and the views of other files already decoded."""
+
+    paths: list[str]
+    jpeg: list[Tensor | None]  # per sample: the file's bytes, or None where the CPU decoded it
+    boxes: list[list[tuple[Box, bool]]]  # per sample, per view: full-size box and flip ([] if decoded)
+    decoded: list[list[Tensor] | None]  # per sample, per view: uint8 views decoded on the CPU
+    num_views: int
+    size: int
+
+
+def _decode_jpegs(data: list[Tensor], paths: list[str], device: torch.device) -> list[Tensor]:
+    if not data:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders for torchcodec
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            for one, path in zip(data, paths, strict=True):  # find the file to name
+                try:
+                    decode_jpeg(one, mode=ImageReadMode.RGB, device=device)
+                except RuntimeError as err:
+                    raise DataError(f"cannot decode image file {path}: {str(err).splitlines()[0]}") from err
+            raise
+
+
+def decode_views(batch: EncodedViews, device: str | torch.device) -> list[Tensor]:
+    """Decode an ``EncodedViews`` batch on ``device`` (nvJPEG on CUDA, in one batched call), then crop,
+    resize and flip every view there: one uint8 ``(B, C, size, size)`` tensor per view."""
+    device = torch.device(device)
+    rows = [r for r, data in enumerate(batch.jpeg) if data is not None]
+    images = dict(zip(rows, _decode_jpegs([batch.jpeg[r] for r in rows], [batch.paths[r] for r in rows],
+                                          device), strict=True))
+    views = []
+    for v in range(batch.num_views):
+        per_sample = []
+        for r in range(len(batch.paths)):
+            if r in images:
+                box, flip = batch.boxes[r][v]
+                per_sample.append(crop_resize(images[r], box, batch.size, flip))
+            else:
+                per_sample.append(batch.decoded[r][v].to(device, non_blocking=True))
+        views.append(torch.stack(per_sample) if per_sample else
+                     torch.empty((0, 3, batch.size, batch.size), dtype=torch.uint8, device=device))
+    return views
+
+
 class FileImageDataset(ImageDataset):
-    """Images decoded from files at fetch time and resized to ``info.image_size``.
+    """Images decoded from files when fetched; nothing but the paths is held in memory.
+
+    * ``fetch(indices)``: the evaluation view (kNN, linear, fine-tune, the monitor, test accuracy):
+      the shorter side resized to ``image_size / crop_fraction`` (default 0.875: 256 for 224),
+      antialiased, then a centre crop of ``image_size``.
+    * ``fetch_views(indices, views)``: training views, one decode for all views of an image; each
+      view's box is drawn from the whole image (``ViewBoxes``, RandomResizedCrop's distribution),
+      cropped at the source resolution, resized to ``image_size`` (antialiased), then flipped. A
+      view given as None is the centred square of the shorter side. A JPEG whose every box is at least
+      twice ``image_size`` is decoded at 1/2, 1/4 or 1/8 of its size (DCT scaling), which is faster.
+    * ``read_views`` + ``decode_views``: the same with the JPEG decoding on a CUDA device (nvJPEG);
+      ``BatchStream`` uses them on CUDA while ``gpu_decode`` is true.
 
     ``on_corrupt="error"`` (default): an unreadable file raises a DataError naming it when it is
     fetched. ``"skip"``: every file is decoded once here and unreadable ones are dropped with a
-    warning naming them (costs a full decoding pass; meant for small folders).
+    warning naming them (costs a full decoding pass; meant for small folders). Files above
+    ``max_image_pixels`` are refused from their header, naming them (None: no limit).
     """
 
     in_memory = False
+    gpu_decode = True
 
     def __init__(self, paths: Sequence[str], targets: Tensor, info: DatasetInfo, split: str, *,
-                 classes: Sequence[str] = (), root: str | Path = "", crop_fraction: float = 1.0,
-                 on_corrupt: str = "error") -> None:
+                 classes: Sequence[str] = (), root: str | Path = "",
+                 crop_fraction: float = DEFAULT_EVAL_CROP_FRACTION, on_corrupt: str = "error",
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         if on_corrupt not in ("error", "skip"):
             raise DataError(f"on_corrupt={on_corrupt!r}; choose 'error' or 'skip'")
         if not 0.0 < crop_fraction <= 1.0:
             raise DataError(f"crop_fraction={crop_fraction} must be in (0, 1]")
+        if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or
+                                             not isinstance(max_image_pixels, int) or max_image_pixels < 1):
+            raise DataError(f"max_image_pixels={max_image_pixels!r} must be a positive integer or None")
         paths = [str(p) for p in paths]
         targets = torch.as_tensor(targets, dtype=torch.long)
+        self.max_image_pixels = max_image_pixels
         if on_corrupt == "skip":
-            good = [i for i, p in enumerate(paths) if _readable(p, info.channels)]
+            good = [i for i, p in enumerate(paths) if _readable(p, info.channels, max_image_pixels)]
             if len(good) < len(paths):
                 bad = sorted(set(range(len(paths))) - set(good))
                 warnings.warn(f"skipping {len(bad)} unreadable image(s): " + ", ".join(paths[i] for i in bad),
@@ -234,9 +417,18 @@ class FileImageDataset(ImageDataset):
         self.root = str(root)
         self.crop_fraction = crop_fraction
 
+    def _open(self, index: int) -> tuple[Image.Image, bytearray]:
+        data = _read_bytes(self.paths[index])
+        return open_image_file(self.paths[index], self.max_image_pixels, data=data), data
+
     def load(self, index: int) -> Tensor:
-        img = decode_image_file(self.paths[index], self.info.channels)
-        return resize_center_crop(img, self.info.image_size, self.crop_fraction)
+        """The evaluation view of image ``index``: uint8 ``(C, image_size, image_size)``."""
+        size, path = self.info.image_size, self.paths[index]
+        short = round(size / self.crop_fraction)
+        im, data = self._open(index)
+        with im:
+            img, _ = _decode(path, im, self.info.channels, _jpeg_reduction(min(im.size), short), data)
+        return resize_center_crop(img, size, self.crop_fraction)
 
     def fetch(self, indices: Sequence[int] | Tensor) -> Tensor:
         idx = torch.as_tensor(indices, dtype=torch.long).tolist()
@@ -245,10 +437,62 @@ class FileImageDataset(ImageDataset):
             return torch.empty((0, self.info.channels, s, s), dtype=torch.uint8)
         return torch.stack([self.load(i) for i in idx])
 
+    @staticmethod
+    def view_boxes(height: int, width: int, views: Sequence[ViewBoxes | None], row: int
+                   ) -> list[tuple[Box, bool]]:
+        """Full-size (box, flip) of each view of the image at ``row`` of the batch."""
+        return [(centre_box(height, width), False) if v is None
+                else (v.box(row, height, width), v.flipped(row)) for v in views]
 
-def _readable(path: str, channels: int) -> bool:
+    def _views(self, index: int, im: Image.Image, data: bytearray, boxes: list[tuple[Box, bool]]
+               ) -> list[Tensor]:
+        size = self.info.image_size
+        reduction = _jpeg_reduction(min(min(b[2], b[3]) for b, _ in boxes), size)
+        img, scale = _decode(self.paths[index], im, self.info.channels, reduction, data)
+        height, width = img.shape[1:]
+        return [crop_resize(img, _scaled_box(b, scale, height, width), size, flip) for b, flip in boxes]
+
+    def load_views(self, index: int, views: Sequence[ViewBoxes | None], row: int = 0) -> list[Tensor]:
+        """The training views of image ``index`` (at ``row`` of its batch): uint8 ``(C, S, S)`` each."""
+        im, data = self._open(index)
+        with im:
+            width, height = im.size
+            return self._views(index, im, data, self.view_boxes(height, width, views, row))
+
+    def fetch_views(self, indices: Sequence[int] | Tensor, views: Sequence[ViewBoxes | None]) -> list[Tensor]:
+        """One uint8 ``(B, C, S, S)`` batch per view of the images ``indices`` (see the class notes)."""
+        idx = torch.as_tensor(indices, dtype=torch.long).tolist()
+        if not idx:
+            s = self.info.image_size
+            return [torch.empty((0, self.info.channels, s, s), dtype=torch.uint8) for _ in views]
+        samples = [self.load_views(i, views, row) for row, i in enumerate(idx)]
+        return [torch.stack([s[v] for s in samples]) for v in range(len(views))]
+
+    def read_views(self, indices: Sequence[int] | Tensor, views: Sequence[ViewBoxes | None]) -> EncodedViews:
+        """What ``fetch_views`` does, short of decoding: RGB JPEGs are only read (for ``decode_views``
+        on a device); other files (PNG, CMYK or grey JPEG, ...) are decoded here. The pixel limit and
+        the boxes come from the headers, so the boxes are the ones ``fetch_views`` would use."""
+        idx = torch.as_tensor(indices, dtype=torch.long).tolist()
+        batch = EncodedViews([self.paths[i] for i in idx], [], [], [], len(views), self.info.image_size)
+        for row, i in enumerate(idx):
+            im, data = self._open(i)
+            with im:
+                width, height = im.size
+                boxes = self.view_boxes(height, width, views, row)
+                if im.format == "JPEG" and im.mode == "RGB" and self.info.channels == 3:
+                    batch.jpeg.append(torch.frombuffer(data, dtype=torch.uint8))
+                    batch.boxes.append(boxes)
+                    batch.decoded.append(None)
+                else:
+                    batch.jpeg.append(None)
+                    batch.boxes.append([])
+                    batch.decoded.append(self._views(i, im, data, boxes))
+        return batch
+
+
+def _readable(path: str, channels: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> bool:
     try:
-        decode_image_file(path, channels)
+        decode_image_file(path, channels, max_pixels)
         return True
     except DataError:
         return False
@@ -434,14 +678,49 @@ def _class_dirs(d: Path) -> list[str]:
         return []
 
 
+def _class_files(class_dir: str) -> list[str]:
+    """Image files under one class folder in torchvision's ``make_dataset`` order (``os.walk``
+    following links, folders sorted, files sorted), but each folder and each file taken once: a
+    symlink loop or two links to one photo would otherwise repeat images and skew the class.
+    Folders are walked in sorted order, so which of two links is kept does not depend on the disk."""
+    folders, seen_dirs, seen_files = [], set(), set()
+    stack = [class_dir]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:  # unreadable or vanished: os.walk skips it too
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        files, subfolders = [], []
+        for e in entries:
+            try:
+                if e.is_dir():
+                    subfolders.append(e.path)
+                elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file():
+                    # inode() comes free with the folder listing; a link costs one stat of its target
+                    target = e.stat() if e.is_symlink() else None
+                    key = (target.st_dev, target.st_ino) if target else (st.st_dev, e.inode())
+                    if key not in seen_files:
+                        seen_files.add(key)
+                        files.append(e.name)
+            except OSError:
+                continue
+        folders.append((folder, files))
+        stack.extend(reversed(subfolders))  # depth-first, in sorted order
+    folders.sort(key=lambda f: f[0])
+    return [os.path.join(folder, name) for folder, files in folders for name in files]
+
+
 def scan_image_folder(d: Path, classes: Sequence[str] | None = None
                       ) -> tuple[list[str], list[int], list[str]]:
     """Files and targets of an ImageFolder tree in torchvision's order, or of a flat folder (targets -1).
 
     ``classes`` (e.g. the train split's) fixes the class-to-index map of a val/test split.
     """
-    from torchvision.datasets.folder import make_dataset
-
     own = _class_dirs(d)
     if own:
         if classes is None:
@@ -450,11 +729,14 @@ def scan_image_folder(d: Path, classes: Sequence[str] | None = None
         if unknown:
             raise DataError(f"{d}: class folder(s) {unknown[:5]} not among the {len(classes)} "
                             "training classes")
-        samples = make_dataset(str(d), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
-                               allow_empty=True)
+        paths, targets = [], []
+        for target, cls in enumerate(classes):
+            if (d / cls).is_dir():
+                found = _class_files(str(d / cls))
+                paths += found
+                targets += [target] * len(found)
         if _has_images(d):
             warnings.warn(f"{d}: image files beside the class folders are ignored", stacklevel=3)
-        paths, targets = [s[0] for s in samples], [s[1] for s in samples]
         return paths, targets, list(classes)
     paths = sorted(str(d / e.name) for e in os.scandir(d)
                    if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
@@ -466,7 +748,7 @@ _FOLDER_LAYOUT = ("an ImageFolder tree DIR/train/<class>/*.jpg and DIR/val/<clas
 
 
 def _load_folder(name: str, root: Path, split: str, image_size: int | None, crop_fraction: float,
-                 on_corrupt: str) -> FileImageDataset:
+                 on_corrupt: str, max_image_pixels: int | None) -> FileImageDataset:
     if not root.is_dir():
         raise DataNotFoundError(f"{name}: data_dir {root} is not a directory; expected {_FOLDER_LAYOUT}")
     held_out = [root / "val", root / "test"]
@@ -492,20 +774,24 @@ def _load_folder(name: str, root: Path, split: str, image_size: int | None, crop
     base = dataset_info(name, image_size=image_size)
     info = DatasetInfo(name, len(classes), 3, base.image_size, base.mean, base.std)
     return FileImageDataset(paths, torch.tensor(targets, dtype=torch.long), info, split, classes=classes,
-                            root=root, crop_fraction=crop_fraction, on_corrupt=on_corrupt)
+                            root=root, crop_fraction=crop_fraction, on_corrupt=on_corrupt,
+                            max_image_pixels=max_image_pixels)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *,
-                 image_size: int | None = None, crop_fraction: float = 1.0, on_corrupt: str = "error",
-                 download: bool = True) -> ImageDataset:
+                 image_size: int | None = None, crop_fraction: float = DEFAULT_EVAL_CROP_FRACTION,
+                 on_corrupt: str = "error", download: bool = True,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageDataset:
     """Load split ``split`` of dataset ``name`` (one of ``DATASETS``); see docs/data.md for layouts.
 
-    ``image_size``, ``crop_fraction`` (resize the shorter side to ``image_size / crop_fraction`` before
-    the centre crop) and ``on_corrupt`` apply to file datasets (imagenet, folder); ``download`` lets
-    Fashion-MNIST fall back to a torchvision download when no local copy is found.
+    ``image_size``, ``crop_fraction`` (the evaluation view: resize the shorter side to
+    ``image_size / crop_fraction`` before the centre crop; 0.875 gives 256 -> 224), ``on_corrupt``
+    and ``max_image_pixels`` (files above it are refused before decoding) apply to file datasets
+    (imagenet, folder, voc2007); ``download`` lets Fashion-MNIST fall back to a torchvision download
+    when no local copy is found.
     """
     _check_name(name)
     split = _resolve_split(name, split)
@@ -532,4 +818,4 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *,
 
         return load_voc2007(root, split, image_size=image_size, crop_fraction=crop_fraction,
                             on_corrupt=on_corrupt)
-    return _load_folder(name, root, split, image_size, crop_fraction, on_corrupt)
+    return _load_folder(name, root, split, image_size, crop_fraction, on_corrupt, max_image_pixels)

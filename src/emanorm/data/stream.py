@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from emanorm.data.augment import AUGMENTATIONS, BatchAugment, build_augmentation
-from emanorm.data.datasets import DataError, ImageDataset
+from emanorm.data.augment import AUGMENTATIONS, BatchAugment, RandomResizedCropFlip, build_augmentation
+from emanorm.data.datasets import DataError, EncodedViews, ImageDataset, decode_views
 
 RESERVED_KEYS = ("y", "y_u", "index", "index_l")
-# Stream ids mixed into the seeds so the labeled and unlabeled orders are independent.
-_MAIN, _CYCLED, _AUGMENT = 0, 1, 2
+# Stream ids mixed into the seeds so the labeled and unlabeled orders (and the crops of file images)
+# are independent.
+_MAIN, _CYCLED, _AUGMENT, _CROP = 0, 1, 2, 3
 
 
 def _seed(*words: int) -> int:
@@ -54,17 +57,61 @@ class _Part:
         self.global_batch = batch_size * world_size
 
 
+@dataclass(frozen=True)
+class _Request:
+    """How one part of a step is read: ``fetch`` (in-memory data, evaluation), or, for a file dataset
+    with training views, ``fetch_views`` (or ``read_views`` for a device decoder) with each view's crop
+    drawn from ``generator(seed, _CROP, epoch, step, rank, part, view)``: the same boxes whichever
+    process (main or a DataLoader worker) reads the files."""
+
+    dataset: ImageDataset
+    crops: tuple[RandomResizedCropFlip | None, ...] | None = None  # per view; None: plain fetch
+    seed_words: tuple[int, ...] = ()  # (seed, rank, part)
+    encoded: bool = False
+
+    def __call__(self, indices: Tensor, epoch: int, step: int) -> Any:
+        if self.crops is None:
+            return self.dataset.fetch(indices)
+        seed, rank, pid = self.seed_words
+        n = len(indices)
+        draws = [None if op is None else op.draw(n, _generator(seed, _CROP, epoch, step, rank, pid, vid))
+                 for vid, op in enumerate(self.crops)]
+        if self.encoded:
+            return self.dataset.read_views(indices, draws)
+        return self.dataset.fetch_views(indices, draws)
+
+
+@dataclass(frozen=True)
+class _LoadFailure:
+    """A DataError raised in a loader worker, carried back as its one-line message: re-raised in the
+    main process it names the file, without the worker's traceback wrapped around it."""
+
+    message: str
+
+
 class _StepFetcher(Dataset):
     """Map-style dataset over planned steps, so a DataLoader's workers decode file images in parallel."""
 
-    def __init__(self, datasets: list[ImageDataset], plans: list[list[Tensor]]) -> None:
-        self.datasets, self.plans = datasets, plans
+    def __init__(self, requests: list[_Request], plans: list[list[Tensor]], steps: Sequence[tuple[int, int]]
+                 ) -> None:
+        self.requests, self.plans, self.steps = requests, plans, list(steps)
 
     def __len__(self) -> int:
         return len(self.plans)
 
-    def __getitem__(self, i: int) -> list[Tensor]:
-        return [d.fetch(idx) for d, idx in zip(self.datasets, self.plans[i], strict=True)]
+    def __getitem__(self, i: int) -> list[Any] | _LoadFailure:
+        epoch, step = self.steps[i]
+        try:
+            return [r(idx, epoch, step) for r, idx in zip(self.requests, self.plans[i], strict=True)]
+        except DataError as err:
+            return _LoadFailure(str(err).splitlines()[0] if str(err) else repr(err))
+
+
+def _fetched(items: Iterator[Any]) -> Iterator[Any]:
+    for item in items:
+        if isinstance(item, _LoadFailure):
+            raise DataError(item.message)
+        yield item
 
 
 class BatchStream:
@@ -132,6 +179,19 @@ class BatchStream:
         self.augment: dict[tuple[str, str], BatchAugment] = {
             (part.name, preset): build_augmentation(preset, infos[part.name], **options)
             for part in self._parts() for preset in part.views.values()}
+        # File datasets: each view's random crop is taken from the whole image while it is decoded
+        # (fetch_views), and only the rest of the preset runs batched on the device.
+        self._requests: list[_Request] = []
+        self._after_crop: dict[tuple[str, str], BatchAugment] = {}
+        for pid, part in enumerate(self._parts()):
+            if part.dataset.in_memory or not hasattr(part.dataset, "fetch_views"):
+                self._requests.append(_Request(part.dataset))
+                continue
+            crops = tuple(self.augment[(part.name, preset)].crop for preset in part.views.values())
+            encoded = self.device.type == "cuda" and bool(getattr(part.dataset, "gpu_decode", False))
+            self._requests.append(_Request(part.dataset, crops, (self.seed, rank, pid), encoded))
+            for preset in part.views.values():
+                self._after_crop[(part.name, preset)] = self.augment[(part.name, preset)].without_crop()
         self._cycle_cache: tuple[int, Tensor] | None = None
 
     def _parts(self) -> list[_Part]:
@@ -199,15 +259,17 @@ class BatchStream:
         self.start_step = 0  # a second pass without set_epoch repeats the whole epoch
         parts = self._parts()
         plans = self._plans(epoch, start, self.steps_per_epoch)
+        steps = [(epoch, step) for step in range(start, self.steps_per_epoch)]
         file_based = any(not p.dataset.in_memory for p in parts)
         if self.num_workers > 0 and file_based and plans:
-            fetcher = _StepFetcher([p.dataset for p in parts], [[pl[p.name] for p in parts] for pl in plans])
+            fetcher = _StepFetcher(self._requests, [[pl[p.name] for p in parts] for pl in plans], steps)
             loader = DataLoader(fetcher, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                 pin_memory=self.device.type == "cuda", prefetch_factor=2,
                                 timeout=self.loader_timeout)
-            images = _reported(iter(loader), self.loader_timeout)
+            images = _fetched(_reported(iter(loader), self.loader_timeout))
         else:
-            images = ([p.dataset.fetch(pl[p.name]) for p in parts] for pl in plans)
+            images = ([r(pl[p.name], e, s) for r, p in zip(self._requests, parts, strict=True)]
+                      for pl, (e, s) in zip(plans, steps, strict=True))
         for step, pl, fetched in zip(range(start, self.steps_per_epoch), plans, images, strict=True):
             yield self._batch(epoch, step, parts, pl, fetched)
 
@@ -215,10 +277,17 @@ class BatchStream:
                fetched: list[Tensor]) -> dict[str, Tensor]:
         batch: dict[str, Tensor] = {}
         for pid, (part, raw) in enumerate(zip(parts, fetched, strict=True)):
-            x = _to_device(raw, self.device)
-            for vid, (key, preset) in enumerate(part.views.items()):
-                g = _generator(self.seed, _AUGMENT, epoch, step, self.rank, pid, vid)
-                batch[key] = self.augment[(part.name, preset)](x, generator=g)
+            if isinstance(raw, Tensor):  # one batch for every view (in-memory data)
+                x = _to_device(raw, self.device)
+                for vid, (key, preset) in enumerate(part.views.items()):
+                    g = _generator(self.seed, _AUGMENT, epoch, step, self.rank, pid, vid)
+                    batch[key] = self.augment[(part.name, preset)](x, generator=g)
+            else:  # file images: one cropped, resized and flipped batch per view
+                views = (decode_views(raw, self.device) if isinstance(raw, EncodedViews)
+                         else [_to_device(v, self.device) for v in raw])
+                for vid, ((key, preset), x) in enumerate(zip(part.views.items(), views, strict=True)):
+                    g = _generator(self.seed, _AUGMENT, epoch, step, self.rank, pid, vid)
+                    batch[key] = self._after_crop[(part.name, preset)](x, generator=g)
             idx = plan[part.name]
             targets = _to_device(part.dataset.targets[idx], self.device)
             if part is self.labeled:
@@ -259,10 +328,10 @@ def eval_batches(dataset: ImageDataset, batch_size: int, device: str | torch.dev
     chunks = list(idx.split(batch_size))
     augment = build_augmentation("none", dataset.info)
     if num_workers > 0 and not dataset.in_memory and chunks:
-        fetcher = _StepFetcher([dataset], [[c] for c in chunks])
+        fetcher = _StepFetcher([_Request(dataset)], [[c] for c in chunks], [(0, 0)] * len(chunks))
         loader = DataLoader(fetcher, batch_size=None, num_workers=num_workers,
                             pin_memory=device.type == "cuda")
-        images = (f[0] for f in loader)
+        images = (f[0] for f in _fetched(iter(loader)))
     else:
         images = (dataset.fetch(c) for c in chunks)
     for chunk, raw in zip(chunks, images, strict=True):
