@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from emanorm.errors import UserError
-from emanorm.evaluation.export import EXPORT_FORMATS, backbone_state_dict, export_backbone, load_exported
+from emanorm.evaluation.export import (
+    EXPORT_FORMATS,
+    backbone_state_dict,
+    export_backbone,
+    load_exported,
+    torchvision_recipe,
+)
 from emanorm.evaluation.features import (
     ImageSource,
     assert_frozen,
@@ -723,14 +729,11 @@ def run_export(args: argparse.Namespace) -> int:
     if expected.keys() != written.keys() or any(not torch.equal(expected[k], written[k]) for k in expected):
         raise RuntimeError(f"export check failed: {out} does not match the backbone")
     print(f"wrote {out} ({len(written)} tensors, {args.format})")
-    arch = str(config.get("backbone", ""))
-    import torchvision
-
-    if args.format == "torchvision" and callable(getattr(torchvision.models, arch, None)):
-        print(
-            f"load: m = torchvision.models.{arch}(); m.fc = torch.nn.Identity(); "
-            f"m.load_state_dict(torch.load('{out}', weights_only=True))"
-        )
+    if args.format == "torchvision":
+        image_size = int((config.get("dataset_info") or {}).get("image_size", 224))
+        recipe = torchvision_recipe(backbone, str(config.get("backbone", "")), out, image_size=image_size)
+        if recipe:
+            print(f"load: {recipe}")
     return 0
 
 
