@@ -10,6 +10,7 @@ from emanorm.teacher import (
     ema_update_,
     warmup_momentum,
 )
+from emanorm.teacher_check import TeacherReport, inspect_teacher
 
 __all__ = [
     "NORM_MODES",
@@ -17,8 +18,10 @@ __all__ = [
     "EMATeacher",
     "NoBatchNormWarning",
     "TeacherMode",
+    "TeacherReport",
     "cosine_momentum",
     "ema_update_",
+    "inspect_teacher",
     "warmup_momentum",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from emanorm.cli_doctor import add_doctor_parser
 from emanorm.errors import UserError
 
 DESCRIPTION = """\
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_compare_parser(subparsers)
     except ImportError:
         pass
+    add_doctor_parser(subparsers)
     presets = subparsers.add_parser("presets", help="list the YAML presets")
     presets.set_defaults(func=run_presets)
     return parser
