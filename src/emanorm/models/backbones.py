@@ -318,6 +318,8 @@ def _probe(model: nn.Module, name: str, in_channels: int, image_size: int) -> No
                 middle = (low + high) // 2
                 runs = _runs_at(model, in_channels, middle)[0] is not None
                 low, high = (low, middle) if runs else (middle, high)
+            if _runs_at(model, in_channels, high + 1)[0] is None:  # not a minimum: a fixed size or stride
+                raise ValueError(f"backbone {name!r} fails on {image_size}x{image_size} input: {error}")
             raise ValueError(
                 f"backbone {name!r} needs inputs of at least {high}x{high} pixels, got "
                 f"{image_size}x{image_size} ({error})"

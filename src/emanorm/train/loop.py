@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -392,7 +393,12 @@ def _train(
             )
 
     # method
-    method = make_method(cfg, info, dist_info.distributed, device.type).to(device)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. EMAN on a model without BatchNorm
+        warnings.simplefilter("always", UserWarning)
+        method = make_method(cfg, info, dist_info.distributed, device.type).to(device)
+    build_warnings = list(dict.fromkeys(str(w.message) for w in caught))  # each shown once
+    for message in build_warnings:
+        log.warning("warning: %s", message)
     if use_channels_last(cfg):
         method = method.to(memory_format=torch.channels_last)
     resuming = resume and (run_dir / "checkpoints" / ckpt.CHECKPOINT_NAME).exists()
@@ -593,6 +599,8 @@ def _train(
         "run_dir": str(run_dir),
         "final": last_eval,
     }
+    if build_warnings:
+        summary["warnings"] = build_warnings
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     barrier()
