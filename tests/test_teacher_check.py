@@ -1,6 +1,7 @@
 """inspect_teacher and `emanorm doctor`: one hand-made broken teacher per finding."""
 
 import copy
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -9,7 +10,10 @@ from torchvision.ops import StochasticDepth
 
 from emanorm import EMATeacher, inspect_teacher
 from emanorm.cli import main
+from emanorm.data import dataset_info
 from emanorm.teacher_check import find_teacher_pair
+from emanorm.train import resolve_config
+from emanorm.train.loop import make_method
 from test_teacher import make_student, train_student_steps
 
 
@@ -106,3 +110,20 @@ def test_doctor_command(tmp_path, capsys):
     assert main(["doctor", str(tmp_path / "odd.pth")]) == 2
     assert "no student / teacher pair" in capsys.readouterr().err
     assert main(["doctor", str(tmp_path / "missing")]) == 2
+
+
+def test_doctor_on_an_emanorm_checkpoint(tmp_path, capsys):
+    cfg = resolve_config(None, {"method": "fixmatch", "norm": "eman", "device": "cpu"})
+    info = dataset_info(cfg["dataset"])
+    method = make_method(cfg, info, distributed=False)
+    state = method.state_dict()
+    for key in state:  # a teacher that never received the student's statistics
+        if key.startswith("teacher.") and key.endswith("running_mean"):
+            state[key] = torch.zeros_like(state[key])
+        elif key.startswith("student.") and key.endswith("running_mean"):
+            state[key] = torch.ones_like(state[key])
+    path = tmp_path / "last.pt"
+    torch.save({"config": cfg, "method": state, "dataset_info": asdict(info)}, path)
+    assert main(["doctor", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "emanorm fixmatch run, teacher mode 'eman'" in out and "stale_statistics" in out
