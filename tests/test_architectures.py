@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import sys
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from emanorm.evaluation import commands as cmd
 from emanorm.evaluation.export import export_backbone, load_exported, torchvision_recipe
 from emanorm.models import build_backbone
+from emanorm.norms import SplitBatchNorm2d, convert_to_split_bn
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 
@@ -142,3 +144,20 @@ def test_export_command_prints_the_recipe(tmp_path, monkeypatch, capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("load: "))
     model = _load_recipe(line.removeprefix("load: "))
     assert model.state_dict().keys() == load_exported(tmp_path / "b.pth").keys()
+
+
+def test_split_and_sync_batch_norm_on_torchvision_models():
+    model = convert_to_split_bn(build_backbone("torchvision:regnet_x_400mf", image_size=32), 2)
+    assert any(isinstance(m, SplitBatchNorm2d) for m in model.modules())
+    assert model.train()(torch.randn(4, 3, 32, 32)).shape == (4, 400)
+    synced = build_backbone("torchvision:mobilenet_v3_small", image_size=32, norm="sync_bn")
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+
+
+def test_missing_timm_is_a_value_error_too(monkeypatch):
+    """The trainer turns a backbone's ValueError into one line: a missing timm must be one too."""
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    with pytest.raises(ValueError, match=r"pip install emanorm\[timm\]"):
+        build_backbone("timm:resnet18")
+    with pytest.raises(ImportError):
+        build_backbone("timm:resnet18")

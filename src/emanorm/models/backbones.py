@@ -207,11 +207,16 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+class MissingTimmError(ImportError, ValueError):
+    """timm is not installed: an ImportError, and a ValueError so that the trainer, which turns
+    a backbone's ValueError into a one-line user error, reports it without a traceback."""
+
+
 def _timm_model(name: str, in_channels: int, image_size: int) -> nn.Module:
     try:
         import timm
     except ImportError as err:
-        raise ImportError(
+        raise MissingTimmError(
             f"backbone 'timm:{name}' needs timm: pip install emanorm[timm]  (or pip install timm)"
         ) from err
     if not name:
