@@ -286,9 +286,11 @@ class EMATeacher(nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # Guard against someone calling teacher.module.train() directly.
+        # Guard against someone calling teacher.module.train() directly (written only when
+        # needed: torch.compile then sees a read, not a mutation, on every normal call).
         for layer in self._other_layers:
-            layer.training = False
+            if layer.training:
+                layer.training = False
         if not self.rules.batch_statistics:
             for layer in self._batch_norms:
                 layer.training = False
@@ -344,7 +346,7 @@ class EMATeacher(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f"norm={self.norm!r}, momentum={self.momentum}"
-        if self.norm == "eman" and self.buffer_momentum is not None:
+        if self.rules.statistics == "average" and self.buffer_momentum is not None:
             extra += f", buffer_momentum={self.buffer_momentum}"
         if self.rules.collects:
             extra += f", bn_momentum={self.bn_momentum}"
