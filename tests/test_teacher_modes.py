@@ -18,6 +18,7 @@ def test_mode_table_lists_every_mode_in_order():
     assert NORM_MODES == ("eman", "bn", "student_pn", "teacher_pn") == tuple(TEACHER_MODES)
     assert [m.statistics for m in TEACHER_MODES.values()] == ["average", "batch", "copy", "previous"]
     assert [m.batch_statistics for m in TEACHER_MODES.values()] == [False, True, False, False]
+    assert [m.update_rule for m in TEACHER_MODES.values()] == ["average", "keep", "copy", "keep"]
 
 
 @pytest.mark.parametrize(("norm", "rule"), [("eman", "average"), ("student_pn", "copy"), ("bn", "keep")])

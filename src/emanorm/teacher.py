@@ -49,6 +49,11 @@ class TeacherMode:
         """The teacher gathers its statistics itself from its inputs (``bn_momentum`` applies)."""
         return self.statistics in ("batch", "previous")
 
+    @property
+    def update_rule(self) -> str:
+        """What an update does with the statistics: an :func:`ema_update_` ``statistics`` rule."""
+        return "keep" if self.collects else self.statistics
+
 
 #: The teacher modes: EMAN (Eq. 8, 9) and the baselines of the paper's Tables 1 and 8.
 TEACHER_MODES: dict[str, TeacherMode] = {
@@ -342,7 +347,7 @@ class EMATeacher(nn.Module):
         """One EMA step towards ``student``: ``t = m * t + (1 - m) * s`` (Eq. 1 and 9)."""
         m = self.momentum if momentum is None else _check_momentum("momentum", momentum)
         bm = m if self.buffer_momentum is None else self.buffer_momentum
-        _fused_update_(self._teacher_tensors, self._student_lists(student), m, bm, self.rules.statistics)
+        _fused_update_(self._teacher_tensors, self._student_lists(student), m, bm, self.rules.update_rule)
 
     def extra_repr(self) -> str:
         extra = f"norm={self.norm!r}, momentum={self.momentum}"
