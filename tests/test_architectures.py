@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from emanorm.evaluation import commands as cmd
-from emanorm.evaluation.export import export_backbone, load_exported, torchvision_recipe
+from emanorm.evaluation.export import export_backbone, load_exported
+from emanorm.evaluation.export_recipe import torchvision_recipe
 from emanorm.models import build_backbone
 from emanorm.norms import SplitBatchNorm2d, convert_to_split_bn
 

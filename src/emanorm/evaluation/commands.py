@@ -23,13 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from emanorm.errors import UserError
-from emanorm.evaluation.export import (
-    EXPORT_FORMATS,
-    backbone_state_dict,
-    export_backbone,
-    load_exported,
-    torchvision_recipe,
-)
+from emanorm.evaluation.export import EXPORT_FORMATS, backbone_state_dict, export_backbone, load_exported
 from emanorm.evaluation.features import (
     ImageSource,
     assert_frozen,
@@ -730,6 +724,8 @@ def run_export(args: argparse.Namespace) -> int:
         raise RuntimeError(f"export check failed: {out} does not match the backbone")
     print(f"wrote {out} ({len(written)} tensors, {args.format})")
     if args.format == "torchvision":
+        from emanorm.evaluation.export_recipe import torchvision_recipe  # deferred: builds torchvision models
+
         image_size = int((config.get("dataset_info") or {}).get("image_size", 224))
         recipe = torchvision_recipe(backbone, str(config.get("backbone", "")), out, image_size=image_size)
         if recipe:
