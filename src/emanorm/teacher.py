@@ -5,20 +5,71 @@ An EMA teacher is a frozen copy of the student whose parameters follow
 layers follow the same rule for their statistics (Eq. 9) and normalise with those
 statistics (Eq. 8) instead of with the batch, so a teacher output never depends on the
 other samples of the batch. The other modes are the baselines the paper compares.
+
+In standard terms, the ``eman`` mode is ``torch.optim.swa_utils.AveragedModel(student,
+multi_avg_fn=get_ema_multi_avg_fn(m), use_buffers=True)`` kept in ``eval()`` mode (a test
+checks it bitwise). A teacher is never stochastic: dropout and drop-path are off in every mode.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-NORM_MODES = ("eman", "bn", "student_pn", "teacher_pn")
+
+@dataclass(frozen=True)
+class TeacherMode:
+    """What a teacher mode does with BatchNorm statistics.
+
+    In every mode the parameters and the floating-point buffers other than BN statistics are
+    averaged with the momentum ``m`` (Eq. 1), integer buffers (``num_batches_tracked``) are
+    copied, and every layer but BatchNorm is in eval mode (no dropout, no drop-path).
+
+    Attributes:
+        statistics: where the BN running statistics come from: ``"average"`` (EMA of the
+            student's, Eq. 9), ``"copy"`` (the student's, at every update), ``"batch"`` (BN's own
+            update from the batches the teacher normalises) or ``"previous"`` (normalise with
+            the statistics before this batch, then fold the batch in, Eq. 4).
+        batch_statistics: BN normalises with the batch when the teacher is in training mode.
+    """
+
+    statistics: str
+    batch_statistics: bool
+
+    @property
+    def collects(self) -> bool:
+        """The teacher gathers its statistics itself from its inputs (``bn_momentum`` applies)."""
+        return self.statistics in ("batch", "previous")
+
+    @property
+    def update_rule(self) -> str:
+        """What an update does with the statistics: an :func:`ema_update_` ``statistics`` rule."""
+        return "keep" if self.collects else self.statistics
+
+
+#: The teacher modes: EMAN (Eq. 8, 9) and the baselines of the paper's Tables 1 and 8.
+TEACHER_MODES: dict[str, TeacherMode] = {
+    "eman": TeacherMode(statistics="average", batch_statistics=False),
+    "bn": TeacherMode(statistics="batch", batch_statistics=True),
+    "student_pn": TeacherMode(statistics="copy", batch_statistics=False),
+    "teacher_pn": TeacherMode(statistics="previous", batch_statistics=False),
+}
+NORM_MODES = tuple(TEACHER_MODES)
+#: What :func:`ema_update_` may do with BN running statistics.
+STATISTICS_RULES = ("average", "copy", "keep")
+_GROUPS = ("params", "statistics", "other_float", "integer")
+
+
+class NoBatchNormWarning(UserWarning):
+    """An EMAN / PN teacher of a model without BatchNorm: it is a plain EMA teacher."""
 
 
 def cosine_momentum(base: float, step: int, total_steps: int) -> float:
@@ -59,22 +110,112 @@ def _is_norm_statistic(name: str, batch_norm_names: set[str]) -> bool:
     return owner in batch_norm_names and leaf in ("running_mean", "running_var")
 
 
+def tensor_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Names of ``model``'s tensors by the rule they follow: ``params``, ``statistics`` (BN
+    running mean / var), ``other_float`` (other floating buffers) and ``integer`` buffers."""
+    batch_norm_names = {n for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    groups: dict[str, list[str]] = {g: [] for g in _GROUPS}
+    groups["params"] = [n for n, _ in model.named_parameters()]
+    for name, buffer in model.named_buffers():
+        if not buffer.is_floating_point():
+            groups["integer"].append(name)
+        elif _is_norm_statistic(name, batch_norm_names):
+            groups["statistics"].append(name)
+        else:
+            groups["other_float"].append(name)
+    return groups
+
+
+def _fused_update_(
+    t: dict[str, list[Tensor]], s: dict[str, list[Tensor]], momentum: float, buffer_momentum: float,
+    statistics: str,
+) -> None:
+    """The whole EMA step, one fused op per group: ``t = m * t + (1 - m) * s`` (Eq. 1 and 9)."""
+    if t["params"]:
+        torch._foreach_lerp_(t["params"], s["params"], 1.0 - momentum)
+    if t["other_float"]:
+        torch._foreach_lerp_(t["other_float"], s["other_float"], 1.0 - momentum)
+    if t["statistics"] and statistics == "average":
+        torch._foreach_lerp_(t["statistics"], s["statistics"], 1.0 - buffer_momentum)
+    elif t["statistics"] and statistics == "copy":
+        torch._foreach_copy_(t["statistics"], s["statistics"])
+    if t["integer"]:
+        torch._foreach_copy_(t["integer"], s["integer"])
+
+
+def _lists(model: nn.Module, groups: dict[str, list[str]]) -> dict[str, list[Tensor]]:
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    known = {name for names in groups.values() for name in names}
+    missing, extra = sorted(known - tensors.keys()), sorted(tensors.keys() - known)
+    if missing or extra:
+        raise ValueError(
+            f"student and teacher differ: missing in student {missing[:10]}, "
+            f"extra in student {extra[:10]}"
+        )
+    return {group: [tensors[n] for n in names] for group, names in groups.items()}
+
+
+def _check_shapes(
+    groups: dict[str, list[str]], s: dict[str, list[Tensor]], t: dict[str, list[Tensor]]
+) -> None:
+    for group, names in groups.items():
+        for name, s_tensor, t_tensor in zip(names, s[group], t[group], strict=True):
+            if s_tensor.shape != t_tensor.shape:
+                raise ValueError(
+                    f"student and teacher differ at {name!r}: "
+                    f"shape {tuple(s_tensor.shape)} vs {tuple(t_tensor.shape)}"
+                )
+
+
+@torch.no_grad()
+def ema_update_(
+    teacher: nn.Module,
+    student: nn.Module,
+    momentum: float,
+    *,
+    buffer_momentum: float | None = None,
+    statistics: str = "average",
+) -> None:
+    """Move ``teacher`` towards ``student`` in place: ``t = m * t + (1 - m) * s``, fused.
+
+    The update of EMAN for any pair of same-architecture modules (the shape of lightly's
+    ``update_momentum``). Parameters and floating buffers follow Eq. 1 with ``momentum``; BN
+    running statistics follow ``statistics``: ``"average"`` (Eq. 9 with ``buffer_momentum``,
+    ``None``: ``momentum``), ``"copy"`` (the student's) or ``"keep"`` (untouched); integer
+    buffers are copied. :class:`EMATeacher` wraps this update and caches the tensor lists.
+    """
+    if statistics not in STATISTICS_RULES:
+        raise ValueError(f"unknown statistics rule {statistics!r}; allowed: {', '.join(STATISTICS_RULES)}")
+    m = _check_momentum("momentum", momentum)
+    bm = m if buffer_momentum is None else _check_momentum("buffer_momentum", buffer_momentum)
+    teacher, student = _unwrap(teacher), _unwrap(student)
+    groups = tensor_groups(teacher)
+    t, s = _lists(teacher, groups), _lists(student, groups)
+    _check_shapes(groups, s, t)
+    _fused_update_(t, s, m, bm, statistics)
+
+
 class EMATeacher(nn.Module):
     """A frozen exponential-moving-average copy of ``student``.
 
     Args:
         student: any ``nn.Module``; it is deep-copied, the student itself is not touched.
-        norm: how the teacher's BatchNorm layers normalise and where their statistics come from:
-            ``"eman"``: running statistics, EMA'd from the student's with ``buffer_momentum``
-            (Eq. 8, 9). ``"bn"``: batch statistics in training mode, only parameters averaged
-            (the BN baseline). ``"student_pn"``: running statistics copied from the student at
-            every update. ``"teacher_pn"``: the teacher's own running statistics up to the
-            previous forward, then updated from the current batch with ``bn_momentum``.
+        norm: how the teacher's BatchNorm layers normalise and where their statistics come from
+            (:data:`TEACHER_MODES`): ``"eman"``: running statistics, EMA'd from the student's with
+            ``buffer_momentum`` (Eq. 8, 9). ``"bn"``: batch statistics in training mode, only
+            parameters averaged (the BN baseline). ``"student_pn"``: running statistics copied
+            from the student at every update. ``"teacher_pn"``: the teacher's own running
+            statistics up to the previous forward, then updated from the current batch with
+            ``bn_momentum``. In every mode every other layer is in eval mode: dropout and
+            drop-path are off whatever ``.train()`` the teacher or its parent receives.
         momentum: the parameter momentum ``m`` of Eq. 1.
         buffer_momentum: the statistics momentum of Eq. 9 (``"eman"`` only); ``None`` uses the
             parameter momentum of each update (the paper's EMAN).
         bn_momentum: PyTorch's BN momentum for statistics the teacher collects itself
             (``"bn"``, ``"teacher_pn"``); 0.1 is the paper's alpha = 0.9.
+
+    A model without BatchNorm gets a :class:`NoBatchNormWarning` in the modes ``eman``,
+    ``student_pn`` and ``teacher_pn``: they only change BatchNorm, so the teacher is a plain EMA.
     """
 
     def __init__(
@@ -87,9 +228,10 @@ class EMATeacher(nn.Module):
         bn_momentum: float = 0.1,
     ) -> None:
         super().__init__()
-        if norm not in NORM_MODES:
+        if norm not in TEACHER_MODES:
             raise ValueError(f"unknown teacher norm {norm!r}; allowed: {', '.join(NORM_MODES)}")
         self.norm = norm
+        self.rules = TEACHER_MODES[norm]
         self.momentum = _check_momentum("momentum", momentum)
         self.buffer_momentum = (
             None if buffer_momentum is None else _check_momentum("buffer_momentum", buffer_momentum)
@@ -99,8 +241,17 @@ class EMATeacher(nn.Module):
         self.module = copy.deepcopy(_unwrap(student))
         self.module.requires_grad_(False)
         self._batch_norms = [m for m in self.module.modules() if isinstance(m, _BatchNorm)]
-        batch_norm_names = {n for n, m in self.module.named_modules() if isinstance(m, _BatchNorm)}
-        if norm != "bn":
+        # every other layer is always in eval mode: a teacher is never stochastic
+        self._other_layers = [m for m in self.module.modules() if not isinstance(m, _BatchNorm)]
+        if not self._batch_norms and not self.rules.batch_statistics:
+            warnings.warn(
+                f"EMATeacher(norm={norm!r}): the model has no BatchNorm layer, so this teacher is a "
+                "plain EMA teacher (EMAN and PN change only BatchNorm; LayerNorm / GroupNorm are "
+                "batch-independent already)",
+                NoBatchNormWarning,
+                stacklevel=2,
+            )
+        if self.rules.statistics != "batch":
             missing = [
                 n
                 for n, m in self.module.named_modules()
@@ -111,30 +262,18 @@ class EMATeacher(nn.Module):
                     f"norm={norm!r} needs running statistics, but these BatchNorm layers were built "
                     f"with track_running_stats=False: {', '.join(missing)}"
                 )
-        if norm in ("bn", "teacher_pn"):
+        if self.rules.collects:
             for layer in self._batch_norms:
                 layer.momentum = self.bn_momentum
         # Teacher PN folds a batch into the statistics only in training forwards through this
         # wrapper, never in evaluation passes over teacher.module.
         self._collecting = False
-        if norm == "teacher_pn":
+        if self.rules.statistics == "previous":
             for layer in self._batch_norms:
                 layer.register_forward_hook(self._update_statistics_after_forward)
 
         # Names decide which rule each tensor follows; the lists are built once.
-        self._groups: dict[str, list[str]] = {
-            "params": [n for n, _ in self.module.named_parameters()],
-            "statistics": [],
-            "other_float": [],
-            "integer": [],
-        }
-        for name, buffer in self.module.named_buffers():
-            if not buffer.is_floating_point():
-                self._groups["integer"].append(name)
-            elif _is_norm_statistic(name, batch_norm_names):
-                self._groups["statistics"].append(name)
-            else:
-                self._groups["other_float"].append(name)
+        self._groups = tensor_groups(self.module)
         self._cached_student: Any = None
         self._student_tensors: dict[str, list[Tensor]] = {}
         self._teacher_tensors = self._tensor_lists(self.module)
@@ -142,19 +281,25 @@ class EMATeacher(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def train(self, mode: bool = True) -> EMATeacher:
-        """Like ``nn.Module.train``, but EMAN-style BN layers stay on running statistics."""
+        """Like ``nn.Module.train``, but only BN layers of mode ``bn`` follow it: every other
+        layer stays in eval mode (and EMAN-style BN layers on running statistics)."""
         super().train(mode)
-        if self.norm != "bn":
+        self.module.eval()
+        if self.rules.batch_statistics:
             for layer in self._batch_norms:
-                layer.train(False)
+                layer.train(mode)
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.norm != "bn":
-            # Guard against someone calling teacher.module.train() directly.
+        # Guard against someone calling teacher.module.train() directly (written only when
+        # needed: torch.compile then sees a read, not a mutation, on every normal call).
+        for layer in self._other_layers:
+            if layer.training:
+                layer.training = False
+        if not self.rules.batch_statistics:
             for layer in self._batch_norms:
                 layer.training = False
-        self._collecting = self.norm == "teacher_pn" and self.training
+        self._collecting = self.rules.statistics == "previous" and self.training
         try:
             with torch.no_grad():
                 return self.module(*args, **kwargs)
@@ -185,28 +330,14 @@ class EMATeacher(nn.Module):
 
     # -- update ------------------------------------------------------------------------------
     def _tensor_lists(self, model: nn.Module) -> dict[str, list[Tensor]]:
-        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        known = {name for names in self._groups.values() for name in names}
-        missing, extra = sorted(known - tensors.keys()), sorted(tensors.keys() - known)
-        if missing or extra:
-            raise ValueError(
-                f"student and teacher differ: missing in student {missing[:10]}, "
-                f"extra in student {extra[:10]}"
-            )
-        return {group: [tensors[n] for n in names] for group, names in self._groups.items()}
+        return _lists(model, self._groups)
 
     def _student_lists(self, student: nn.Module) -> dict[str, list[Tensor]]:
         student = _unwrap(student)
         cached = self._cached_student() if self._cached_student is not None else None
         if cached is not student:
             lists = self._tensor_lists(student)
-            for group, names in self._groups.items():
-                for name, s, t in zip(names, lists[group], self._teacher_tensors[group], strict=True):
-                    if s.shape != t.shape:
-                        raise ValueError(
-                            f"student and teacher differ at {name!r}: "
-                            f"shape {tuple(s.shape)} vs {tuple(t.shape)}"
-                        )
+            _check_shapes(self._groups, lists, self._teacher_tensors)
             self._student_tensors = lists
             self._cached_student = weakref.ref(student)
         return self._student_tensors
@@ -215,25 +346,13 @@ class EMATeacher(nn.Module):
     def update(self, student: nn.Module, momentum: float | None = None) -> None:
         """One EMA step towards ``student``: ``t = m * t + (1 - m) * s`` (Eq. 1 and 9)."""
         m = self.momentum if momentum is None else _check_momentum("momentum", momentum)
-        s = self._student_lists(student)
-        t = self._teacher_tensors
-        if t["params"]:
-            torch._foreach_lerp_(t["params"], s["params"], 1.0 - m)
-        if t["other_float"]:
-            torch._foreach_lerp_(t["other_float"], s["other_float"], 1.0 - m)
-        if t["statistics"]:
-            if self.norm == "eman":
-                bm = m if self.buffer_momentum is None else self.buffer_momentum
-                torch._foreach_lerp_(t["statistics"], s["statistics"], 1.0 - bm)
-            elif self.norm == "student_pn":
-                torch._foreach_copy_(t["statistics"], s["statistics"])
-        if t["integer"]:
-            torch._foreach_copy_(t["integer"], s["integer"])
+        bm = m if self.buffer_momentum is None else self.buffer_momentum
+        _fused_update_(self._teacher_tensors, self._student_lists(student), m, bm, self.rules.update_rule)
 
     def extra_repr(self) -> str:
         extra = f"norm={self.norm!r}, momentum={self.momentum}"
-        if self.norm == "eman" and self.buffer_momentum is not None:
+        if self.rules.statistics == "average" and self.buffer_momentum is not None:
             extra += f", buffer_momentum={self.buffer_momentum}"
-        if self.norm in ("bn", "teacher_pn"):
+        if self.rules.collects:
             extra += f", bn_momentum={self.bn_momentum}"
         return extra

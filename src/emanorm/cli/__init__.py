@@ -12,6 +12,7 @@ import sys
 
 from emanorm.cli.common import Parser
 from emanorm.cli.compare import add_compare_parser
+from emanorm.cli.doctor import add_doctor_parser
 from emanorm.cli.evaluate import add_eval_parsers, add_export_parser
 from emanorm.cli.train import add_presets_parser, add_train_parser
 from emanorm.errors import UserError
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parsers(subparsers)
     add_export_parser(subparsers)
     add_compare_parser(subparsers)
+    add_doctor_parser(subparsers)
     add_presets_parser(subparsers)
     return parser
 

@@ -248,15 +248,18 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
-def _print_plan(specs, merged) -> None:
+def _print_plan(specs, merged, same=None) -> None:
     width = max(len(s.name) for s in specs)
+    same = same or {}
     for spec in specs:
         cfg = spec.config
         budget = f"{cfg['max_steps']} steps" if cfg["max_steps"] else f"{cfg['epochs']} epochs"
         extra = f", init from {cfg['init_from']}" if cfg.get("init_from") else ""
         if merged.covers(spec):
             extra += f", reported from {merged.entries[spec.name][0]}"
-        state = "merged" if merged.covers(spec) else spec.state()
+        if spec.name in same:
+            extra += f", same model as {same[spec.name][0]} ({same[spec.name][1]})"
+        state = "merged" if merged.covers(spec) else "same" if spec.name in same else spec.state()
         print(f"  {spec.name:<{width}}  {state:<8}  {cfg['method']}/{cfg['norm']}, {budget}{extra}")
 
 
@@ -273,8 +276,8 @@ def _paired_row(choice: str, rows: list[str]) -> str | None:
 
 def run_compare(args: argparse.Namespace) -> int:
     """The ``compare`` handler: plan, train what is missing, evaluate, write the three outputs."""
-    from emanorm.experiments.evaluate import DatasetCache, MergedResults, evaluate_run
-    from emanorm.experiments.grid import check_existing, check_init_sources, run_grid
+    from emanorm.experiments.evaluate import DatasetCache, MergedResults, evaluate_run, run_identity
+    from emanorm.experiments.grid import check_existing, check_init_sources, identical_runs, run_grid
     from emanorm.experiments.plots import curves_from_entries, plot_curves
     from emanorm.experiments.report import (
         aggregate,
@@ -291,7 +294,12 @@ def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     merged = MergedResults(args.merge_results, which=args.which, linear=linear)
     from_files = {s.name: merged.entry(s) for s in specs if merged.covers(s)}  # checked before training
-    to_train = [s for s in specs if s.name not in from_files]
+    # rows that would train the same model (e.g. eman and bn without BatchNorm) train once
+    same = {k: v for k, v in identical_runs(specs).items() if k not in from_files}
+    for name, (earlier, why) in same.items():
+        print(f"compare: {name} would train the same model as {earlier} ({why}): reported from it",
+              file=sys.stderr)
+    to_train = [s for s in specs if s.name not in from_files and s.name not in same]
     check_existing(to_train)
     states = [s.state() for s in to_train]
     print(
@@ -301,7 +309,7 @@ def run_compare(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if args.dry_run:
-        _print_plan(specs, merged)
+        _print_plan(specs, merged, same)
         return 0
     outcomes = {}
     if not args.report_only and to_train:
@@ -313,15 +321,23 @@ def run_compare(args: argparse.Namespace) -> int:
 
     datasets = DatasetCache()
     entries = []
+    by_name: dict[str, dict] = {}
     for spec in specs:
         if spec.name in from_files:
             entries.append(from_files[spec.name])
+            by_name[spec.name] = entries[-1]
+            continue
+        if spec.name in same:
+            earlier = same[spec.name][0]
+            entries.append({**by_name[earlier], "name": spec.name, **run_identity(spec), "same_as": earlier})
+            by_name[spec.name] = entries[-1]
             continue
         entry = evaluate_run(spec, which=args.which, linear=linear, datasets=datasets)
         outcome = outcomes.get(spec.name)
         if outcome is not None and outcome.status == "failed":
             entry.update(status="failed", error=outcome.error, log=str(out / "logs" / f"{spec.name}.log"))
         entries.append(entry)
+        by_name[spec.name] = entry
 
     first = specs[0].config
     context = [
@@ -335,6 +351,10 @@ def run_compare(args: argparse.Namespace) -> int:
             context.append(
                 f"Reported from `{path}` (trained elsewhere, not here): {', '.join(f'`{n}`' for n in names)}."
             )
+    if same:
+        pairs = ", ".join(f"`{name}` = `{earlier}`" for name, (earlier, _) in same.items())
+        reasons = "; ".join(sorted({why for _, why in same.values()}))
+        context.append(f"Trained once and reported in both rows, being the same model ({reasons}): {pairs}.")
     linear_dict = linear.as_dict() if linear else None
     out.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(

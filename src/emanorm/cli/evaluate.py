@@ -704,14 +704,13 @@ def run_export(args: argparse.Namespace) -> int:
     if expected.keys() != written.keys() or any(not torch.equal(expected[k], written[k]) for k in expected):
         raise RuntimeError(f"export check failed: {out} does not match the backbone")
     print(f"wrote {out} ({len(written)} tensors, {args.format})")
-    arch = str(config.get("backbone", ""))
-    import torchvision
+    if args.format == "torchvision":
+        from emanorm.evaluation.export_recipe import torchvision_recipe  # deferred: builds torchvision models
 
-    if args.format == "torchvision" and callable(getattr(torchvision.models, arch, None)):
-        print(
-            f"load: m = torchvision.models.{arch}(); m.fc = torch.nn.Identity(); "
-            f"m.load_state_dict(torch.load('{out}', weights_only=True))"
-        )
+        image_size = int((config.get("dataset_info") or {}).get("image_size", 224))
+        recipe = torchvision_recipe(backbone, str(config.get("backbone", "")), out, image_size=image_size)
+        if recipe:
+            print(f"load: {recipe}")
     return 0
 
 

@@ -26,7 +26,8 @@ def add_train_parser(subparsers: Any) -> None:
     what.add_argument("--dataset", help="fashion_mnist, cifar10, cifar100, stl10, imagenet, folder")
     what.add_argument("--data-dir", help="where the dataset lives (standard layouts; see docs/data.md)")
     what.add_argument(
-        "--backbone", help="small, resnet18, resnet50, resnet50x2, resnet18_cifar, wrn28_2, timm:NAME"
+        "--backbone",
+        help="small, resnet18, resnet50, resnet50x2, resnet18_cifar, wrn28_2, timm:NAME, torchvision:NAME",
     )
     what.add_argument("--config", help="a preset name (see `emanorm presets`) or a YAML file")
     labels = p.add_argument_group("labels (semi-supervised methods)").add_mutually_exclusive_group()

@@ -22,6 +22,16 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
+def exported_tensors(backbone: nn.Module) -> list[tuple[str, Tensor]]:
+    """``(key, tensor)`` of what an export holds: the classifier ``fc`` left out, wrapper prefixes off."""
+    skip = "fc." if isinstance(getattr(backbone, "fc", None), nn.Linear) else None
+    return [
+        (_strip_wrappers(key), value)
+        for key, value in backbone.state_dict().items()
+        if skip is None or not key.startswith(skip)
+    ]
+
+
 def backbone_state_dict(backbone: nn.Module) -> dict[str, Tensor]:
     """The backbone's weights and buffers as contiguous CPU tensors, classifier excluded.
 
@@ -29,14 +39,8 @@ def backbone_state_dict(backbone: nn.Module) -> dict[str, Tensor]:
     ``fc`` is ``nn.Identity`` (the emanorm convention) has no such keys. DDP/compile prefixes are
     stripped so the keys match the bare torchvision model.
     """
-    skip = "fc." if isinstance(getattr(backbone, "fc", None), nn.Linear) else None
-    state = {}
-    for key, value in backbone.state_dict().items():
-        if skip is not None and key.startswith(skip):
-            continue
-        # clone: safetensors refuses tensors sharing storage, and the file must not alias live weights
-        state[_strip_wrappers(key)] = value.detach().to("cpu").contiguous().clone()
-    return state
+    # clone: safetensors refuses tensors sharing storage, and the file must not alias live weights
+    return {key: value.detach().to("cpu").contiguous().clone() for key, value in exported_tensors(backbone)}
 
 
 def export_backbone(

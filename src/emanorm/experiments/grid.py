@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import json
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -25,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from emanorm.data import dataset_info
 from emanorm.errors import UserError
 from emanorm.evaluation.monitor import knn_monitor
 from emanorm.methods import METHODS as METHOD_CLASSES
@@ -41,10 +45,15 @@ from emanorm.train.config import (
     resolve_config,
 )
 from emanorm.train.lock import RunBusyError, run_lock
+from emanorm.train.recipe import make_method
 
 log = logging.getLogger("emanorm")
 
 PN_NORMS = ("teacher_pn", "student_pn")
+# --norm values that differ only in what BatchNorm layers do (shuffle_bn also draws permutations,
+# and FixMatch's "default" has no teacher), and the config keys that only BatchNorm reads
+BN_ONLY_NORMS = ("bn", "sync_bn", "gn", "in", "eman", "teacher_pn", "student_pn")
+BN_ONLY_KEYS = ("norm", "bn_momentum", "eman_momentum")
 # keys the grid itself sets: a --set or --variant may not override them
 GRID_KEYS = ("method", "seed", "out")
 
@@ -421,6 +430,62 @@ def plan_grid(
     if not specs:
         raise UserError("the grid is empty: no variant applies to the chosen --methods")
     return specs
+
+
+def method_has_batch_norm(cfg: dict[str, Any]) -> bool:
+    """Whether the networks a run's config builds (plain BN plan, on CPU) hold any BatchNorm layer."""
+    info = dataset_info(cfg["dataset"], image_size=cfg.get("image_size"))
+    with warnings.catch_warnings():  # the trainer shows its warnings when the run trains
+        warnings.simplefilter("ignore")
+        method = make_method({**cfg, "norm": "bn"}, info, distributed=False)
+    return any(isinstance(m, _BatchNorm) for m in method.modules())
+
+
+def _config_key(cfg: dict[str, Any]) -> str:
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def identical_runs(
+    specs: Sequence[RunSpec], *, has_batch_norm: Callable[[dict[str, Any]], bool] = method_has_batch_norm
+) -> dict[str, tuple[str, str]]:
+    """Runs that would train the same model as an earlier run: ``{name: (earlier name, why)}``.
+
+    Two runs are the same when their configs agree on everything training reads, or when they
+    differ only in BatchNorm settings (a norm of :data:`BN_ONLY_NORMS`, ``bn_momentum``,
+    ``eman_momentum``) and their networks hold no BatchNorm (ViT, ConvNeXt, Swin: LayerNorm):
+    then EMAN, BN, PN, GN and IN all train the same plain-EMA model.
+    ``has_batch_norm(cfg)`` is asked once per group of such runs.
+    """
+    from emanorm.methods import METHODS as METHOD_CLASSES
+    from emanorm.train.config import comparable
+
+    same: dict[str, tuple[str, str]] = {}
+    first: dict[str, str] = {}
+    groups: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        cfg = comparable(spec.config)
+        key = _config_key(cfg)
+        if key in first:
+            same[spec.name] = (first[key], "the same config")
+            continue
+        first[key] = spec.name
+        norm = cfg["norm"]
+        if norm == "default":
+            norm = METHOD_CLASSES[cfg["method"]].DEFAULT_NORM
+        if norm in BN_ONLY_NORMS:
+            rest = _config_key({k: v for k, v in cfg.items() if k not in BN_ONLY_KEYS})
+            groups.setdefault(rest, []).append(spec)
+    for members in groups.values():
+        if len(members) > 1 and not has_batch_norm(members[0].config):
+            cfg = members[0].config
+            why = f"{cfg['method']} on {cfg['backbone']} has no BatchNorm"
+            for spec in members[1:]:
+                same[spec.name] = (members[0].name, why)
+    for name, (earlier, reason) in list(same.items()):  # point every duplicate at the run that trains
+        while earlier in same:
+            earlier = same[earlier][0]
+        same[name] = (earlier, reason)
+    return same
 
 
 def check_existing(specs: Iterable[RunSpec]) -> None:

@@ -3,14 +3,25 @@
 torchvision ResNets are torchvision's own classes with ``fc = nn.Identity()``, so their
 ``state_dict()`` loads with ``strict=True`` into ``torchvision.models.resnetXX()`` whose ``fc``
 was replaced by ``nn.Identity()`` (for ``in_channels=3`` and the ImageNet stem).
+
+``torchvision:NAME`` is any torchvision classification model (``torchvision.models.list_models
+(module=torchvision.models)``) with its last ``nn.Linear`` (the classifier) replaced by
+``nn.Identity()``: the features are that layer's input (``classifier_path`` names it), and a
+first conv for other than 3 input channels is rebuilt with the RGB kernels summed (1 channel:
+exactly the net applied to the grey channel repeated three times). ``timm:NAME`` and
+``torchvision:NAME`` models are run once on a zero image of the run's size when built, so an
+input too small for the network fails at once, in one line naming the smallest size that runs.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import torch
+import torchvision
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import resnet as tv_resnet
 
 from emanorm.norms import NORM_KINDS, convert_norm
@@ -26,7 +37,16 @@ BACKBONES = (
     "resnet50_cifar",
     "wrn28_2",
     "timm:<name>",
+    "torchvision:<name>",
 )
+# Builders whose model is sized for one input resolution, and the keyword that sets it.
+_SIZED_BUILDERS = {"vit_": "image_size", "maxvit_": "input_size"}
+# Auxiliary classifiers change the output in training mode: a backbone gives features only.
+_NO_AUX = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+_LARGEST_PROBE = 1024
 
 _TORCHVISION = {
     "resnet18": tv_resnet.resnet18,
@@ -182,22 +202,140 @@ def _torchvision_resnet(name: str, in_channels: int, cifar_stem: bool) -> nn.Mod
     return model
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class MissingTimmError(ImportError, ValueError):
+    """timm is not installed: an ImportError, and a ValueError so that the trainer, which turns
+    a backbone's ValueError into a one-line user error, reports it without a traceback."""
+
+
 def _timm_model(name: str, in_channels: int, image_size: int) -> nn.Module:
     try:
         import timm
     except ImportError as err:
-        raise ImportError(
+        raise MissingTimmError(
             f"backbone 'timm:{name}' needs timm: pip install emanorm[timm]  (or pip install timm)"
         ) from err
     if not name:
         raise ValueError("backbone 'timm:' needs a model name, e.g. 'timm:resnet26d'")
     kwargs = {"pretrained": False, "num_classes": 0, "in_chans": in_channels}
-    try:  # transformers need the input size; most CNNs reject the argument
-        model = timm.create_model(name, img_size=image_size, **kwargs)
-    except TypeError:
-        model = timm.create_model(name, **kwargs)
+    try:
+        try:  # transformers need the input size; most CNNs reject the argument
+            model = timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:
+            model = timm.create_model(name, **kwargs)
+    except Exception as err:  # an unknown name or an impossible configuration: one line
+        raise ValueError(f"backbone 'timm:{name}' cannot be built: {_first_line(err)}") from None
     model.feature_dim = int(model.num_features)
     return model
+
+
+def torchvision_kwargs(name: str, image_size: int) -> dict:
+    """The keywords ``torchvision.models.get_model(name, ...)`` gets for a backbone (weights aside)."""
+    kwargs: dict = dict(_NO_AUX.get(name, {}))
+    for prefix, key in _SIZED_BUILDERS.items():
+        if name.startswith(prefix):
+            kwargs[key] = image_size if key == "image_size" else (image_size, image_size)
+    return kwargs
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Rebuild the first 3-channel conv for ``in_channels``, its kernels from the RGB ones.
+
+    1 channel: the RGB kernels summed, i.e. the network as if the grey channel were repeated
+    three times; other counts: channel ``c`` takes RGB kernel ``c % 3``, scaled by ``3 / in_channels``.
+    """
+    convs = [
+        (path, m) for path, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.in_channels == 3 and m.groups == 1
+    ]
+    if not convs:
+        raise ValueError(f"found no 3-channel input conv to adapt to {in_channels} channels")
+    path, conv = convs[0]
+    new = nn.Conv2d(
+        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        bias=conv.bias is not None, padding_mode=conv.padding_mode,
+    )
+    with torch.no_grad():
+        if in_channels == 1:
+            new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        else:
+            new.weight.copy_(conv.weight[:, [c % 3 for c in range(in_channels)]] * (3.0 / in_channels))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    model.set_submodule(path, new)
+
+
+def _torchvision_model(name: str, in_channels: int, image_size: int) -> nn.Module:
+    if not name:
+        raise ValueError("backbone 'torchvision:' needs a model name, e.g. 'torchvision:convnext_tiny'")
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ValueError(
+            f"unknown torchvision classification model {name!r}; allowed: {', '.join(available)}"
+        )
+    try:
+        model = torchvision.models.get_model(name, weights=None, **torchvision_kwargs(name, image_size))
+    except Exception as err:  # e.g. a ViT whose patch size does not divide the input: one line
+        raise ValueError(
+            f"backbone 'torchvision:{name}' cannot be built for {image_size}x{image_size} input: "
+            f"{_first_line(err)}"
+        ) from None
+    linears = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"backbone 'torchvision:{name}' has no linear classifier to remove; not supported")
+    path, classifier = linears[-1]
+    model.set_submodule(path, nn.Identity())
+    model.classifier_path = path
+    model.feature_dim = classifier.in_features
+    if in_channels != 3:
+        _adapt_first_conv(model, in_channels)
+    return model
+
+
+def _runs_at(model: nn.Module, in_channels: int, size: int) -> tuple[Tensor | None, str]:
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, in_channels, size, size)), ""
+    except Exception as err:
+        return None, _first_line(err)
+
+
+def _probe(model: nn.Module, name: str, in_channels: int, image_size: int) -> None:
+    """Run ``model`` once on a zero image (eval mode, no gradient) and check its pooled features.
+
+    A failure names the smallest input size that runs (found by bisection), in one line.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out, error = _runs_at(model, in_channels, image_size)
+        if out is None:
+            low, high = image_size, image_size * 2
+            while high <= _LARGEST_PROBE and _runs_at(model, in_channels, high)[0] is None:
+                low, high = high, high * 2
+            if high > _LARGEST_PROBE:
+                raise ValueError(f"backbone {name!r} fails on {image_size}x{image_size} input: {error}")
+            while high - low > 1:
+                middle = (low + high) // 2
+                runs = _runs_at(model, in_channels, middle)[0] is not None
+                low, high = (low, middle) if runs else (middle, high)
+            if _runs_at(model, in_channels, high + 1)[0] is None:  # not a minimum: a fixed size or stride
+                raise ValueError(f"backbone {name!r} fails on {image_size}x{image_size} input: {error}")
+            raise ValueError(
+                f"backbone {name!r} needs inputs of at least {high}x{high} pixels, got "
+                f"{image_size}x{image_size} ({error})"
+            )
+        if out.dim() != 2 or out.shape[1] != model.feature_dim:
+            raise ValueError(
+                f"backbone {name!r} gives outputs of shape {tuple(out.shape)}, not pooled features "
+                f"(1, {model.feature_dim})"
+            )
+    finally:
+        model.train(was_training)
 
 
 def build_backbone(
@@ -206,10 +344,11 @@ def build_backbone(
     """Build a backbone whose ``forward(x)`` returns pooled features ``(B, backbone.feature_dim)``.
 
     Args:
-        name: one of ``BACKBONES`` (``timm:<name>`` for any timm model, needs ``emanorm[timm]``).
+        name: one of ``BACKBONES`` (``timm:<name>`` for any timm model, needs ``emanorm[timm]``;
+            ``torchvision:<name>`` for any torchvision classification model).
         in_channels: input channels; the stem conv is rebuilt when it differs from 3.
-        image_size: input resolution; only timm transformers need it (every other backbone
-            pools globally and takes any size).
+        image_size: input resolution; transformers are built for it, and ``timm:`` /
+            ``torchvision:`` models are checked on it (every other backbone takes any size).
         norm: ``bn``, ``sync_bn``, ``gn`` or ``in`` (see :func:`emanorm.norms.convert_norm`).
         num_groups: the group count for ``gn``.
     """
@@ -227,10 +366,22 @@ def build_backbone(
         model = _torchvision_resnet(name.removesuffix("_cifar"), in_channels, cifar_stem=True)
     elif name.startswith("timm:"):
         model = _timm_model(name.removeprefix("timm:"), in_channels, image_size)
+    elif name.startswith("torchvision:"):
+        model = _torchvision_model(name.removeprefix("torchvision:"), in_channels, image_size)
     else:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
     if norm != "bn":
+        if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+            kinds = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+            warnings.warn(
+                f"backbone {name!r} has no BatchNorm layer: norm {norm!r} leaves its normalization "
+                f"layers ({', '.join(kinds) or 'none'}) as they are",
+                UserWarning,
+                stacklevel=2,
+            )
         model = convert_norm(model, norm, num_groups=num_groups)
+    if name.startswith(("timm:", "torchvision:")):
+        _probe(model, name, in_channels, image_size)
     return model
 
 

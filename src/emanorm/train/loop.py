@@ -452,6 +452,8 @@ def _train(
         "run_dir": str(run_dir),
         "final": last_eval,
     }
+    if run.warnings:
+        summary["warnings"] = run.warnings
     if dist_info.is_main:
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     barrier()

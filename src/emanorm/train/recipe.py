@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     amp: AmpContext
     scaler: torch.amp.GradScaler | None
+    warnings: list[str]  # what building the method warned about (shown once, kept in summary.json)
 
     @property
     def device(self) -> torch.device:
@@ -330,7 +332,12 @@ def build_run(
     split_digest = _split_digest(labeled, dist_info)
 
     # method
-    method = make_method(cfg, info, dist_info.distributed, device.type).to(device)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. EMAN on a model without BatchNorm
+        warnings.simplefilter("always", UserWarning)
+        method = make_method(cfg, info, dist_info.distributed, device.type).to(device)
+    build_warnings = list(dict.fromkeys(str(w.message) for w in caught))  # each shown once
+    for message in build_warnings:
+        log.warning("warning: %s", message)
     if use_channels_last(cfg):
         method = method.to(memory_format=torch.channels_last)
     try:
@@ -412,4 +419,5 @@ def build_run(
         scheduler=scheduler,
         amp=amp,
         scaler=scaler,
+        warnings=build_warnings,
     )

@@ -1,0 +1,73 @@
+"""``emanorm doctor RUN_OR_CHECKPOINT``: check the EMA teacher of a run or of any checkpoint.
+
+The parser and its handler; the check itself is :func:`emanorm.teacher_check.inspect_teacher`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from emanorm.errors import UserError
+from emanorm.teacher_check import find_teacher_pair, inspect_teacher
+from emanorm.train.checkpoint import safe_load
+from emanorm.train.recipe import method_from_checkpoint
+
+DOCTOR_HELP = """\
+Check an EMA teacher against its student: BatchNorm statistics never averaged (the teacher's still
+0 / 1 while the student's moved), teacher BatchNorm in training mode, teacher parameters that
+require gradients, active dropout / drop-path in the teacher, and the parameter and statistics lag
+(||teacher - student|| / ||student||). Exit status 0: no problem found; 1: problems found.
+
+An emanorm run directory or checkpoint is rebuilt as its method (the layer checks then describe
+the teacher this version of emanorm builds; the tensors are the checkpoint's). Any other
+checkpoint is read as tensors only (never unpickling code): timm ModelEma (state_dict /
+state_dict_ema), Mean Teacher (state_dict / ema_state_dict), MoCo (encoder_q. / encoder_k.),
+solo-learn and lightly (backbone. / momentum_backbone. or backbone_momentum.), byol-pytorch
+(online_encoder. / target_encoder.); other layouts with --student-key/--teacher-key or
+--student-prefix/--teacher-prefix.
+"""
+
+
+def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``doctor`` to a subparsers object."""
+    p = subparsers.add_parser(
+        "doctor",
+        help="check the EMA teacher of a run or checkpoint",
+        description=DOCTOR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory or a checkpoint file")
+    p.add_argument("--student-key", help="checkpoint entry holding the student's state dict")
+    p.add_argument("--teacher-key", help="checkpoint entry holding the teacher's state dict")
+    p.add_argument("--student-prefix", help="key prefix of the student's tensors in one state dict")
+    p.add_argument("--teacher-prefix", help="key prefix of the teacher's tensors in one state dict")
+    p.set_defaults(func=run_doctor)
+    return p
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    """The ``doctor`` handler: print the teacher report; 1 when it found problems."""
+    data = safe_load(args.path)
+    layout = (args.student_key, args.teacher_key, args.student_prefix, args.teacher_prefix)
+    if not any(layout) and all(k in data for k in ("config", "method", "dataset_info")):
+        method = method_from_checkpoint(data, args.path)
+        if method.teacher is None:
+            cfg = data["config"]
+            raise UserError(
+                f"{args.path}: {cfg['method']} with norm {cfg['norm']} has no EMA teacher to check"
+            )
+        report = inspect_teacher(method.teacher_source(), method.teacher)
+        where = f"emanorm {data['config']['method']} run, teacher mode {method.teacher.norm!r}"
+    else:
+        try:
+            student, teacher, where = find_teacher_pair(
+                data, student_key=args.student_key, teacher_key=args.teacher_key,
+                student_prefix=args.student_prefix, teacher_prefix=args.teacher_prefix,
+            )
+        except ValueError as err:
+            raise UserError(f"{args.path}: {err}") from None
+        report = inspect_teacher(student, teacher)
+    print(f"{args.path}: {where}")
+    print(report.format())
+    return 0 if report.ok else 1
