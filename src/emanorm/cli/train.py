@@ -56,6 +56,10 @@ def add_train_parser(subparsers: Any) -> None:
         "--bn-momentum", type=float, help="PyTorch BN momentum for statistics a teacher collects itself"
     )
     opt.add_argument(
+        "--bn-splits", type=int, help="BatchNorm statistics per split of each process's batch, e.g. 8: "
+        "the paper's per-GPU BN on one process (default 1)",
+    )
+    opt.add_argument(
         "--method-arg",
         action="append",
         type=key_value,

@@ -33,6 +33,7 @@ def build_method(
     momentum: float,
     eman_momentum: float | None,
     bn_momentum: float,
+    bn_splits: int = 1,
     **options: Any,
 ) -> Method:
     """Build method ``name`` (a key of :data:`METHODS`) with the ``--norm`` plan ``norm``.
@@ -40,14 +41,17 @@ def build_method(
     ``backbone_factory(kind)`` returns a fresh backbone with norm layers ``kind`` (``bn``,
     ``sync_bn``, ``gn``, ``in``) and a ``feature_dim``. ``momentum`` is the teacher's parameter
     momentum (BYOL: the base of the cosine schedule), ``eman_momentum`` the EMAN statistics
-    momentum (``None``: same as the parameters'), ``bn_momentum`` PyTorch's BN momentum.
-    Unknown options or an invalid ``(name, norm)`` pair raise ``ValueError``.
+    momentum (``None``: same as the parameters'), ``bn_momentum`` PyTorch's BN momentum,
+    ``bn_splits`` the number of splits of each rank's batch that BatchNorm normalises separately
+    (the paper's per-GPU BN on one process; 1: the whole batch). Unknown options or an invalid
+    ``(name, norm)`` pair raise ``ValueError``.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
     return METHODS[name](
         backbone_factory=backbone_factory, num_classes=num_classes, norm=norm, momentum=momentum,
-        eman_momentum=eman_momentum, bn_momentum=bn_momentum, **options,
+        eman_momentum=eman_momentum, bn_momentum=bn_momentum, bn_splits=bn_splits,
+        **options,
     )
 
 

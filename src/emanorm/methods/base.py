@@ -70,22 +70,39 @@ class NormPlan:
 
 
 def plan_norm(
-    method: str, norm: str, *, allowed: Sequence[str], default: str, num_splits: int = 1
+    method: str,
+    norm: str,
+    *,
+    allowed: Sequence[str],
+    default: str,
+    num_splits: int = 1,
+    bn_splits: int = 1,
 ) -> NormPlan:
-    """Resolve ``norm`` for ``method`` (Table 1 / Table 8 of the paper); ``ValueError`` if not allowed."""
+    """Resolve ``norm`` for ``method`` (Table 1 / Table 8 of the paper); ``ValueError`` if not allowed.
+
+    ``num_splits`` is ShuffleBN's emulated GPU count on one process; ``bn_splits`` makes every
+    other BatchNorm plan compute batch statistics per split of each rank's batch, unshuffled: the
+    paper's per-GPU BN emulated on one process (with DDP: splits per rank).
+    """
     if norm not in allowed:
         raise ValueError(f"norm {norm!r} is not valid for method {method!r}; allowed: {', '.join(allowed)}")
     resolved = default if norm == "default" else norm
     kind = resolved if resolved in ("sync_bn", "gn", "in") else "bn"
-    if resolved == "default":  # FixMatch's own form: one network, no teacher
-        return NormPlan(norm, resolved, kind, None)
-    if resolved in TEACHER_NORMS:
-        return NormPlan(norm, resolved, kind, resolved)
     if resolved == "shuffle_bn":
+        if bn_splits > 1:
+            raise ValueError("bn_splits does not combine with shuffle_bn (it splits BN with num_splits)")
         # Under DDP every rank's plain BN is already "per GPU"; on one process split BN emulates it.
         splits = 1 if is_distributed() else int(num_splits)
         return NormPlan(norm, resolved, kind, "bn", shuffle=True, num_splits=splits)
-    return NormPlan(norm, resolved, kind, "bn")
+    if bn_splits > 1 and kind != "bn":
+        raise ValueError(
+            f"bn_splits={bn_splits} needs BatchNorm layers; norm {resolved!r} builds {kind} layers"
+        )
+    if resolved == "default":  # FixMatch's own form: one network, no teacher
+        return NormPlan(norm, resolved, kind, None, num_splits=bn_splits)
+    if resolved in TEACHER_NORMS:
+        return NormPlan(norm, resolved, kind, resolved, num_splits=bn_splits)
+    return NormPlan(norm, resolved, kind, "bn", num_splits=bn_splits)
 
 
 def _check_option(method: str, name: str, value: Any, default: Any) -> Any:
@@ -212,6 +229,7 @@ class Method(nn.Module):
         momentum: float,
         eman_momentum: float | None,
         bn_momentum: float,
+        bn_splits: int = 1,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -237,7 +255,7 @@ class Method(nn.Module):
         self.backbone_factory = backbone_factory
         self.plan = plan_norm(
             self.name, norm, allowed=self.NORMS, default=self.DEFAULT_NORM,
-            num_splits=self.options.get("num_splits", 1),
+            num_splits=self.options.get("num_splits", 1), bn_splits=int(bn_splits),
         )
         self.teacher: EMATeacher | None = None
         #: The momentum of the latest teacher update (``nan`` before the first one).
@@ -296,8 +314,11 @@ class Method(nn.Module):
             self.update_teacher(step, total_steps)
 
     def check_batch_size(self, batch_size: int) -> None:
-        """Raise ``ValueError`` when a global batch of ``batch_size`` images cannot train this method
-        (called before training starts, so a bad setting fails before any file is written)."""
+        """Raise ``ValueError`` when a batch of ``batch_size`` images (per rank) cannot train this
+        method (called before training starts, so a bad setting fails before any file is written)."""
+        splits = self.plan.num_splits
+        if splits > 1 and batch_size % splits:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {splits} BN splits")
 
     def momentum_at(self, step: int, total_steps: int | None = None) -> float:
         """The teacher momentum of ``step``: constant, optionally with Mean Teacher's warm-up."""

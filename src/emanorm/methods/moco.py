@@ -97,7 +97,9 @@ class MoCo(Method):
             self._pending_keys = None
 
     def check_batch_size(self, batch_size: int) -> None:
-        self._check_queue_size(batch_size * (2 if self.options["symmetric"] else 1))
+        super().check_batch_size(batch_size)
+        world = dist.get_world_size() if is_distributed() else 1
+        self._check_queue_size(batch_size * world * (2 if self.options["symmetric"] else 1))
 
     def _check_queue_size(self, batch: int) -> None:
         size = self.queue.shape[0]

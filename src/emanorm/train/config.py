@@ -64,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
     "ema_momentum": 0.999,
     "eman_momentum": None,
     "bn_momentum": 0.1,
+    # BatchNorm statistics per split of each rank's batch (1: whole batch; 8 on one process: the
+    # paper's per-GPU BN of its 8-GPU runs)
+    "bn_splits": 1,
     "method_args": {},
     # monitoring
     "log_every": 20,
@@ -246,6 +249,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
             raise UserError(f"{key} must be a finite number, got {value!r}")
     for key in ("epochs", "max_steps", "batch_size", "unlabeled_ratio", "labels_per_class"):
         _positive(cfg, key)
+    _positive(cfg, "bn_splits", allow_none=False)
     for key in ("log_every", "knn_k", "knn_bank_size"):
         _positive(cfg, key, allow_none=False)
     _positive(cfg, "monitor_test_size")
@@ -305,4 +309,5 @@ def dump_config(cfg: dict[str, Any]) -> str:
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a config that must match for ``--resume`` (not where or how it runs)."""
     ignored = {"out", "device", "num_workers", "log_every", "compile", "preset"}
-    return {k: v for k, v in cfg.items() if k not in ignored}
+    # a key added after the run was written counts as its default (old runs stay resumable)
+    return {k: v for k, v in {**DEFAULTS, **cfg}.items() if k not in ignored}

@@ -71,6 +71,7 @@ def make_method(cfg: Mapping[str, Any], info: Any, distributed: bool, device_typ
             momentum=cfg["ema_momentum"],
             eman_momentum=cfg["eman_momentum"],
             bn_momentum=cfg["bn_momentum"],
+            bn_splits=cfg.get("bn_splits", 1),  # configs written before bn_splits existed: 1
             **(cfg.get("method_args") or {}),
         )
     except ValueError as err:
@@ -341,7 +342,7 @@ def build_run(
     if use_channels_last(cfg):
         method = method.to(memory_format=torch.channels_last)
     try:
-        method.check_batch_size(cfg["batch_size"])
+        method.check_batch_size(cfg["batch_size"] // dist_info.world_size)
     except ValueError as err:
         raise UserError(str(err)) from None
     if cfg["init_from"] and not resuming:

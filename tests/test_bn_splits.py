@@ -1,0 +1,85 @@
+"""bn_splits: the paper's per-GPU BatchNorm emulated on one process (issue 18, the code part)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from emanorm.errors import UserError
+from emanorm.methods import build_method
+from emanorm.models import build_backbone
+from emanorm.norms import SplitBatchNorm2d
+from emanorm.train import build_run, resolve_config
+from emanorm.train.config import comparable
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def method(name: str, norm: str, bn_splits: int, **options):
+    return build_method(
+        name, backbone_factory=lambda kind: build_backbone("small", in_channels=1, image_size=28, norm=kind),
+        num_classes=10, norm=norm, momentum=0.99, eman_momentum=None, bn_momentum=0.1, bn_splits=bn_splits,
+        **options,
+    )
+
+
+@pytest.mark.parametrize(("name", "norm"), [("fixmatch", "bn"), ("fixmatch", "eman"), ("fixmatch", "default"),
+                                            ("moco", "bn"), ("moco", "eman"), ("byol", "teacher_pn"),
+                                            ("meanteacher", "student_pn")])  # fmt: skip
+def test_every_batchnorm_plan_splits_the_student_and_the_teacher(name, norm):
+    options = {"queue_size": 64, "dim": 16} if name == "moco" else {}
+    m = method(name, norm, 4, **options)
+    assert m.plan.num_splits == 4 and not m.plan.shuffle
+    splits = [layer.num_splits for layer in m.student.modules() if isinstance(layer, SplitBatchNorm2d)]
+    assert splits and set(splits) == {4}
+    if m.teacher is not None:
+        layers = [layer for layer in m.teacher.modules() if isinstance(layer, SplitBatchNorm2d)]
+        assert {layer.num_splits for layer in layers} == {4}
+    assert method(name, norm, 1, **options).plan.num_splits == 1  # default: whole batch, as before
+
+
+def test_student_statistics_are_per_split_not_per_batch():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(4, 1, 28, 28), 5 + 3 * torch.randn(4, 1, 28, 28)])  # two very different halves
+
+    def first_bn_output(bn_splits: int) -> torch.Tensor:
+        torch.manual_seed(1)  # the same weights for both
+        m = method("fixmatch", "bn", bn_splits)
+        first = next(layer for layer in m.student.modules() if isinstance(layer, torch.nn.BatchNorm2d))
+        seen = {}
+        first.register_forward_hook(lambda mod, inp, out: seen.setdefault("out", out.detach().clone()))
+        m.student.train()
+        m.student(x)
+        return seen["out"]
+
+    split, whole = first_bn_output(2), first_bn_output(1)
+    gap = lambda out: (out[:4].mean(dim=(0, 2, 3)) - out[4:].mean(dim=(0, 2, 3))).abs().mean()  # noqa: E731
+    assert gap(split) < 0.1 * gap(whole)  # each split normalised with its own statistics
+
+
+@pytest.mark.parametrize(("name", "norm", "message"), [
+    ("fixmatch", "gn", "needs BatchNorm layers"),
+    ("moco", "in", "needs BatchNorm layers"),
+    ("moco", "shuffle_bn", "does not combine with shuffle_bn"),
+])  # fmt: skip
+def test_bn_splits_where_it_cannot_apply_is_refused(name, norm, message):
+    with pytest.raises(ValueError, match=message):
+        method(name, norm, 8, **({"queue_size": 64, "dim": 16} if name == "moco" else {}))
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_a_batch_the_splits_do_not_divide_is_refused_before_training():
+    cfg = resolve_config(None, {"method": "fixmatch", "norm": "bn", "bn_splits": 8, "batch_size": 12,
+                                "labels_per_class": 4, "max_steps": 1, "device": "cpu"})  # fmt: skip
+    with pytest.raises(UserError, match="batch size 12 is not divisible by the 8 BN splits"):
+        build_run(cfg)
+
+
+def test_config_and_resume_compatibility():
+    with pytest.raises(UserError, match="bn_splits must be"):
+        resolve_config(None, {"max_steps": 1, "bn_splits": 0})
+    old = resolve_config(None, {"max_steps": 1})
+    del old["bn_splits"]  # a run directory written before the key existed
+    assert comparable(old) == comparable(resolve_config(None, {"max_steps": 1}))
