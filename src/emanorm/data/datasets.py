@@ -407,7 +407,7 @@ def _read_cifar_batch(name: str, path: Path, label_key: str) -> tuple[np.ndarray
         out_of_bytes = raw.dtype.kind in "iu" and raw.size and (raw.min() < 0 or raw.max() > 255)
         if raw.dtype != np.uint8 and (raw.dtype.kind not in "iu" or out_of_bytes):
             raise ValueError(f"'data' must hold bytes 0..255, got dtype {raw.dtype}")
-        if lab.dtype.kind not in "iu" or lab.ndim != 1:
+        if lab.ndim != 1 or (lab.size and lab.dtype.kind not in "iu"):
             raise ValueError(f"{label_key!r} must be a list of integers, got {lab.dtype} {lab.shape}")
         if raw.size % 3072:
             raise ValueError(f"'data' holds {raw.size} values, not a whole number of 3x32x32 images")
@@ -496,9 +496,11 @@ def _read_stl10(root: Path, split: str) -> TensorImageDataset:
             targets.append(torch.full((n,), -1, dtype=torch.long))
         else:
             y = np.fromfile(base / f"{p}_y.bin", dtype=np.uint8).astype(np.int64) - 1
-            if len(y) != n or (n and (y.min() < 0 or y.max() > 9)):
-                raise DataError(f"stl10: {base / (p + '_y.bin')} holds {len(y)} labels in 1..10 expected for "
-                                f"{n} images")
+            if len(y) != n:
+                raise DataError(f"stl10: {base / (p + '_y.bin')} holds {len(y)} labels but "
+                                f"{base / (p + '_X.bin')} {n} images (one of them truncated?)")
+            if y.min() < 0 or y.max() > 9:
+                raise DataError(f"stl10: {base / (p + '_y.bin')} holds labels outside 1..10")
             targets.append(torch.from_numpy(y))
         start += n
     return TensorImageDataset(images, torch.cat(targets), _INFO["stl10"], split)
