@@ -258,6 +258,14 @@ def test_given_data_dir_is_used_or_refused(name: str, kind: str, tmp_path: Path)
     assert str(ds_mod.FASHION_MNIST_SYSTEM_DIR) not in message.split("leave it out to use")[0]
 
 
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "stl10", "folder"])
+def test_empty_data_dir_string_is_refused(name: str, tmp_path: Path, monkeypatch) -> None:
+    _dataset("fashion_mnist", tmp_path)  # a dataset in the working directory is not taken for ""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="data_dir is an empty string"):
+        load_dataset(name, "train", "")
+
+
 def test_fashion_mnist_without_data_dir_uses_the_system_copy(tmp_path: Path) -> None:
     # the automatic lookup applies only when no data_dir is given
     assert len(load_dataset("fashion_mnist", "test")) == 30

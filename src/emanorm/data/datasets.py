@@ -600,6 +600,10 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *,
     split = _resolve_split(name, split)
     if image_size is not None:
         dataset_info(name, image_size=image_size)  # validates
+    if data_dir is not None and not str(data_dir).strip():
+        # Path("") is the working directory: an empty --data-dir (an unset shell variable) would
+        # silently read whatever is there
+        raise DataNotFoundError(f"{name}: data_dir is an empty string; give a directory or leave it out")
     root = Path(data_dir).expanduser() if data_dir is not None else None
     if name == "fashion_mnist":
         return _load_fashion_mnist(root, split, download)
