@@ -277,19 +277,19 @@ def _read_idx_stream(f: BinaryIO, path: Path) -> np.ndarray:
     expected = math.prod(dims)
     # Read in chunks up to one byte past what the header promises: memory follows the data actually
     # there (a header may claim terabytes), and the extra read makes gzip check its end marker and CRC.
-    chunks, got = [], 0
-    while got <= expected:
-        chunk = f.read(min(_READ_CHUNK, expected + 1 - got))
+    data = bytearray()
+    while len(data) <= expected:
+        chunk = f.read(min(_READ_CHUNK, expected + 1 - len(data)))
         if not chunk:
             break
-        chunks.append(chunk)
-        got += len(chunk)
+        data += chunk
+    got = len(data)
     if got > expected:
         f.read(_READ_CHUNK)  # a corrupt .gz often inflates to extra bytes: let gzip check its CRC first
     if got != expected:
         holds = str(got) if got < expected else "more"
         raise DataError(f"{path}: IDX header says {dims} ({expected} values) but holds {holds}")
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
