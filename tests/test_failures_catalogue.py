@@ -1,9 +1,10 @@
 """Every row of docs/failures.md, run as written: the catalogue cannot drift from the code.
 
 The table's format is described at the top of docs/failures.md; placeholders are the setups of
-tests/failure_setups.py. Each row runs ``python -m emanorm ...`` in a fresh directory and checks the
-exit status, that stderr holds no traceback, that the message fragments share one line of stderr,
-and the ``kept`` clauses.
+tests/failure_setups.py. Each row runs ``emanorm ...`` as its own process in a fresh directory (a
+child forked from a worker that imported emanorm once; ``EMANORM_CATALOGUE_SUBPROCESS=1`` starts
+``python -m emanorm`` per row) and checks the exit status, that stderr holds no traceback, that the
+message fragments share one line of stderr, and the ``kept`` clauses.
 """
 
 from __future__ import annotations
