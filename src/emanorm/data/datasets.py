@@ -318,7 +318,7 @@ def _fashion_mnist_dir(data_dir: Path | None, download: bool) -> Path:
         # A given data_dir is used or refused: falling back to another copy would train on data the
         # user did not choose (a typo in the path would go unnoticed).
         if not data_dir.is_dir():
-            what = "is not a directory" if data_dir.exists() else "does not exist"
+            what = "is not a directory" + ("" if data_dir.exists() else " (it does not exist)")
             raise DataNotFoundError(f"fashion_mnist: data_dir {data_dir} {what}; leave it out to use "
                                     f"{FASHION_MNIST_SYSTEM_DIR} (`apt-get install dataset-fashion-mnist`)")
         missing = [s for s in _FASHION_STEMS if _find_idx(data_dir, s) is None]
@@ -615,7 +615,7 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *,
                                    "voc2007": "DIR/[VOCdevkit/]VOC2007/ (the devkit layout)",
                                    }.get(name, _FOLDER_LAYOUT))
     if not root.is_dir():
-        what = "is not a directory" if root.exists() else "does not exist"
+        what = "is not a directory" + ("" if root.exists() else " (it does not exist)")
         raise DataNotFoundError(f"{name}: data_dir {root} {what}")
     if name in _CIFAR:
         return _load_cifar(name, root, split)
