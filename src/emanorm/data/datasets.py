@@ -11,13 +11,13 @@ import gzip
 import io
 import math
 import os
-import pickle
 import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
+from emanorm.data.safe_pickle import ADMITTED, RefusedGlobal, load_data_pickle
 from emanorm.errors import UserError
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder", "voc2007")
@@ -502,25 +503,49 @@ def _readable(path: str, channels: int, max_pixels: int | None = DEFAULT_MAX_IMA
 # Fashion-MNIST (IDX)
 
 
+_FASHION_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                  "t10k-labels-idx1-ubyte")
+_READ_CHUNK = 1 << 24
+
+
+def _read_idx_stream(f: BinaryIO, path: Path) -> np.ndarray:
+    header = f.read(4)
+    if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = header[3]
+    dims_bytes = f.read(4 * ndim)
+    if len(dims_bytes) < 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header ({4 + len(dims_bytes)} bytes for {ndim} dimensions)")
+    dims = struct.unpack(f">{ndim}I", dims_bytes)
+    expected = math.prod(dims)
+    # Read in chunks up to one byte past what the header promises: memory follows the data actually
+    # there (a header may claim terabytes), and the extra read makes gzip check its end marker and CRC.
+    data = bytearray()
+    while len(data) <= expected:
+        chunk = f.read(min(_READ_CHUNK, expected + 1 - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    got = len(data)
+    if got > expected:
+        f.read(_READ_CHUNK)  # a corrupt .gz often inflates to extra bytes: let gzip check its CRC first
+    if got != expected:
+        holds = str(got) if got < expected else "more"
+        raise DataError(f"{path}: IDX header says {dims} ({expected} values) but holds {holds}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) of unsigned bytes into an array of its shape."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            return _read_idx_stream(f, path)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{path} is truncated or corrupt ({err})") from None
     except OSError as err:
-        raise DataError(f"cannot read IDX file {path}: {err}") from err
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes for {ndim} dimensions)")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != math.prod(dims):
-        raise DataError(f"{path}: IDX header says {dims} ({math.prod(dims)} values) but holds {arr.size}")
-    return arr.reshape(dims)
+        raise DataError(f"cannot read IDX file {path}: {err.strerror or err}") from None
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
@@ -532,24 +557,36 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
 
 
 def _fashion_mnist_dir(data_dir: Path | None, download: bool) -> Path:
-    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte")
-    tried = ([data_dir] if data_dir is not None else []) + [FASHION_MNIST_SYSTEM_DIR]
+    if data_dir is not None:
+        # A given data_dir is used or refused: falling back to another copy would train on data the
+        # user did not choose (a typo in the path would go unnoticed).
+        if not data_dir.is_dir():
+            what = "is not a directory" + ("" if data_dir.exists() else " (it does not exist)")
+            raise DataNotFoundError(f"fashion_mnist: data_dir {data_dir} {what}; leave it out to use "
+                                    f"{FASHION_MNIST_SYSTEM_DIR} (`apt-get install dataset-fashion-mnist`)")
+        missing = [s for s in _FASHION_STEMS if _find_idx(data_dir, s) is None]
+        if missing:
+            raise DataNotFoundError(
+                f"fashion_mnist: data_dir {data_dir} lacks {', '.join(m + '[.gz]' for m in missing)} "
+                "(looked in it, FashionMNIST/raw/ and fashion-mnist/); leave it out to use "
+                f"{FASHION_MNIST_SYSTEM_DIR} (`apt-get install dataset-fashion-mnist`)")
+        return data_dir
+    # No data_dir: the system copy, else the cache (downloaded there when allowed).
+    target = DEFAULT_CACHE_DIR / "fashion-mnist"
+    tried = [FASHION_MNIST_SYSTEM_DIR, target]
     for d in tried:
-        if all(_find_idx(d, s) for s in stems):
+        if all(_find_idx(d, s) for s in _FASHION_STEMS):
             return d
-    target = data_dir if data_dir is not None else DEFAULT_CACHE_DIR / "fashion-mnist"
     if download:
         try:
             from torchvision.datasets import FashionMNIST
 
             FashionMNIST(str(target), train=True, download=True)
             FashionMNIST(str(target), train=False, download=True)
-            if all(_find_idx(target, s) for s in stems):
+            if all(_find_idx(target, s) for s in _FASHION_STEMS):
                 return target
         except Exception as err:  # no network, proxy, disk full...
             warnings.warn(f"Fashion-MNIST download into {target} failed: {err}", stacklevel=3)
-        tried.append(target)
     raise DataNotFoundError(
         "Fashion-MNIST not found: looked for {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] in "
         + ", ".join(str(d) for d in tried)
@@ -560,13 +597,18 @@ def _fashion_mnist_dir(data_dir: Path | None, download: bool) -> Path:
 def _load_fashion_mnist(data_dir: Path | None, split: str, download: bool) -> TensorImageDataset:
     d = _fashion_mnist_dir(data_dir, download)
     prefix = "train" if split == "train" else "t10k"
-    images = read_idx(_find_idx(d, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find_idx(d, f"{prefix}-labels-idx1-ubyte"))
+    images_file = _find_idx(d, f"{prefix}-images-idx3-ubyte")
+    labels_file = _find_idx(d, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(images_file), read_idx(labels_file)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"Fashion-MNIST in {d}: images {images.shape} and labels {labels.shape} do not match")
     info = _INFO["fashion_mnist"]
     if images.shape[1:] != (28, 28):
         raise DataError(f"Fashion-MNIST in {d}: images are {images.shape[1:]}, expected (28, 28)")
+    if not len(labels):
+        raise DataError(f"Fashion-MNIST: {images_file} holds no images")
+    if labels.max() >= info.num_classes:
+        raise DataError(f"Fashion-MNIST: {labels_file} holds label {labels.max()}, outside [0, 10)")
     return TensorImageDataset(torch.from_numpy(images.copy()).unsqueeze(1),
                               torch.from_numpy(labels.astype(np.int64)), info, split)
 
@@ -580,9 +622,50 @@ _CIFAR = {
 }
 
 
+def _read_cifar_batch(name: str, path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 3, 32, 32)`` and labels of one CIFAR batch, unpickled without running code."""
+    try:
+        with open(path, "rb") as fh:
+            entry = load_data_pickle(fh, encoding="latin1")
+    except OSError as err:
+        raise DataError(f"{name}: cannot read {path}: {err.strerror or err}") from None
+    except RefusedGlobal as err:
+        raise DataError(f"{name}: {path} is refused: it names {err.qualified_name}, and a CIFAR batch holds "
+                        f"only {ADMITTED} (a pickle that names other globals can run code; "
+                        "nothing of it was run)") from None
+    except Exception as err:  # a pickle fails in many ways: EOFError, UnpicklingError, ValueError...
+        raise DataError(f"{name}: {path} is not a CIFAR pickle (truncated or corrupt: "
+                        f"{type(err).__name__}: {err})") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{name}: {path} holds a {type(entry).__name__}, not a CIFAR batch dict with 'data' "
+                        f"and {label_key!r}")
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    missing = [k for k in ("data", label_key) if k not in entry]
+    if missing:
+        raise DataError(f"{name}: {path} is not a CIFAR pickle with 'data' and {label_key!r} "
+                        f"(no {', '.join(map(repr, missing))}; keys: {sorted(map(str, entry))[:6]})")
+    try:
+        raw = np.asarray(entry["data"])
+        lab = np.asarray(entry[label_key])
+        out_of_bytes = raw.dtype.kind in "iu" and raw.size and (raw.min() < 0 or raw.max() > 255)
+        if raw.dtype != np.uint8 and (raw.dtype.kind not in "iu" or out_of_bytes):
+            raise ValueError(f"'data' must hold bytes 0..255, got dtype {raw.dtype}")
+        if lab.ndim != 1 or (lab.size and lab.dtype.kind not in "iu"):
+            raise ValueError(f"{label_key!r} must be a list of integers, got {lab.dtype} {lab.shape}")
+        if raw.size % 3072:
+            raise ValueError(f"'data' holds {raw.size} values, not a whole number of 3x32x32 images")
+        arr = raw.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise DataError(f"{name}: {path} is not a CIFAR pickle: {err}") from None
+    if len(arr) != len(lab):
+        raise DataError(f"{name}: {path} has {len(arr)} images but {len(lab)} labels")
+    return arr, lab.astype(np.int64)
+
+
 def _load_cifar(name: str, root: Path, split: str) -> TensorImageDataset:
     # Read the pickles ourselves: torchvision.datasets.CIFAR10 refuses any file whose md5 differs from
-    # the official archive, which rules out subsets and test stand-ins, and its error names no path.
+    # the official archive, which rules out subsets and test stand-ins, and its error names no path;
+    # it also unpickles with pickle.load, which runs whatever code a file names.
     sub, train_files, test_files, label_key = _CIFAR[name]
     base = root / sub if (root / sub).is_dir() else root
     files = train_files if split == "train" else test_files
@@ -593,23 +676,14 @@ def _load_cifar(name: str, root: Path, split: str) -> TensorImageDataset:
         raise DataNotFoundError(f"{name}: {base / missing[0]} not found; expected {layout}")
     data, labels = [], []
     for f in files:
-        path = base / f
-        try:
-            with open(path, "rb") as fh:
-                entry = pickle.load(fh, encoding="latin1")
-            entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-            arr = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            lab = np.asarray(entry[label_key], dtype=np.int64)
-        except Exception as err:
-            raise DataError(f"{name}: {path} is not a CIFAR pickle with 'data' and {label_key!r} "
-                            f"({type(err).__name__}: {err})") from err
-        if len(arr) != len(lab):
-            raise DataError(f"{name}: {path} has {len(arr)} images but {len(lab)} labels")
+        arr, lab = _read_cifar_batch(name, base / f, label_key)
         data.append(arr)
         labels.append(lab)
     info = _INFO[name]
     targets = torch.from_numpy(np.concatenate(labels))
-    if targets.numel() and (targets.min() < 0 or targets.max() >= info.num_classes):
+    if not targets.numel():
+        raise DataError(f"{name}: the {split} split in {base} holds no images")
+    if targets.min() < 0 or targets.max() >= info.num_classes:
         raise DataError(f"{name}: labels in {base} outside [0, {info.num_classes})")
     return TensorImageDataset(torch.from_numpy(np.concatenate(data)), targets, info, split)
 
@@ -625,10 +699,22 @@ def _stl_count(path: Path) -> int:
     per = math.prod(_STL_SHAPE)
     if size % per:
         raise DataError(f"stl10: {path} holds {size} bytes, not a multiple of one 3x96x96 image ({per})")
+    if not size:
+        raise DataError(f"stl10: {path} is empty (no images)")
     return size // per
 
 
 def _load_stl10(root: Path, split: str) -> TensorImageDataset:
+    try:
+        return _read_stl10(root, split)
+    except DataNotFoundError:
+        raise
+    except OSError as err:  # unreadable file (permissions, I/O error) or vanished while read
+        where = f" {err.filename}" if err.filename else ""
+        raise DataError(f"stl10: cannot read{where}: {err.strerror or err}") from None
+
+
+def _read_stl10(root: Path, split: str) -> TensorImageDataset:
     base = root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
     parts = {"train": ["train"], "test": ["test"], "unlabeled": ["unlabeled"],
              "train+unlabeled": ["train", "unlabeled"]}[split]
@@ -653,9 +739,11 @@ def _load_stl10(root: Path, split: str) -> TensorImageDataset:
             targets.append(torch.full((n,), -1, dtype=torch.long))
         else:
             y = np.fromfile(base / f"{p}_y.bin", dtype=np.uint8).astype(np.int64) - 1
-            if len(y) != n or (n and (y.min() < 0 or y.max() > 9)):
-                raise DataError(f"stl10: {base / (p + '_y.bin')} holds {len(y)} labels in 1..10 expected for "
-                                f"{n} images")
+            if len(y) != n:
+                raise DataError(f"stl10: {base / (p + '_y.bin')} holds {len(y)} labels but "
+                                f"{base / (p + '_X.bin')} {n} images (one of them truncated?)")
+            if y.min() < 0 or y.max() > 9:
+                raise DataError(f"stl10: {base / (p + '_y.bin')} holds labels outside 1..10")
             targets.append(torch.from_numpy(y))
         start += n
     return TensorImageDataset(images, torch.cat(targets), _INFO["stl10"], split)
@@ -797,6 +885,10 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *,
     split = _resolve_split(name, split)
     if image_size is not None:
         dataset_info(name, image_size=image_size)  # validates
+    if data_dir is not None and not str(data_dir).strip():
+        # Path("") is the working directory: an empty --data-dir (an unset shell variable) would
+        # silently read whatever is there
+        raise DataNotFoundError(f"{name}: data_dir is an empty string; give a directory or leave it out")
     root = Path(data_dir).expanduser() if data_dir is not None else None
     if name == "fashion_mnist":
         return _load_fashion_mnist(root, split, download)
@@ -808,7 +900,8 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *,
                                    "voc2007": "DIR/[VOCdevkit/]VOC2007/ (the devkit layout)",
                                    }.get(name, _FOLDER_LAYOUT))
     if not root.is_dir():
-        raise DataNotFoundError(f"{name}: data_dir {root} is not a directory")
+        what = "is not a directory" + ("" if root.exists() else " (it does not exist)")
+        raise DataNotFoundError(f"{name}: data_dir {root} {what}")
     if name in _CIFAR:
         return _load_cifar(name, root, split)
     if name == "stl10":

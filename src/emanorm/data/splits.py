@@ -12,6 +12,7 @@ from torch import Tensor
 from emanorm.data.datasets import DataError, DataNotFoundError
 
 SPLIT_COLUMN = "Index"
+_INDEX_MIN, _INDEX_MAX = -(2**63), 2**63 - 1
 
 
 def select_labeled(targets: Tensor, num_classes: int, *, labels_per_class: int | None = None,
@@ -85,17 +86,34 @@ def read_split_csv(path: str | Path) -> Tensor:
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"split CSV {path} not found")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = [h.strip() for h in (reader.fieldnames or [])]
-        if SPLIT_COLUMN not in fields:
-            raise DataError(f"{path}: no {SPLIT_COLUMN!r} column (found {fields or 'no header'})")
-        reader.fieldnames = fields
-        values = []
-        for line, row in enumerate(reader, start=2):
-            raw = (row.get(SPLIT_COLUMN) or "").strip()
-            try:
-                values.append(int(raw))
-            except ValueError:
-                raise DataError(f"{path}:{line}: Index {raw!r} is not an integer") from None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return _read_index_column(csv.DictReader(f), path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not a text CSV (byte {err.start} is not UTF-8)") from None
+    except csv.Error as err:  # NUL bytes, a field over csv.field_size_limit()...
+        raise DataError(f"{path}: not a readable CSV ({err})") from None
+    except OSError as err:
+        raise DataError(f"cannot read split CSV {path}: {err.strerror or err}") from None
+
+
+def _read_index_column(reader: csv.DictReader, path: Path) -> Tensor:
+    fields = [h.strip() for h in (reader.fieldnames or [])]
+    if SPLIT_COLUMN not in fields:
+        raise DataError(f"{path}: no {SPLIT_COLUMN!r} column (found {fields or 'no header'})")
+    reader.fieldnames = fields
+    values = []
+    for line, row in enumerate(reader, start=2):
+        raw = (row.get(SPLIT_COLUMN) or "").strip()
+        try:
+            value = int(raw)
+        except ValueError:
+            raise DataError(f"{path}:{line}: Index {_shorten(raw)!r} is not an integer") from None
+        if not _INDEX_MIN <= value <= _INDEX_MAX:  # torch.tensor would fail without naming the file
+            raise DataError(f"{path}:{line}: Index {_shorten(raw)} is not a dataset index (beyond 64 bits)")
+        values.append(value)
     return torch.tensor(values, dtype=torch.long)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -124,11 +124,17 @@ def _labels_from_class_files(main: Path, split: str) -> tuple[list[str], np.ndar
 def parse_annotation(path: str | Path) -> list[tuple[str, bool]]:
     """``(class name, difficult)`` of every object in a VOC XML annotation."""
     try:
-        tree = ET.parse(path)
+        data = Path(path).read_bytes()
+        # VOC annotations declare no DTD; one that does may expand entities without bound (the
+        # "billion laughs"), which only newer expat versions stop by themselves.
+        if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+            raise DataError(f"voc2007: annotation {path} declares a DTD or entities, which VOC annotations "
+                            "do not (refused unparsed)")
+        root = ET.fromstring(data)
     except (OSError, ET.ParseError) as err:
-        raise DataError(f"voc2007: cannot parse annotation {path}: {err}") from err
+        raise DataError(f"voc2007: cannot parse annotation {path}: {err}") from None
     objects = []
-    for obj in tree.getroot().iter("object"):
+    for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
         difficult = (obj.findtext("difficult") or "0").strip() == "1"
         objects.append((name, difficult))

@@ -139,8 +139,8 @@ def cached_linear_probe(
             stored = json.loads(cache.read_text())
             if stored.get("key") == key:
                 return stored["result"]
-        except (json.JSONDecodeError, KeyError):
-            pass  # a torn file: recompute it
+        except (ValueError, KeyError, AttributeError, RecursionError):
+            pass  # a torn or foreign file: recompute it
     result = linear_probe_run(spec.run_dir, settings, datasets, device)
     cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
     return result
@@ -152,13 +152,15 @@ def read_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
     points: list[tuple[int, float]] = []
     if not path.exists():
         return points
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue  # a line cut by a kill
+        if not isinstance(record, dict):
+            continue
         if record.get("kind") == "eval" and isinstance(record.get(key), (int, float)):
             points.append((int(record["step"]), float(record[key])))
     return points
@@ -197,7 +199,9 @@ def evaluate_run(
         return entry
     try:
         summary = json.loads(spec.summary_path.read_text())
-    except json.JSONDecodeError as err:
+        if not isinstance(summary, dict):
+            raise ValueError(f"a {type(summary).__name__}, not an object")
+    except (OSError, ValueError, RecursionError) as err:
         entry.update(status="failed", error=f"unreadable summary.json: {err}")
         return entry
     final = summary.get("final") or {}
@@ -291,8 +295,9 @@ class MergedResults:
             record = json.loads(path.read_text())
         except FileNotFoundError:
             raise UserError(f"--merge-results {path}: no such file") from None
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"--merge-results {path}: not readable as JSON ({err})") from None
+        except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or not UTF-8
+            reason = "nested too deeply" if isinstance(err, RecursionError) else err
+            raise UserError(f"--merge-results {path}: not readable as JSON ({reason})") from None
         if not isinstance(record, dict) or not isinstance(record.get("runs"), list) or "which" not in record:
             raise UserError(f"--merge-results {path}: not a results.json of emanorm compare")
         return record

@@ -499,7 +499,9 @@ def check_existing(specs: Iterable[RunSpec]) -> None:
             continue
         try:
             previous = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError:
+            if not isinstance(previous, dict):
+                raise ValueError(f"a {type(previous).__name__}, not a mapping")
+        except (yaml.YAMLError, ValueError, OSError, RecursionError):  # ValueError: not UTF-8
             problems.append(f"{spec.name}: {config_file} is not valid YAML")
             continue
         old, new = comparable(previous), comparable(spec.config)

@@ -108,6 +108,8 @@ def preset_names() -> list[str]:
 def _read_yaml(text: str, where: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"invalid YAML in {where}: nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""
@@ -125,7 +127,13 @@ def load_config_source(name_or_path: str) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
-        return _read_yaml(path.read_text(), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"config file {path} is not YAML text (byte {err.start} is not UTF-8)") from None
+        except OSError as err:
+            raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
+        return _read_yaml(text, str(path))
     names = preset_names()
     if name_or_path not in names:
         raise UserError(f"unknown preset {name_or_path!r}; presets: {', '.join(names)} (or a .yaml path)")

@@ -1,0 +1,227 @@
+"""What the rows of docs/failures.md run against: one ``setup_<name>(tmp)`` per ``{name}`` placeholder.
+
+Each setup builds its files under ``tmp`` (the row's own empty directory, also ``{tmp}`` in the
+row) and returns the path that replaces ``{name}``. Setups of one row share ``tmp``. Add a function
+here to add a placeholder; tests/test_failures_catalogue.py refuses a row naming an unknown one.
+The hostile files are also used by the class tests in tests/test_data_hardening.py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gzip
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from conftest import write_cifar, write_fashion_mnist, write_stl10
+
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz")
+MARKER = "code-ran"  # a hostile pickle creates this file next to its data dir when its code runs
+
+
+# -- hostile pickles -------------------------------------------------------------------------------
+
+
+class _Call:
+    """Pickles as ``func(*args)``: what ``__reduce__`` lets any pickle do when it loads."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def code_pickles(marker: Path, protocol: int = pickle.DEFAULT_PROTOCOL) -> dict[str, bytes]:
+    """Pickles that run code when loaded, each creating ``marker`` if it ever runs.
+
+    ``quiet_eval`` evaluates to a valid CIFAR batch, so a loader that runs it trains on normally.
+    """
+    import builtins
+    import os
+    import subprocess
+
+    data = np.zeros((2, 3072), dtype=np.uint8)
+    quiet = (f"__import__('pathlib').Path({str(marker)!r}).touch() or "
+             f"{{'data': __import__('numpy').zeros((20, 3072), 'uint8'), 'labels': [0, 1] * 10}}")
+    calls = {
+        "os_system": _Call(os.system, f"touch '{marker}'"),
+        "quiet_eval": _Call(builtins.eval, quiet),
+        "exec": _Call(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
+        "subprocess": _Call(subprocess.call, ["touch", str(marker)]),
+        # the code hidden inside an otherwise valid batch dict
+        "nested_in_dict": {"data": data, "labels": [0, 1],
+                           "batch_label": _Call(os.system, f"touch '{marker}'")},
+        "import_getattr": _Call(getattr, _Call(builtins.__import__, "os"), "system"),
+    }
+    return {name: pickle.dumps(obj, protocol=protocol) for name, obj in calls.items()}
+
+
+def python2_style_pickle(entry: dict) -> bytes:
+    """``entry`` pickled as the official CIFAR archive is: protocol 2 naming ``numpy.core.multiarray``."""
+    raw = pickle.dumps(entry, protocol=2)
+    return raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def write_cifar_with_batch(root: Path, content: bytes, name: str = "data_batch_1") -> Path:
+    """A CIFAR-10 stand-in whose ``name`` file holds ``content``."""
+    write_cifar(root, "cifar10")
+    (root / "cifar-10-batches-py" / name).write_bytes(content)
+    return root
+
+
+def truncated(data: bytes, keep: float = 0.5) -> bytes:
+    return data[: int(len(data) * keep)]
+
+
+def flipped(data: bytes, at: float = 0.5) -> bytes:
+    """``data`` with a run of bytes in the middle overwritten (a corrupt copy)."""
+    i = int(len(data) * at)
+    return data[:i] + bytes(b ^ 0x5A for b in data[i:i + 64]) + data[i + 64:]
+
+
+# -- setups: one per placeholder -------------------------------------------------------------------
+
+
+def setup_cifar_pickle_runs_code(tmp: Path) -> Path:
+    """CIFAR-10 whose data_batch_1 runs ``os.system`` when unpickled (H-1)."""
+    return write_cifar_with_batch(tmp / "cifar", code_pickles(tmp / MARKER)["os_system"])
+
+
+def setup_cifar_pickle_quiet_code(tmp: Path) -> Path:
+    """CIFAR-10 whose data_batch_1 runs code and then yields a valid batch (H-1, the quiet kind)."""
+    return write_cifar_with_batch(tmp / "cifar", code_pickles(tmp / MARKER)["quiet_eval"])
+
+
+def setup_cifar_truncated_batch(tmp: Path) -> Path:
+    root = write_cifar(tmp / "cifar", "cifar10")
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(truncated(batch.read_bytes()))
+    return root
+
+
+def setup_cifar100_code_test_file(tmp: Path) -> Path:
+    """CIFAR-100 whose ``test`` file runs code (the held-out split, read for evaluation)."""
+    root = write_cifar(tmp / "cifar100", "cifar100", per_file=4, n_test=20)
+    (root / "cifar-100-python" / "test").write_bytes(code_pickles(tmp / MARKER)["exec"])
+    return root
+
+
+def setup_empty_dir(tmp: Path) -> Path:
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
+def setup_fashion_incomplete(tmp: Path) -> Path:
+    """A Fashion-MNIST copy without its test images (M-1: refused, not replaced by the system copy)."""
+    root = write_fashion_mnist(tmp / "fashion", n_train=40, n_test=20)
+    (root / "t10k-images-idx3-ubyte.gz").unlink()
+    return root
+
+
+def setup_fashion_tiny(tmp: Path) -> Path:
+    return write_fashion_mnist(tmp / "fashion")
+
+
+def setup_fashion_truncated_gz(tmp: Path) -> Path:
+    root = write_fashion_mnist(tmp / "fashion", n_train=40, n_test=20)
+    path = root / "train-images-idx3-ubyte.gz"
+    path.write_bytes(truncated(path.read_bytes()))
+    return root
+
+
+def setup_fashion_corrupt_gz(tmp: Path) -> Path:
+    root = write_fashion_mnist(tmp / "fashion", n_train=40, n_test=20)
+    path = root / "train-images-idx3-ubyte.gz"
+    path.write_bytes(flipped(path.read_bytes()))
+    return root
+
+
+def setup_stl10_empty_file(tmp: Path) -> Path:
+    root = write_stl10(tmp / "stl10", n_train=10, n_test=10, n_unlabeled=10)
+    (root / "stl10_binary" / "unlabeled_X.bin").write_bytes(b"")
+    return root
+
+
+def _index_csv(tmp: Path, content: bytes) -> Path:
+    path = tmp / "labels.csv"
+    path.write_bytes(content)
+    return path
+
+
+def setup_index_csv_huge(tmp: Path) -> Path:
+    """An Index beyond 64 bits (L-10: was "Overflow when unpacking long long" without the file)."""
+    return _index_csv(tmp, b"Index\n3\n" + b"9" * 30 + b"\n")
+
+
+def setup_index_csv_binary(tmp: Path) -> Path:
+    return _index_csv(tmp, b"Index\n3\n\xff\xfe\x00\x01\n")
+
+
+def setup_index_csv_nul(tmp: Path) -> Path:
+    return _index_csv(tmp, b"Index\n3\x00\n4\n")
+
+
+def setup_config_not_text(tmp: Path) -> Path:
+    path = tmp / "config.yaml"
+    path.write_bytes(gzip.compress(b"method: fixmatch\n"))
+    return path
+
+
+def setup_results_not_text(tmp: Path) -> Path:
+    path = tmp / "results.json"
+    path.write_bytes(b"\x80\x04" + pickle.dumps({"runs": []}))
+    return path
+
+
+def setup_results_nested(tmp: Path) -> Path:
+    path = tmp / "results.json"
+    path.write_bytes(b"[" * 100_000)
+    return path
+
+
+def setup_voc_entity_bomb(tmp: Path) -> Path:
+    """A VOC2007 tree (every split from Annotations) whose one annotation is a "billion laughs"."""
+    from conftest import class_images, write_image
+
+    voc = tmp / "VOC2007"
+    main = voc / "ImageSets" / "Main"
+    main.mkdir(parents=True)
+    (voc / "Annotations").mkdir()
+    for split in ("train", "val", "trainval", "test"):
+        (main / f"{split}.txt").write_text("000001\n")
+    write_image(voc / "JPEGImages" / "000001.jpg", class_images(np.zeros(1, int), 3, 32, 32)[0])
+    entities = "".join(f'<!ENTITY l{i} "{f"&l{i - 1};" * 10}">' for i in range(1, 10))
+    (voc / "Annotations" / "000001.xml").write_text(
+        f'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY l0 "lol">{entities}]>'
+        "<annotation><object><name>&l9;</name></object></annotation>")
+    return tmp
+
+
+_TRAINED: list[Path] = []
+
+
+def setup_trained_run(tmp: Path) -> Path:
+    """A copy of a finished 1-step FixMatch run on a tiny Fashion-MNIST (trained once per session)."""
+    if not _TRAINED:
+        cache = Path(tempfile.mkdtemp(prefix="emanorm-catalogue-"))
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        data = write_fashion_mnist(cache / "fashion")
+        command = [sys.executable, "-m", "emanorm", "train", "--data-dir", str(data),
+                   "--out", str(cache / "run"), "--max-steps", "1", "--batch-size", "16", "--device", "cpu",
+                   "--no-progress"]
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=300)
+        _TRAINED.append(cache / "run")
+    return Path(shutil.copytree(_TRAINED[0], tmp / "run"))
+
+
+SETUPS = {name[len("setup_"):]: fn for name, fn in list(globals().items()) if name.startswith("setup_")}
