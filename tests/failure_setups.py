@@ -211,6 +211,10 @@ _TRAINED: list[Path] = []
 
 def setup_trained_run(tmp: Path) -> Path:
     """A copy of a finished 1-step FixMatch run on a tiny Fashion-MNIST (trained once per session)."""
+    return Path(shutil.copytree(_trained(), tmp / "run"))
+
+
+def _trained() -> Path:
     if not _TRAINED:
         cache = Path(tempfile.mkdtemp(prefix="emanorm-catalogue-"))
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
@@ -221,7 +225,87 @@ def setup_trained_run(tmp: Path) -> Path:
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                        timeout=300)
         _TRAINED.append(cache / "run")
-    return Path(shutil.copytree(_TRAINED[0], tmp / "run"))
+    return _TRAINED[0]
+
+
+# -- trainer, checkpoints and outputs (issue 15: H-3, M-7, M-8, M-10, M-11, M-12, L-8, L-10) ------------
+def setup_finished_run(tmp: Path) -> Path:
+    """A run directory a user has: config, metrics, summary and a checkpoint (their bytes only)."""
+    run = tmp / "mine"
+    (run / "checkpoints").mkdir(parents=True)
+    for name, text in (("config.yaml", "method: fixmatch\n"), ("metrics.jsonl", '{"step": 1}\n'),
+                       ("summary.json", "{}\n"), ("checkpoints/last.pt", "weights")):
+        (run / name).write_text(text)
+    return run
+
+
+def _trained_checkpoint(tmp: Path, edit) -> Path:
+    import torch  # the checkpoint rows need it; the data rows do not
+
+    run = setup_trained_run(tmp)
+    path = run / "checkpoints" / "last.pt"
+    data = torch.load(path, weights_only=True)
+    edit(data)
+    torch.save(data, path)
+    return run
+
+
+def setup_nonfinite_run(tmp: Path) -> Path:
+    """A trained run whose checkpoint holds an inf BN statistic (written by some other tool)."""
+    def poison(data: dict) -> None:
+        key = next(k for k in data["method"] if k.endswith("running_var"))
+        data["method"][key].fill_(float("inf"))
+    return _trained_checkpoint(tmp, poison)
+
+
+def setup_checkpoint_method_5(tmp: Path) -> Path:
+    return _trained_checkpoint(tmp, lambda data: data["config"].update(method=5))
+
+
+def setup_checkpoint_info_list(tmp: Path) -> Path:
+    return _trained_checkpoint(tmp, lambda data: data.update(dataset_info=[1, 2, 3]))
+
+
+def setup_checkpoint_huge_classes(tmp: Path) -> Path:
+    return _trained_checkpoint(tmp, lambda data: data["dataset_info"].update(num_classes=300_000_000))
+
+
+def setup_text_checkpoint(tmp: Path) -> Path:
+    path = tmp / "notes.pt"
+    path.write_text("these are my notes, not a checkpoint\n")
+    return path
+
+
+def setup_random_checkpoint(tmp: Path) -> Path:
+    path = tmp / "random.pt"
+    path.write_bytes(bytes(range(7, 256)) * 4)
+    return path
+
+
+def setup_a_dir(tmp: Path) -> Path:
+    folder = tmp / "adir"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    return folder
+
+
+def setup_a_file(tmp: Path) -> Path:
+    path = tmp / "afile.txt"
+    path.write_text("mine")
+    return path
+
+
+def setup_trained_data(tmp: Path) -> Path:
+    """The tiny Fashion-MNIST the shared trained run was trained on."""
+    return _trained().parent / "fashion"
+
+
+def setup_unfinished_run_without_config(tmp: Path) -> Path:
+    """A trained run whose summary.json and config.yaml were deleted: only its checkpoint is left."""
+    run = setup_trained_run(tmp)
+    (run / "summary.json").unlink()
+    (run / "config.yaml").unlink()
+    return run
 
 
 SETUPS = {name[len("setup_"):]: fn for name, fn in list(globals().items()) if name.startswith("setup_")}

@@ -58,9 +58,10 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 def _looks_like_text(head: bytes) -> bool:
     try:
-        return head.decode("utf-8").isprintable() or "\n" in head.decode("utf-8")
+        text = head.decode("utf-8")
     except UnicodeDecodeError:
         return False
+    return all(ch.isprintable() or ch in "\t\n\r" for ch in text)
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -34,11 +34,12 @@ def _holder(lock_file: Path) -> str:
 
 
 @contextlib.contextmanager
-def run_lock(lock_file: Path, *, what: str = "it") -> Iterator[int | None]:
+def run_lock(lock_file: Path, *, what: str = "it", remove: bool = False) -> Iterator[int | None]:
     """Hold an exclusive ``flock`` on ``lock_file``; yields its descriptor (None without fcntl).
 
     A subprocess that inherits the descriptor keeps the lock for as long as it lives.
-    ``RunBusyError`` when another process holds it.
+    ``RunBusyError`` when another process holds it. ``remove``: delete the file on release (the
+    run directory is left as the user had it).
     """
     if fcntl is None:
         yield None
@@ -47,13 +48,20 @@ def run_lock(lock_file: Path, *, what: str = "it") -> Iterator[int | None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # the holder removes the file on release: a lock on a removed file is no lock
+            if os.fstat(fd).st_ino != os.stat(lock_file).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             raise RunBusyError(
                 f"another process is training {what} ({_holder(lock_file)}it holds {lock_file})"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield fd
+        try:
+            yield fd
+        finally:
+            if remove:  # while still held, so no one can lock the old file after it is gone
+                lock_file.unlink(missing_ok=True)
     finally:
         os.close(fd)
 
@@ -71,11 +79,11 @@ def run_directory(run_dir: Path) -> Iterator[Path]:
         raise UserError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
     lock_file = run_dir / LOCK_NAME
     try:
-        with run_lock(lock_file, what=f"the run in {run_dir}"):
+        with run_lock(lock_file, what=f"the run in {run_dir}", remove=True):
             yield run_dir
     except BaseException:
         if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME, "checkpoints"}:
-            for remove in (lambda: (run_dir / "checkpoints").rmdir(), lock_file.unlink, run_dir.rmdir):
+            for clean in (lambda: (run_dir / "checkpoints").rmdir(), run_dir.rmdir):
                 with contextlib.suppress(OSError):
-                    remove()
+                    clean()
         raise
