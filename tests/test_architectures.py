@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from emanorm.evaluation import commands as cmd
+from emanorm.cli import evaluate as cmd
 from emanorm.evaluation.export import export_backbone, load_exported
 from emanorm.evaluation.export_recipe import torchvision_recipe
 from emanorm.models import build_backbone

@@ -137,7 +137,7 @@ for request in map(json.loads, sys.stdin):
     print(json.dumps({"exit": code}), flush=True)
 """
 PRELOAD = ["emanorm.train.loop", "emanorm.methods", "emanorm.models", "emanorm.data", "emanorm.data.voc",
-           "emanorm.experiments.evaluate", "emanorm.experiments.grid", "emanorm.train.init", "tqdm.auto",
+           "emanorm.experiments.evaluate", "emanorm.experiments.grid", "emanorm.train.recipe", "tqdm.auto",
            "torch.utils.tensorboard"]
 
 
