@@ -391,6 +391,7 @@ def _train(
     started = time.perf_counter()
     window_start, window_images = time.perf_counter(), 0
     last_eval: dict[str, float] = {}
+    evaluated_at_end = False
     method.train()
     while global_step < run.total_steps:
         run.stream.set_epoch(epoch, step_in_epoch)
@@ -431,10 +432,10 @@ def _train(
         except NonFiniteLossError as err:
             raise NonFiniteLossError(f"{err}; stopped, {kept()}") from None
         if finished or (cfg["eval_every"] and epoch_done and epoch % cfg["eval_every"] == 0):
-            last_eval = evaluate()
+            last_eval, evaluated_at_end = evaluate(), finished
     bar.close()
-    if not last_eval:  # resumed after the last step's checkpoint: its evaluation is still due
-        last_eval = evaluate()
+    if not evaluated_at_end:  # resumed after the last step's checkpoint: its evaluation is still due
+        last_eval = evaluate()  # (on every rank: evaluate() ends with a barrier)
     logger.close()
 
     summary = {
