@@ -21,14 +21,16 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from emanorm.data import write_split_csv
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
+from emanorm.train import tracking
 from emanorm.train.config import comparable, dump_config
 from emanorm.train.distributed import average_batchnorm_statistics, barrier, cleanup, init_distributed
+from emanorm.train.preemption import RESUMABLE_EXIT, Preempted, StopSignals
 from emanorm.train.recipe import Run, build_run
 
 log = logging.getLogger("emanorm")
@@ -53,6 +55,7 @@ def train_step(
     *,
     amp: Callable[[], Any] = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
+    accumulate: int = 1,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One optimisation step exactly as ``emanorm train`` runs it, for loops of your own.
 
@@ -62,18 +65,27 @@ def train_step(
     BN-statistics all-reduce across ranks, then ``method.after_step`` (the teacher update).
     Returns the loss and the method's logs; raises :class:`NonFiniteLossError` before the teacher
     moves.
+
+    ``accumulate`` N > 1 splits ``batch`` into N equal micro-batches and sums their gradients
+    (each loss divided by N) before the one optimizer step; everything after the backward runs
+    once, at this real step (see :func:`accumulate_gradients`).
     """
-    with amp():
-        loss, logs = (step_fn or method)(batch, step)
-    if not torch.isfinite(loss.detach()).all():
-        raise NonFiniteLossError(f"loss is {loss.item()} at step {step}")
-    optimizer.zero_grad(set_to_none=True)
+    if accumulate > 1:
+        loss, logs = accumulate_gradients(step_fn, method, batch, step, optimizer, amp, scaler, accumulate)
+    else:
+        with amp():
+            loss, logs = (step_fn or method)(batch, step)
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(f"loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         optimizer.step()
     # A finite loss can still step into non-finite weights (a huge lr): stop before the teacher
     # copies them and before any checkpoint holds them.
@@ -86,6 +98,59 @@ def train_step(
     average_batchnorm_statistics(method)
     method.after_step(step, total_steps)
     return loss, logs
+
+
+def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """``parts`` micro-batches of equal size: every tensor of ``batch`` cut along its first axis."""
+    for key, value in batch.items():
+        if value.shape[0] % parts:
+            raise UserError(
+                f"--accumulate {parts} does not divide the {key!r} batch of {value.shape[0]} on this "
+                "process; choose a batch size divisible by accumulate x processes"
+            )
+    pieces = {key: value.chunk(parts) for key, value in batch.items()}
+    return [{key: chunks[i] for key, chunks in pieces.items()} for i in range(parts)]
+
+
+def accumulate_gradients(
+    step_fn: Callable[..., Any] | None,
+    method: nn.Module,
+    batch: dict[str, torch.Tensor],
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    amp: Callable[[], Any],
+    scaler: torch.amp.GradScaler | None,
+    parts: int,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Forward and backward ``parts`` micro-batches of ``batch``; their gradients add up to the
+    gradient of the whole batch's mean loss. Returns the mean loss and the mean of the logs.
+
+    Under DDP the gradient all-reduce runs once, with the last micro-batch (``no_sync`` before).
+    The methods keep their once-a-step work for the real step: MoCo moves its teacher with the
+    first micro-batch only and enqueues every micro-batch's keys in ``after_step``.
+    """
+    model = step_fn or method
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=next(method.parameters()).device)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    micro_batches = split_batch(batch, parts)
+    for index, micro in enumerate(micro_batches):
+        last = index == parts - 1
+        sync = contextlib.nullcontext() if last or not isinstance(ddp, DDP) else ddp.no_sync()
+        with sync:
+            with amp():
+                loss, logs = model(micro, step)
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {step} (micro-batch {index + 1})")
+            share = loss / parts
+            (scaler.scale(share) if scaler is not None else share).backward()
+        total += share.detach().float()
+        for key, value in logs.items():  # some logs are undefined on some micro-batches
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+    return total, {key: value / counts[key] for key, value in sums.items()}
 
 
 # -- the run directory ----------------------------------------------------------------------------
@@ -136,12 +201,22 @@ def claim_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
 
 
 class RunLogger:
-    """metrics.jsonl (one record per line) and TensorBoard events, on the main process."""
+    """metrics.jsonl (one record per line, always) and the trackers ``loggers`` lists
+    (TensorBoard by default; MLflow, W&B: ``emanorm.train.tracking``), on the main process."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        resume_step: int,
+        *,
+        loggers: str = "jsonl,tensorboard",
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.enabled = enabled
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
+        self.trackers: list[tracking.Tracker] = []
         if not enabled:
             return
         if resume_step > 0 and self.path.exists():
@@ -150,21 +225,29 @@ class RunLogger:
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step or None)
+        self.trackers = tracking.open_trackers(loggers, run_dir, config or {}, resume_step)
 
     def record(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+        if self.trackers:
+            kind = record.get("kind", "train")
+            scalars = {
+                f"{kind}/{key}": value
+                for key, value in record.items()
+                if key not in ("step", "epoch", "kind") and isinstance(value, (int, float))
+            }
+            for tracker in self.trackers:
+                tracker.log(scalars, record["step"])
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, status: str = "finished") -> None:
+        """End the trackers' runs (``finished``, ``stopped`` or ``failed``), with the run's files."""
+        artifacts = [self.run_dir / name for name in ("summary.json", "metrics.jsonl", "config.yaml")]
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.finish(artifacts, status)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
@@ -220,12 +303,19 @@ def restore_checkpoint(run: Run, path: Path) -> tuple[dict[str, int], float]:
     return position, state.get("elapsed", 0.0)
 
 
+def stopped_message(received: str | None, step: int, checkpoint_file: Path) -> str:
+    return (
+        f"stopped by {received} after step {step}; checkpoint kept at {checkpoint_file}; "
+        f"continue with --resume (exit status {RESUMABLE_EXIT}: resumable)"
+    )
+
+
 # -- the loop -----------------------------------------------------------------------------------------
 def train(
     cfg: dict[str, Any],
     *,
     monitor: Monitor | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     force: bool = False,
     progress: bool = True,
     return_method: bool = False,
@@ -235,18 +325,29 @@ def train(
     ``monitor(method, run)`` evaluates along training (every ``eval_every`` epochs and at the end;
     ``emanorm train`` passes ``emanorm.evaluation.knn_monitor``); without one nothing is
     evaluated and the summary's ``final`` is empty. Returns the summary, or
-    ``(summary, method)`` with ``return_method``.
+    ``(summary, method)`` with ``return_method``. ``resume``: ``True`` or ``"auto"`` continue
+    from the run directory's checkpoint when there is one and start fresh otherwise.
+
+    SIGTERM or SIGUSR1 stops the run after the current step with a checkpoint on every rank and
+    raises :class:`~emanorm.train.preemption.Preempted` (``emanorm train`` exits with 75).
     """
     dist_info = init_distributed(cfg["device"])
     try:
-        summary, method = _train(cfg, dist_info, monitor, resume, force, progress)
+        with StopSignals(dist_info.device, dist_info.distributed) as stop:
+            summary, method = _train(cfg, dist_info, monitor, resume, force, progress, stop)
         return (summary, method) if return_method else summary
     finally:
         cleanup()
 
 
 def _train(
-    cfg: dict[str, Any], dist_info: Any, monitor: Monitor | None, resume: bool, force: bool, progress: bool
+    cfg: dict[str, Any],
+    dist_info: Any,
+    monitor: Monitor | None,
+    resume: bool | str,
+    force: bool,
+    progress: bool,
+    stop: StopSignals,
 ) -> tuple[dict[str, Any], nn.Module]:
     if cfg["out"] is None:
         cfg["out"] = default_run_dir(cfg)
@@ -268,7 +369,9 @@ def _train(
     if dist_info.is_main:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         write_split_csv(run.labeled, run_dir / "labeled_split.csv")
-    logger = RunLogger(run_dir, dist_info.is_main, global_step)
+    logger = RunLogger(
+        run_dir, dist_info.is_main, global_step, loggers=cfg.get("logger", "jsonl,tensorboard"), config=cfg
+    )
     bar = tqdm(
         total=run.total_steps, initial=global_step, desc=f"{cfg['method']}-{cfg['norm']}", unit="step",
         disable=not (progress and dist_info.is_main),
@@ -297,7 +400,7 @@ def _train(
             try:
                 loss, logs = train_step(
                     run.step_fn, method, batch, global_step, run.total_steps, run.optimizer, run.scheduler,
-                    amp=run.amp, scaler=run.scaler,
+                    amp=run.amp, scaler=run.scaler, accumulate=cfg.get("accumulate", 1),
                 )
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(
@@ -321,6 +424,11 @@ def _train(
             bar.update(1)
             if cfg["checkpoint_every_steps"] and global_step % cfg["checkpoint_every_steps"] == 0:
                 checkpoint()
+            if stop.requested():
+                checkpoint()
+                bar.close()
+                logger.close("stopped")
+                raise Preempted(stopped_message(stop.received, global_step, checkpoint_file))
             if global_step >= run.total_steps:
                 break
         epoch_done = step_in_epoch >= run.steps_per_epoch
@@ -333,7 +441,6 @@ def _train(
     bar.close()
     if not last_eval:  # resumed a run that had already finished its steps
         last_eval = monitor(method, run) if monitor is not None and dist_info.is_main else {}
-    logger.close()
 
     summary = {
         "method": cfg["method"],
@@ -352,5 +459,6 @@ def _train(
     }
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.close()  # after summary.json: the trackers keep it as an artifact
     barrier()
     return summary, method
