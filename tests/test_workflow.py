@@ -6,7 +6,9 @@ import importlib
 import json
 import os
 import signal
+import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -253,6 +255,7 @@ def test_mlflow_file_store_holds_params_metrics_artifacts_and_resumes_into_one_r
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the tracker sets for its default store
     out = tmp_path / "run"
     cfg = tiny("moco", tiny_fashion_mnist_dir, out, max_steps=4, logger="jsonl,mlflow")
     with monkeypatch.context() as patch:
@@ -274,6 +277,33 @@ def test_mlflow_file_store_holds_params_metrics_artifacts_and_resumes_into_one_r
     assert {"summary.json", "metrics.jsonl", "config.yaml"} <= artifacts
 
 
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of an offline ``run-ID.wandb`` file (a LevelDB-style log of 32 KiB
+    blocks: each chunk a 7-byte header crc32/length/type, then the bytes)."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw, block, pos = path.read_bytes(), 32768, 7  # 7 bytes: ":W&B", magic, version
+    assert raw.startswith(b":W&B")
+    records, partial = [], b""
+    while pos + 7 <= len(raw):
+        room = block - pos % block
+        if room < 7:
+            pos += room
+            continue
+        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        if length == 0 and kind == 0:  # padding to the end of the block
+            pos += room
+            continue
+        partial += raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(partial)
+            records.append(record)
+            partial = b""
+    return records
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_files_hold_the_config_metrics_and_summary(tiny_fashion_mnist_dir, tmp_path,
                                                                      monkeypatch):
@@ -285,13 +315,27 @@ def test_wandb_offline_run_files_hold_the_config_metrics_and_summary(tiny_fashio
     assert not (out / "tb").exists()  # tensorboard not listed: not written
     run_dirs = list((out / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
-    files = run_dirs[0] / "files"
-    summary = json.loads((files / "wandb-summary.json").read_text())
-    assert summary["train/loss"] == pytest.approx(
-        json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
-    )
-    assert (files / "summary.json").exists() and (files / "metrics.jsonl").exists()
-    config = (files / "config.yaml").read_text()
-    assert "queue_size" in config and "moco" in config
     ids = json.loads((out / "trackers.json").read_text())
-    assert ids["wandb"] in run_dirs[0].name
+    records: list = []
+    for _ in range(300):  # W&B's service process may still be writing the file when finish() returns
+        records = read_wandb_records(run_dirs[0] / f"run-{ids['wandb']}.wandb")
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.1)
+    history = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+            }
+            history[items["_step"]] = items
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(history) == [r["step"] for r in logged] == [1, 2, 3]
+    for r in logged:
+        assert history[r["step"]]["train/loss"] == pytest.approx(r["loss"])
+    run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
+    config = {k: v["value"] if isinstance(v, dict) and "value" in v else v for k, v in config.items()}
+    assert config["method"] == "moco" and config["method_args"]["queue_size"] == 64
+    files = run_dirs[0] / "files"
+    assert (files / "summary.json").exists() and (files / "metrics.jsonl").exists()

@@ -66,7 +66,8 @@ class TensorBoardTracker:
 
 class MLflowTracker:
     """A run of experiment ``$MLFLOW_EXPERIMENT_NAME`` (default ``emanorm``) in
-    ``$MLFLOW_TRACKING_URI``, or in a file store at ``RUN_DIR/mlruns`` when that is unset."""
+    ``$MLFLOW_TRACKING_URI``, or in a file store at ``RUN_DIR/mlruns`` when that is unset
+    (read it with ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri RUN_DIR/mlruns``)."""
 
     def __init__(self, run_dir: Path, cfg: dict[str, Any], run_id: str | None) -> None:
         optional_import("mlflow", "mlflow")
@@ -74,7 +75,12 @@ class MLflowTracker:
         from mlflow.tracking import MlflowClient
 
         self._metric = Metric
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            # MLflow 3 keeps its file store in maintenance mode behind this opt-in; it needs no
+            # database packages and lives inside the run directory.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (run_dir / "mlruns").resolve().as_uri()
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is None:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "emanorm")
@@ -112,7 +118,7 @@ class WandbTracker:
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "emanorm"),
             dir=str(run_dir),
-            id=run_id or wandb.util.generate_id(),
+            id=run_id,  # None: a new run (W&B picks the id)
             name=run_dir.name,
             resume="allow",
             config=cfg,
@@ -126,8 +132,8 @@ class WandbTracker:
         self.run.log(scalars, step=step)
 
     def finish(self, artifacts: list[Path], status: str) -> None:
-        for path in artifacts:
-            if path.exists():
+        for path in artifacts:  # W&B keeps the config itself, in a file of the same name
+            if path.exists() and path.name != "config.yaml":
                 self.run.save(str(path), base_path=str(path.parent), policy="now")
         self.run.finish(exit_code=0 if status == "finished" else 1)
 
