@@ -204,7 +204,10 @@ def test_sigterm_stops_two_ranks_at_one_step_and_resume_matches_an_uninterrupted
     lines = [line for line in err.splitlines() if "stopped by" in line]
     assert len(lines) == 2, err[-3000:]  # one line per rank, both at the same step
     assert len({line.split("after step ")[1].split(";")[0] for line in lines}) == 1
-    assert "exit status 75" in lines[0] and "Traceback" not in err.split("torch.distributed")[0]
+    assert "exit status 75" in lines[0]
+    # torchrun's agent prints its own SignalException; no frame of emanorm's is in any traceback
+    frames = [line for line in err.splitlines() if line.strip().startswith('File "')]
+    assert not any("emanorm" in frame for frame in frames), err[-3000:]
     state = ckpt.safe_load(stopped)
     assert 0 < state["global_step"] < 12 and not (stopped / "summary.json").exists()
 
@@ -326,7 +329,8 @@ def test_wandb_offline_run_files_hold_the_config_metrics_and_summary(tiny_fashio
     for record in records:
         if record.WhichOneof("record_type") == "history":
             items = {
-                item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
             }
             history[items["_step"]] = items
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
