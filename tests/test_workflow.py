@@ -219,6 +219,49 @@ def test_sigterm_stops_two_ranks_at_one_step_and_resume_matches_an_uninterrupted
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_a_killed_rank_is_one_line_on_the_survivor_naming_it(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "run"
+    args = [
+        "train", "--method", "fixmatch", "--labels-per-class", "4", "--batch-size", "16",
+        "--unlabeled-ratio", "1", "--max-steps", "400", "--device", "cpu", "--no-progress",
+        "--checkpoint-every-steps", "2", "--set", "eval_every=0", "--out", str(out),
+    ]
+    command, env = torchrun_command(2, str(script), *args, dist_timeout_s=30)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**env, "STEP_DELAY": "0.05"}, start_new_session=True)
+    try:
+        checkpoint = out / "checkpoints" / "last.pt"
+        for _ in range(1200):
+            if checkpoint.exists() or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert checkpoint.exists(), "no checkpoint before the kill"
+        workers = subprocess.run(["pgrep", "-f", f"worker.py train.*{out}"], capture_output=True,
+                                 text=True).stdout.split()
+        ranks = {}
+        for pid in workers:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = [e for e in environ if e.startswith(b"RANK=")]
+            if rank:
+                ranks[int(rank[0][5:])] = int(pid)
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    ours = [line for line in err.splitlines() if line.startswith("emanorm: error: lost")]
+    assert ours and ours[0].startswith("emanorm: error: lost rank 1 of 2"), err[-3000:]
+    assert "rerun with --resume" in ours[0]
+    frames = [line for line in err.splitlines() if line.strip().startswith('File "')]
+    assert not any("emanorm" in frame for frame in frames), err[-3000:]
+
+
 def test_cli_says_a_preempted_run_is_resumable_in_one_line(monkeypatch, capsys):
     from emanorm.cli import main
 

@@ -29,7 +29,13 @@ from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
 from emanorm.train import tracking
 from emanorm.train.config import comparable, dump_config
-from emanorm.train.distributed import average_batchnorm_statistics, barrier, cleanup, init_distributed
+from emanorm.train.distributed import (
+    average_batchnorm_statistics,
+    barrier,
+    cleanup,
+    init_distributed,
+    peer_failure_message,
+)
 from emanorm.train.preemption import RESUMABLE_EXIT, Preempted, StopSignals
 from emanorm.train.recipe import Run, build_run
 
@@ -332,12 +338,23 @@ def train(
     raises :class:`~emanorm.train.preemption.Preempted` (``emanorm train`` exits with 75).
     """
     dist_info = init_distributed(cfg["device"])
+    peer_lost = False
     try:
+        # the handlers stay on while a lost peer is diagnosed: torchrun's agent SIGTERMs survivors
         with StopSignals(dist_info.device, dist_info.distributed) as stop:
-            summary, method = _train(cfg, dist_info, monitor, resume, force, progress, stop)
+            try:
+                summary, method = _train(cfg, dist_info, monitor, resume, force, progress, stop)
+            except RuntimeError as err:
+                lost = peer_failure_message(err, dist_info) if dist_info.distributed else None
+                if lost is None:
+                    raise
+                peer_lost = True
+                kept = Path(cfg["out"]) / "checkpoints" / ckpt.CHECKPOINT_NAME
+                raise UserError(f"{lost}; the last checkpoint is kept at {kept}; rerun with --resume") from None
         return (summary, method) if return_method else summary
     finally:
-        cleanup()
+        if not peer_lost:  # a process group with a dead member may hang on the way down
+            cleanup()
 
 
 def _train(
