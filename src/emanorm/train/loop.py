@@ -350,7 +350,8 @@ def train(
                     raise
                 peer_lost = True
                 kept = Path(cfg["out"]) / "checkpoints" / ckpt.CHECKPOINT_NAME
-                raise UserError(f"{lost}; the last checkpoint is kept at {kept}; rerun with --resume") from None
+                message = f"{lost}; the last checkpoint is kept at {kept}; rerun with --resume"
+                raise UserError(message) from None
         return (summary, method) if return_method else summary
     finally:
         if not peer_lost:  # a process group with a dead member may hang on the way down
