@@ -17,6 +17,7 @@ from emanorm.cli.evaluate import add_eval_parsers, add_export_parser
 from emanorm.cli.train import add_presets_parser, add_train_parser
 from emanorm.errors import UserError
 from emanorm.experiments.grid import die_with_parent
+from emanorm.train.preemption import Preempted
 
 DESCRIPTION = """\
 Self- and semi-supervised learning with EMA teachers and EMAN
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"emanorm: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stopped:
+        print(f"emanorm: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         print("emanorm: interrupted", file=sys.stderr)
         return 130

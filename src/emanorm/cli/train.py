@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from emanorm.cli.common import add_command, key_value
+from emanorm.cli.common import add_command, key_value, positive_int
 from emanorm.evaluation.monitor import knn_monitor
 from emanorm.train import resolve_config, train
 from emanorm.train.config import DEFAULTS, METHODS, NORMS, load_config_source, preset_names
@@ -14,7 +14,9 @@ TRAIN_HELP = """\
 Train a method with a chosen normalization. Without --config the small preset for the method
 (small-<method>) is used; flags override the preset. The run directory holds config.yaml,
 labeled_split.csv, metrics.jsonl, tb/ (TensorBoard), checkpoints/last.pt and summary.json.
-Multi-GPU / multi-node: torchrun --nproc_per_node N -m emanorm train ...
+Multi-GPU / multi-node: torchrun --nproc_per_node N -m emanorm train ... (docs/cluster.md:
+multi-node with c10d rendezvous, SLURM). SIGTERM or SIGUSR1 stops the run after the current
+step with a checkpoint and exit status 75 (resumable); rerun with --resume to continue.
 """
 
 
@@ -44,6 +46,13 @@ def add_train_parser(subparsers: Any) -> None:
         "--batch-size", type=int, help="global batch (labeled batch for semi-supervised methods)"
     )
     opt.add_argument(
+        "--accumulate",
+        type=positive_int,
+        metavar="N",
+        help="gradient accumulation: split each batch into N micro-batches (batch-size / N per process "
+        "each) and step once; same schedule, less memory (default 1)",
+    )
+    opt.add_argument(
         "--unlabeled-ratio", type=int, help="unlabeled batch = ratio x batch size (FixMatch's mu)"
     )
     opt.add_argument("--lr", type=float, help="initial learning rate")
@@ -69,7 +78,16 @@ def add_train_parser(subparsers: Any) -> None:
     run = p.add_argument_group("running")
     run.add_argument("--seed", type=int)
     run.add_argument("--out", help="run directory (default runs/<method>-<norm>-<dataset>-s<seed>)")
-    run.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        type=resume_mode,
+        metavar="auto",
+        help="continue from RUN_DIR/checkpoints/last.pt; 'auto' (for job scripts): resume when a "
+        "checkpoint exists, start fresh otherwise",
+    )
     run.add_argument(
         "--force", action="store_true", help="overwrite a finished run, or resume despite a changed config"
     )
@@ -92,8 +110,22 @@ def add_train_parser(subparsers: Any) -> None:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set warmup_epochs=5 (repeatable)",
     )
+    run.add_argument(
+        "--logger",
+        metavar="LIST",
+        help="comma list of jsonl, tensorboard, mlflow, wandb (default jsonl,tensorboard; metrics.jsonl "
+        "is always written). mlflow: RUN_DIR/mlruns or $MLFLOW_TRACKING_URI (pip install "
+        "'emanorm[mlflow]'); wandb: offline under RUN_DIR/wandb without $WANDB_API_KEY "
+        "('emanorm[wandb]')",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
+
+
+def resume_mode(text: str) -> str | bool:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {text!r}")
+    return text
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -64,6 +64,7 @@ class MoCo(Method):
         self.register_buffer("queue", F.normalize(torch.randn(o["queue_size"], o["dim"]), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending_keys: Tensor | None = None
+        self._pending_step = -1
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
         view1 = batch_get(batch, "view1", self.name)
@@ -71,8 +72,11 @@ class MoCo(Method):
         symmetric = self.options["symmetric"]
         q1 = F.normalize(self.student(view1), dim=1)
         q2 = F.normalize(self.student(view2), dim=1) if symmetric else None
-        # Original MoCo order: momentum update after the query forward, before the key forward.
-        self.update_teacher(step)
+        # Original MoCo order: momentum update after the query forward, before the key forward;
+        # once a real step (with gradient accumulation, on its first micro-batch only).
+        accumulating = self._pending_keys is not None and self._pending_step == step
+        if not accumulating:
+            self.update_teacher(step)
         k2 = F.normalize(self.teacher_forward(view2), dim=1)
         k1 = F.normalize(self.teacher_forward(view1), dim=1) if symmetric else None
         temperature = self.options["temperature"]
@@ -83,7 +87,9 @@ class MoCo(Method):
         keys = torch.cat([k1, k2]) if symmetric else k2
         world = dist.get_world_size() if is_distributed() else 1
         self._check_queue_size(keys.shape[0] * world)  # fail at the first step, before its backward
-        self._pending_keys = keys.detach()
+        # every micro-batch's keys wait for after_step, the real step's end
+        self._pending_keys = torch.cat([self._pending_keys, keys.detach()]) if accumulating else keys.detach()
+        self._pending_step = step
         return loss, to_floats(loss=loss, acc=acc, momentum=self.current_momentum)
 
     def after_step(self, step: int, total_steps: int) -> None:

@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "max_steps": None,
     "batch_size": 64,
     "unlabeled_ratio": 7,
+    "accumulate": 1,
     # optimisation
     "optimizer": "sgd",
     "lr": 0.03,
@@ -70,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "method_args": {},
     # monitoring
     "log_every": 20,
+    "logger": "jsonl,tensorboard",
     "eval_every": 1,
     "knn_k": 20,
     "knn_bank_size": 10000,
@@ -86,6 +88,9 @@ DEFAULTS: dict[str, Any] = {
     "deterministic": False,
     "out": None,
 }
+
+#: What ``--logger`` may list (see ``emanorm.train.tracking``).
+LOGGERS: tuple[str, ...] = ("jsonl", "tensorboard", "mlflow", "wandb")
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "method": METHODS,
@@ -258,7 +263,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
     for key in ("epochs", "max_steps", "batch_size", "unlabeled_ratio", "labels_per_class"):
         _positive(cfg, key)
     _positive(cfg, "bn_splits", allow_none=False)
-    for key in ("log_every", "knn_k", "knn_bank_size"):
+    for key in ("log_every", "knn_k", "knn_bank_size", "accumulate"):
         _positive(cfg, key, allow_none=False)
     _positive(cfg, "monitor_test_size")
     _positive(cfg, "image_size")
@@ -293,6 +298,12 @@ def validate_config(cfg: dict[str, Any]) -> None:
         raise UserError("set a budget: --epochs E or --max-steps S")
     if not isinstance(cfg["method_args"], dict):
         raise UserError(f"method_args must be a mapping, got {cfg['method_args']!r}")
+    if cfg["batch_size"] % cfg["accumulate"]:
+        raise UserError(
+            f"batch_size {cfg['batch_size']} must be divisible by accumulate {cfg['accumulate']} "
+            "(the batch is split into that many micro-batches)"
+        )
+    cfg["logger"] = check_loggers(cfg["logger"])
     if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool) or cfg["seed"] < 0:
         raise UserError(f"seed must be an integer >= 0, got {cfg['seed']!r}")
     milestones = cfg["lr_milestones"]
@@ -314,8 +325,27 @@ def dump_config(cfg: dict[str, Any]) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
+#: Keys added after runs were first written: a config.yaml without one held its default.
+ADDED_KEYS: dict[str, Any] = {"accumulate": 1}
+
+
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a config that must match for ``--resume`` (not where or how it runs)."""
-    ignored = {"out", "device", "num_workers", "log_every", "compile", "preset"}
+    ignored = {"out", "device", "num_workers", "log_every", "logger", "compile", "preset"}
     # a key added after the run was written counts as its default (old runs stay resumable)
     return {k: v for k, v in {**DEFAULTS, **cfg}.items() if k not in ignored}
+
+
+def check_loggers(value: Any) -> str:
+    """``--logger`` as a normalised comma list of known loggers (``""``: none)."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if value is None or value is False:
+        value = ""
+    if not isinstance(value, str):
+        raise UserError(f"logger must be a comma list of {', '.join(LOGGERS)}, got {value!r}")
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LOGGERS]
+    if unknown:
+        raise UserError(f"unknown logger {unknown[0]!r}; allowed: {', '.join(LOGGERS)} (a comma list)")
+    return ",".join(dict.fromkeys(names))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -93,3 +94,45 @@ def cleanup() -> None:
 def single_process(device_preference: str = "auto") -> DistInfo:
     """One process, no process group: for building a run outside ``torchrun``."""
     return DistInfo(0, 1, 0, pick_device(device_preference))
+
+
+#: What a collective's error says when a peer process died or became unreachable (gloo, NCCL).
+PEER_LOST_MARKERS = (
+    "connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout",
+    "ncclremoteerror", "nccl communicator was aborted", "socket", "connection refused",
+)
+
+
+def lost_ranks(rank: int, world_size: int, wait_s: float = 1.5) -> list[int] | None:
+    """The ranks that did not answer a roll call in the job's key-value store, or None when the
+    store itself is gone. Every surviving rank writes its key, then waits up to ``wait_s``."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"emanorm/alive/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(world_size) if not store.check([f"emanorm/alive/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except Exception:  # the store lived with a rank that is gone: nothing more to learn
+        return None
+
+
+def peer_failure_message(err: BaseException, dist_info: DistInfo) -> str | None:
+    """One line naming the lost rank(s) when ``err`` is a collective that failed because a peer
+    died; None when ``err`` is something else (it is then raised as it is)."""
+    text = str(err).lower()
+    if not isinstance(err, RuntimeError) or not any(marker in text for marker in PEER_LOST_MARKERS):
+        return None
+    world_size = dist_info.world_size
+    missing = lost_ranks(dist_info.rank, world_size)
+    if missing == []:
+        return None  # everyone answered: not a lost peer
+    who = (
+        f"rank {missing[0]}" if missing and len(missing) == 1
+        else f"ranks {', '.join(map(str, missing))}" if missing
+        else "another rank (the rendezvous store is gone too)"
+    )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"lost {who} of {world_size}: the process died or became unreachable ({first[:160]})"

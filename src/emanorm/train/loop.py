@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from emanorm.data import write_split_csv
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
+from emanorm.train import tracking
 from emanorm.train.config import comparable, dump_config
 from emanorm.train.distributed import (
     DistInfo,
@@ -35,8 +36,10 @@ from emanorm.train.distributed import (
     barrier,
     cleanup,
     init_distributed,
+    peer_failure_message,
 )
 from emanorm.train.lock import run_directory
+from emanorm.train.preemption import RESUMABLE_EXIT, Preempted, StopSignals
 from emanorm.train.recipe import Run, build_run
 
 log = logging.getLogger("emanorm")
@@ -66,6 +69,7 @@ def train_step(
     *,
     amp: Callable[[], Any] = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
+    accumulate: int = 1,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One optimisation step exactly as ``emanorm train`` runs it, for loops of your own.
 
@@ -75,18 +79,27 @@ def train_step(
     BN-statistics all-reduce across ranks, then ``method.after_step`` (the teacher update).
     Returns the loss and the method's logs; raises :class:`NonFiniteLossError` before the teacher
     moves.
+
+    ``accumulate`` N > 1 splits ``batch`` into N equal micro-batches and sums their gradients
+    (each loss divided by N) before the one optimizer step; everything after the backward runs
+    once, at this real step (see :func:`accumulate_gradients`).
     """
-    with amp():
-        loss, logs = (step_fn or method)(batch, step)
-    if not torch.isfinite(loss.detach()).all():
-        raise NonFiniteLossError(f"loss is {loss.item()} at step {step}")
-    optimizer.zero_grad(set_to_none=True)
+    if accumulate > 1:
+        loss, logs = accumulate_gradients(step_fn, method, batch, step, optimizer, amp, scaler, accumulate)
+    else:
+        with amp():
+            loss, logs = (step_fn or method)(batch, step)
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(f"loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         optimizer.step()
     # A finite loss can still step into non-finite weights or BN statistics (a huge lr): stop
     # before the teacher copies them and before any checkpoint holds them.
@@ -99,6 +112,59 @@ def train_step(
     average_batchnorm_statistics(method)
     method.after_step(step, total_steps)
     return loss, logs
+
+
+def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """``parts`` micro-batches of equal size: every tensor of ``batch`` cut along its first axis."""
+    for key, value in batch.items():
+        if value.shape[0] % parts:
+            raise UserError(
+                f"--accumulate {parts} does not divide the {key!r} batch of {value.shape[0]} on this "
+                "process; choose a batch size divisible by accumulate x processes"
+            )
+    pieces = {key: value.chunk(parts) for key, value in batch.items()}
+    return [{key: chunks[i] for key, chunks in pieces.items()} for i in range(parts)]
+
+
+def accumulate_gradients(
+    step_fn: Callable[..., Any] | None,
+    method: nn.Module,
+    batch: dict[str, torch.Tensor],
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    amp: Callable[[], Any],
+    scaler: torch.amp.GradScaler | None,
+    parts: int,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Forward and backward ``parts`` micro-batches of ``batch``; their gradients add up to the
+    gradient of the whole batch's mean loss. Returns the mean loss and the mean of the logs.
+
+    Under DDP the gradient all-reduce runs once, with the last micro-batch (``no_sync`` before).
+    The methods keep their once-a-step work for the real step: MoCo moves its teacher with the
+    first micro-batch only and enqueues every micro-batch's keys in ``after_step``.
+    """
+    model = step_fn or method
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=next(method.parameters()).device)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    micro_batches = split_batch(batch, parts)
+    for index, micro in enumerate(micro_batches):
+        last = index == parts - 1
+        sync = contextlib.nullcontext() if last or not isinstance(ddp, DDP) else ddp.no_sync()
+        with sync:
+            with amp():
+                loss, logs = model(micro, step)
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {step} (micro-batch {index + 1})")
+            share = loss / parts
+            (scaler.scale(share) if scaler is not None else share).backward()
+        total += share.detach().float()
+        for key, value in logs.items():  # some logs are undefined on some micro-batches
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+    return total, {key: value / counts[key] for key, value in sums.items()}
 
 
 # -- the run directory ----------------------------------------------------------------------------
@@ -152,12 +218,22 @@ def claim_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
 
 
 class RunLogger:
-    """metrics.jsonl (one record per line) and TensorBoard events, on the main process."""
+    """metrics.jsonl (one record per line, always) and the trackers ``loggers`` lists
+    (TensorBoard by default; MLflow, W&B: ``emanorm.train.tracking``), on the main process."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        resume_step: int,
+        *,
+        loggers: str = "jsonl,tensorboard",
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.enabled = enabled
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
+        self.trackers: list[tracking.Tracker] = []
         if not enabled:
             return
         if resume_step > 0 and self.path.exists():
@@ -166,7 +242,7 @@ class RunLogger:
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step or None)
+        self.trackers = tracking.open_trackers(loggers, run_dir, config or {}, resume_step)
 
     def record(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -174,20 +250,28 @@ class RunLogger:
         try:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            if self.writer is not None:
-                for key, value in record.items():
-                    if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
-                        self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+            if self.trackers:
+                kind = record.get("kind", "train")
+                scalars = {
+                    f"{kind}/{key}": value
+                    for key, value in record.items()
+                    if key not in ("step", "epoch", "kind") and isinstance(value, (int, float))
+                }
+                for tracker in self.trackers:
+                    tracker.log(scalars, record["step"])
         except OSError as err:
             raise UserError(f"could not write the run's metrics ({self.path.parent}): {_why(err)}") from None
 
-    def close(self) -> None:
-        if self.writer is not None:
+    def close(self, status: str = "finished") -> None:
+        """End the trackers' runs (``finished``, ``stopped`` or ``failed``), with the run's files."""
+        artifacts = [self.run_dir / name for name in ("summary.json", "metrics.jsonl", "config.yaml")]
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
             try:
-                self.writer.close()
+                tracker.finish(artifacts, status)
             except OSError as err:
-                where = self.path.parent
-                raise UserError(f"could not write TensorBoard events in {where}: {_why(err)}") from None
+                where = self.run_dir
+                raise UserError(f"could not write the run's tracker files in {where}: {_why(err)}") from None
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
@@ -282,12 +366,19 @@ def restore_checkpoint(run: Run, path: Path, force: bool = False) -> tuple[dict[
     return position, state.get("elapsed", 0.0)
 
 
+def stopped_message(received: str | None, step: int, checkpoint_file: Path) -> str:
+    return (
+        f"stopped by {received} after step {step}; checkpoint kept at {checkpoint_file}; "
+        f"continue with --resume (exit status {RESUMABLE_EXIT}: resumable)"
+    )
+
+
 # -- the loop -----------------------------------------------------------------------------------------
 def train(
     cfg: dict[str, Any],
     *,
     monitor: Monitor | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     force: bool = False,
     progress: bool = True,
     return_method: bool = False,
@@ -298,22 +389,38 @@ def train(
     ``emanorm train`` passes ``emanorm.evaluation.knn_monitor``); without one nothing is
     evaluated and the summary's ``final`` is empty. One trainer per run directory: a second one
     is refused (``RunBusyError``) before it changes anything. Returns the summary, or
-    ``(summary, method)`` with ``return_method``.
+    ``(summary, method)`` with ``return_method``. ``resume``: ``True`` or ``"auto"`` continue
+    from the run directory's checkpoint when there is one and start fresh otherwise.
+
+    SIGTERM or SIGUSR1 stops the run after the current step with a checkpoint on every rank and
+    raises :class:`~emanorm.train.preemption.Preempted` (``emanorm train`` exits with 75).
     """
     dist_info = init_distributed(cfg["device"])
     if cfg["out"] is None:
         cfg["out"] = default_run_dir(cfg)
+    peer_lost = False
     try:
-        with contextlib.ExitStack() as held:
+        # the handlers stay on while a lost peer is diagnosed: torchrun's agent SIGTERMs survivors
+        with contextlib.ExitStack() as held, StopSignals(dist_info.device, dist_info.distributed) as stop:
             def lock_and_check() -> None:
                 held.enter_context(run_directory(Path(cfg["out"])))
                 check_run_dir(cfg, resume, force)
 
             on_main_first(dist_info, lock_and_check)
-            summary, method = _train(cfg, dist_info, monitor, resume, force, progress)
+            try:
+                summary, method = _train(cfg, dist_info, monitor, resume, force, progress, stop)
+            except RuntimeError as err:
+                lost = peer_failure_message(err, dist_info) if dist_info.distributed else None
+                if lost is None:
+                    raise
+                peer_lost = True
+                kept = Path(cfg["out"]) / "checkpoints" / ckpt.CHECKPOINT_NAME
+                message = f"{lost}; the last checkpoint is kept at {kept}; rerun with --resume"
+                raise UserError(message) from None
         return (summary, method) if return_method else summary
     finally:
-        cleanup()
+        if not peer_lost:  # a process group with a dead member may hang on the way down
+            cleanup()
 
 
 def on_main_first(dist_info: DistInfo, step: Callable[[], None]) -> None:
@@ -339,9 +446,10 @@ def _train(
     cfg: dict[str, Any],
     dist_info: DistInfo,
     monitor: Monitor | None,
-    resume: bool,
+    resume: bool | str,
     force: bool,
     progress: bool,
+    stop: StopSignals,
 ) -> tuple[dict[str, Any], nn.Module]:
     run_dir = Path(cfg["out"])
     checkpoint_file = run_dir / "checkpoints" / ckpt.CHECKPOINT_NAME
@@ -364,7 +472,9 @@ def _train(
             write_split_csv(run.labeled, run_dir / "labeled_split.csv")
         except OSError as err:
             raise UserError(f"could not write {run_dir / 'labeled_split.csv'}: {_why(err)}") from None
-    logger = RunLogger(run_dir, dist_info.is_main, global_step)
+    logger = RunLogger(
+        run_dir, dist_info.is_main, global_step, loggers=cfg.get("logger", "jsonl,tensorboard"), config=cfg
+    )
     bar = tqdm(
         total=run.total_steps, initial=global_step, desc=f"{cfg['method']}-{cfg['norm']}", unit="step",
         disable=not (progress and dist_info.is_main),
@@ -399,7 +509,7 @@ def _train(
             try:
                 loss, logs = train_step(
                     run.step_fn, method, batch, global_step, run.total_steps, run.optimizer, run.scheduler,
-                    amp=run.amp, scaler=run.scaler,
+                    amp=run.amp, scaler=run.scaler, accumulate=cfg.get("accumulate", 1),
                 )
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(f"{err}; stopped, {kept()}") from None
@@ -421,6 +531,11 @@ def _train(
             bar.update(1)
             if cfg["checkpoint_every_steps"] and global_step % cfg["checkpoint_every_steps"] == 0:
                 checkpoint()
+            if stop.requested():
+                checkpoint()
+                bar.close()
+                logger.close("stopped")
+                raise Preempted(stopped_message(stop.received, global_step, checkpoint_file))
             if global_step >= run.total_steps:
                 break
         epoch_done = step_in_epoch >= run.steps_per_epoch
@@ -436,7 +551,6 @@ def _train(
     bar.close()
     if not evaluated_at_end:  # resumed after the last step's checkpoint: its evaluation is still due
         last_eval = evaluate()  # (on every rank: evaluate() ends with a barrier)
-    logger.close()
 
     summary = {
         "method": cfg["method"],
@@ -457,5 +571,6 @@ def _train(
         summary["warnings"] = run.warnings
     if dist_info.is_main:
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    logger.close()  # after summary.json: the trackers keep it as an artifact
     barrier()
     return summary, method

@@ -319,6 +319,12 @@ def build_run(
         raise UserError(
             f"batch_size {cfg['batch_size']} must be divisible by the process count {dist_info.world_size}"
         )
+    accumulate = cfg.get("accumulate", 1)
+    if accumulate > 1 and cfg["batch_size"] % (dist_info.world_size * accumulate):
+        raise UserError(
+            f"batch_size {cfg['batch_size']} must be divisible by processes x accumulate "
+            f"({dist_info.world_size} x {accumulate})"
+        )
     if cfg["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg["seed"])

@@ -1,0 +1,68 @@
+"""Preemption: SIGTERM or SIGUSR1 stops a run at a step boundary, checkpointed, resumable.
+
+A scheduler (SLURM, Kubernetes, torchrun's agent) signals every process of a job. The handler
+only notes the signal; the loop asks :meth:`StopSignals.requested` after each real step. Under
+torchrun the ranks agree with one 1-element all-reduce a step (a signal seen by any rank stops
+all of them after the same step), so every rank writes the same checkpoint. The process then
+exits with :data:`RESUMABLE_EXIT`; ``emanorm train --resume`` (or ``--resume auto``) continues
+exactly from there.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+#: The exit status of a run stopped by a signal after writing its checkpoint (sysexits' EX_TEMPFAIL:
+#: "try again"): a job script can requeue on it.
+RESUMABLE_EXIT = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after checkpointing; rerun with ``--resume`` to continue."""
+
+    exit_code = RESUMABLE_EXIT
+
+
+class StopSignals:
+    """Context manager: SIGTERM and SIGUSR1 set a flag instead of killing the process.
+
+    Outside the main thread (where Python cannot install handlers) it does nothing. The previous
+    handlers come back on exit.
+    """
+
+    def __init__(self, device: torch.device, distributed: bool) -> None:
+        self.device = device
+        self.distributed = distributed
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _note(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def requested(self) -> bool:
+        """Whether this process, or under torchrun any rank, was signalled (same answer on all)."""
+        if not self.distributed:
+            return self.received is not None
+        flag = torch.tensor([1 if self.received else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.received is None:
+            self.received = "a stop signal on another rank"
+        return bool(flag.item())
