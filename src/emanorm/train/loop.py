@@ -88,7 +88,7 @@ def train_step(
         loss, logs = accumulate_gradients(step_fn, method, batch, step, optimizer, amp, scaler, accumulate)
     else:
         with amp():
-            loss, logs = (step_fn or method)(batch, step)
+            loss, logs = (method if step_fn is None else step_fn)(batch, step)
         if not torch.isfinite(loss.detach()).all():
             raise NonFiniteLossError(f"loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -143,7 +143,7 @@ def accumulate_gradients(
     The methods keep their once-a-step work for the real step: MoCo moves its teacher with the
     first micro-batch only and enqueues every micro-batch's keys in ``after_step``.
     """
-    model = step_fn or method
+    model = method if step_fn is None else step_fn
     ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=next(method.parameters()).device)
