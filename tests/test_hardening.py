@@ -7,11 +7,16 @@ malformed checkpoints never reach the model builder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -292,3 +297,61 @@ def test_summary_json_of_a_tiny_run_is_valid(tmp_path):
         pytest.skip("apt-get install dataset-fashion-mnist")
     summary = train(tiny(tmp_path / "run"))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == summary["steps"] == 2
+
+
+# -- a crash at the end-of-epoch evaluation loses nothing (L-3, L-10) --------------------------------------
+@needs_fmnist
+def test_a_crash_in_the_final_evaluation_keeps_the_epoch_and_the_resume_logs_its_evaluation(tmp_path):
+    out = tmp_path / "run"
+    calls = []
+
+    def crashing_monitor(method, run):
+        calls.append(1)
+        raise KeyboardInterrupt  # killed while evaluating
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(out), monitor=crashing_monitor)
+    assert ckpt.safe_load(out)["global_step"] == 2  # the checkpoint was written before the evaluation
+    summary = train(tiny(out), monitor=lambda method, run: {"knn_teacher": 50.0}, resume=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2]
+    assert summary["final"] == {"knn_teacher": 50.0} and summary["steps"] == 2
+
+
+# -- compare's training children die with it (L-7) ----------------------------------------------------------
+PARENT = """
+import os, subprocess, sys, time
+env = {**os.environ, "EMANORM_PARENT_PID": str(os.getpid())}
+child = subprocess.Popen([sys.executable, "-c",
+    "from emanorm.experiments.grid import die_with_parent; die_with_parent(); import time; time.sleep(120)"],
+    env=env)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_training_child_dies_when_compare_is_killed(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    time.sleep(3)  # the child has asked for its signal
+    os.kill(child, 0)  # alive
+    parent.kill()  # SIGKILL: no cleanup code of the parent runs
+    parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child, os.WNOHANG)
+        time.sleep(0.2)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its killed parent")
+    # and a child whose parent is already gone exits at once
+    gone = subprocess.run([sys.executable, "-c", "from emanorm.experiments.grid import die_with_parent; "
+                           "die_with_parent()"], env={**os.environ, "EMANORM_PARENT_PID": "1"},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert gone.returncode != 0 and "that started this run is gone" in gone.stderr
