@@ -9,6 +9,7 @@ from torch import nn
 
 from emanorm.methods.base import ALL_NORMS, TEACHER_NORMS, Method, NormPlan, Projected, plan_norm
 from emanorm.methods.byol import BYOL
+from emanorm.methods.dino import DINO
 from emanorm.methods.fixmatch import FixMatch
 from emanorm.methods.meanteacher import MeanTeacher
 from emanorm.methods.moco import MoCo
@@ -19,6 +20,7 @@ from emanorm.models import Classifier
 METHODS: dict[str, type[Method]] = {
     "moco": MoCo,
     "byol": BYOL,
+    "dino": DINO,
     "fixmatch": FixMatch,
     "meanteacher": MeanTeacher,
     "supervised": Supervised,
@@ -55,6 +57,7 @@ def build_method(
 __all__ = [
     "ALL_NORMS",
     "BYOL",
+    "DINO",
     "METHODS",
     "TEACHER_NORMS",
     "Classifier",

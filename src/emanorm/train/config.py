@@ -18,7 +18,7 @@ from emanorm.errors import UserError
 
 log = logging.getLogger("emanorm")
 
-METHODS = ("fixmatch", "moco", "byol", "meanteacher", "supervised")
+METHODS = ("fixmatch", "moco", "byol", "meanteacher", "supervised", "dino")
 NORMS = ("default", "bn", "sync_bn", "shuffle_bn", "gn", "in", "eman", "teacher_pn", "student_pn")
 SEMI_SUPERVISED = ("fixmatch", "meanteacher", "supervised")
 
