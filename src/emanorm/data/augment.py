@@ -19,7 +19,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from emanorm.data.datasets import DataError, DatasetInfo, resize_center_crop
 
-AUGMENTATIONS = ("none", "weak", "strong", "moco", "byol1", "byol2", "dino_global1", "dino_global2", "dino_local")
+AUGMENTATIONS = (
+    "none", "weak", "strong", "moco", "byol1", "byol2", "dino_global1", "dino_global2", "dino_local",
+)
 #: DINO's multi-crop defaults (main_dino.py of facebookresearch/dino): global and local crop scales,
 #: and the local crop side as a fraction of the global one (96 of 224 px).
 DINO_GLOBAL_SCALE = (0.4, 1.0)
