@@ -105,6 +105,20 @@ def test_default_is_sync_bn_and_views_are_two_global_plus_local_crops():
     assert list(make(local_crops=0).unlabeled_views) == ["global1", "global2"]
 
 
+def test_default_on_one_process_is_the_bn_computation():
+    """SyncBN falls back to BN on one process, so `default` and `bn` train identically there."""
+    states = []
+    for norm in ("default", "bn"):
+        torch.manual_seed(0)
+        method = make(norm)
+        method.train()
+        opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=0.05, momentum=0.9)
+        for i in range(2):
+            step(method, opt, make_batch(method, seed=i), i)
+        states.append(method.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_bad_options_raise_one_line_errors():
     with pytest.raises(ValueError, match="teacher_temp must lie in"):
         make(teacher_temp=0.0)
