@@ -285,7 +285,7 @@ def test_fixmatch_shuffle_bn_student_forward_is_interleaved_per_split():
 
 
 # -- the teacher ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["moco", "byol", "fixmatch", "meanteacher"])
+@pytest.mark.parametrize("name", ["moco", "byol", "dino", "fixmatch", "meanteacher"])
 def test_eman_teacher_output_is_independent_of_batch_mates(name):
     method = make(name, "eman")
     train(method)
@@ -480,7 +480,7 @@ def test_supervised_teacher_is_the_student():
 
 # -- state round trip -------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "norm"), [
-    ("moco", "shuffle_bn"), ("moco", "eman"), ("byol", "eman"), ("fixmatch", "default"),
+    ("moco", "shuffle_bn"), ("moco", "eman"), ("byol", "eman"), ("dino", "eman"), ("fixmatch", "default"),
     ("fixmatch", "eman"), ("meanteacher", "teacher_pn"), ("supervised", "bn"),
 ])
 def test_state_dict_round_trip(name, norm):
