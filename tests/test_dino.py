@@ -296,6 +296,32 @@ def test_batch_stream_yields_multi_crop_views_per_size_and_the_epoch():
     assert math.isfinite(loss.item())
 
 
+@pytest.mark.parametrize("norm", ["bn", "shuffle_bn"])
+def test_only_global_crops_move_the_student_running_statistics(norm):
+    """EMAN averages the student's running statistics into a teacher that sees global crops only."""
+    torch.manual_seed(0)
+    method = make(norm)
+    method.train()
+    batch = make_batch(method)
+    for key in ("local1", "local2"):
+        batch[key] = batch[key] * 10 + 5  # local crops with very different statistics
+    reference = make(norm)
+    reference.load_state_dict(method.state_dict())
+    reference.train()
+    method.training_step(batch, 0)
+    globals_only = {k: v for k, v in batch.items() if not k.startswith("local")}
+    reference.options["local_crops"] = 0
+    reference.training_step(globals_only, 0)
+    for (name, a), b in zip(method.student.named_buffers(), reference.student.buffers(), strict=True):
+        assert torch.equal(a, b), name
+    mixed = make(norm, local_crop_statistics=True)
+    mixed.load_state_dict(method.state_dict(), strict=False)
+    before = mixed.student.backbone.norm.num_batches_tracked.clone()
+    mixed.train()
+    mixed.training_step(batch, 0)
+    assert mixed.student.backbone.norm.num_batches_tracked == before + 2
+
+
 def test_split_bn_student_sees_each_crop_size_per_emulated_gpu():
     method = make("shuffle_bn")
     assert method.plan.num_splits == 2

@@ -22,12 +22,15 @@ running statistics, exactly as for MoCo and BYOL.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from emanorm.errors import UserError
 from emanorm.methods.base import (
@@ -52,6 +55,22 @@ def teacher_temperature(epoch: int, warmup: float, final: float, warmup_epochs: 
     if warmup_epochs == 1:
         return warmup
     return warmup + (final - warmup) * epoch / (warmup_epochs - 1)
+
+
+@contextlib.contextmanager
+def running_statistics_frozen(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of ``module`` in training mode normalise with the batch as usual but leave
+    their running statistics (and batch counters) untouched inside the block."""
+    layers = [
+        m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
 
 
 def dino_loss(student_out: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
@@ -92,6 +111,10 @@ class DINO(Method):
         "center_momentum": 0.9,
         "freeze_last_layer_epochs": 1,
         "clip_grad": 3.0,  # per-parameter gradient norm; 0 turns clipping off
+        # The local-crop forward also updates the student backbone's BN running statistics (as
+        # DINO's code). Off by default: EMAN and student PN hand those statistics to a teacher
+        # that only sees global crops, and the student is evaluated on full-size images.
+        "local_crop_statistics": False,
         "num_splits": 8,
         "momentum_warmup": False,
         "exclude_bias_and_norm": True,  # DINO: no weight decay on biases and norm parameters
@@ -178,13 +201,17 @@ class DINO(Method):
 
     def _student_outputs(self, globals_: list[Tensor], locals_: list[Tensor]) -> list[Tensor]:
         """One backbone forward per crop size, then one head forward over every crop (DINO's
-        MultiCropWrapper); split BN sees each emulated GPU's share of every crop."""
+        MultiCropWrapper); split BN sees each emulated GPU's share of every crop. Unless
+        ``local_crop_statistics``, only the global crops move the backbone's running statistics."""
         splits = self.plan.num_splits
         features = []
         for group in (globals_, locals_):
-            if group:
+            if not group:
+                continue
+            keep = group is locals_ and not self.options["local_crop_statistics"]
+            with running_statistics_frozen(self.student.backbone) if keep else contextlib.nullcontext():
                 out = self.student.backbone(cat_for_splits(group, splits))
-                features += split_from_splits(out, [g.shape[0] for g in group], splits)
+            features += split_from_splits(out, [g.shape[0] for g in group], splits)
         out = self.student.head(cat_for_splits(features, splits))
         return split_from_splits(out, [f.shape[0] for f in features], splits)
 
