@@ -24,7 +24,7 @@ def evals(run_dir: Path) -> dict[int, tuple[float, float]]:
 
 
 def main(paths: list[str]) -> None:
-    runs = {Path(p).name: evals(Path(p)) for p in paths}
+    runs = {p.rstrip("/"): evals(Path(p)) for p in paths}
     epochs = sorted({e for r in runs.values() for e in r})
     print("| run | " + " | ".join(f"epoch {e}" for e in epochs) + " |")
     print("|---|" + "---|" * len(epochs))
