@@ -259,7 +259,7 @@ def test_stream_batches_and_determinism(cifar_train) -> None:
     assert s.steps_per_epoch == 100 // 8 and len(s) == 12
     batches = list(s)
     b = batches[0]
-    assert set(b) == {"x", "y", "u_w", "u_s", "y_u", "index", "index_l"}
+    assert set(b) == {"x", "y", "u_w", "u_s", "y_u", "index", "index_l", "epoch"}
     assert b["x"].shape == (4, 3, 32, 32) and b["u_s"].shape == (8, 3, 32, 32)
     assert b["x"].dtype == torch.float32
     assert torch.equal(b["y"], cifar_train.targets[b["index_l"]]) and (b["index_l"] % 5 == 0).all()
@@ -311,7 +311,7 @@ def test_stream_small_labeled_set_cycles(cifar_train) -> None:
 def test_stream_labeled_only_and_errors(cifar_train, stl10_dir: Path) -> None:
     s = BatchStream(cifar_train, None, labeled_views={"x": "none"}, batch_size=10)
     b = next(iter(s))
-    assert set(b) == {"x", "y"} and s.steps_per_epoch == 10
+    assert set(b) == {"x", "y", "epoch"} and s.steps_per_epoch == 10
     with pytest.raises(ValueError, match="reserved"):
         BatchStream(cifar_train, labeled_views={"y": "weak"})
     with pytest.raises(ValueError, match="unknown augmentation 'fancy'"):

@@ -27,7 +27,8 @@ summary, method = train(
     resolve_config(None, overrides), monitor=knn_monitor, progress=False, return_method=True
 )
 rank = int(os.environ["RANK"])
-stats = {k: v for k, v in method.state_dict().items() if "running_" in k or k.endswith("queue")}
+stats = {k: v for k, v in method.state_dict().items()
+         if "running_" in k or k.endswith("queue") or k == "center"}
 params = {k: v for k, v in method.state_dict().items() if k.startswith("teacher.")}
 torch.save({"summary": summary, "stats": stats, "teacher": params}, f"{overrides['out']}/rank{rank}.pt")
 """
@@ -38,6 +39,7 @@ CASES = {
     "supervised": {"norm": "bn", "labels_per_class": 4},
     "moco": {"norm": "eman", "method_args": {"queue_size": 64, "dim": 16}},
     "byol": {"norm": "eman", "method_args": {"hidden_dim": 32, "proj_dim": 16}},
+    "dino": {"norm": "eman", "method_args": {"out_dim": 32, "hidden_dim": 16, "local_crops": 2}},
 }
 
 

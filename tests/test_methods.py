@@ -23,6 +23,7 @@ B = 4  # batch size per view (divisible by num_splits=2)
 SMALL = {
     "moco": {"dim": 4, "queue_size": 8, "num_splits": 2},
     "byol": {"hidden_dim": 8, "proj_dim": 4, "num_splits": 2},
+    "dino": {"out_dim": 8, "hidden_dim": 8, "bottleneck_dim": 4, "local_crops": 2, "num_splits": 2},
     "fixmatch": {"num_splits": 2, "threshold": 0.3},
     "meanteacher": {"num_splits": 2, "rampup_steps": 2},
     "supervised": {},
@@ -62,6 +63,7 @@ def make_batch(method: Method, seed: int = 0) -> dict[str, torch.Tensor]:
              for k in (*method.labeled_views, *method.unlabeled_views)}
     if method.labeled_views:
         batch["y"] = torch.randint(0, NUM_CLASSES, (B,), generator=gen)
+    batch["epoch"] = torch.tensor(0)  # as BatchStream's batches (DINO's schedules count epochs)
     if "u_w" in batch:  # diagnostics only, -1 = unknown (as BatchStream's "y_u")
         batch["y_u"] = torch.randint(0, NUM_CLASSES, (B,), generator=gen)
         batch["y_u"][0] = -1
@@ -108,7 +110,7 @@ def test_every_valid_pair_trains(name, norm):
         features = method.encoder(which).eval()(torch.randn(2, *IMAGE))
         assert features.shape == (2, TinyBackbone.feature_dim)
         clf = method.classifier(which)
-        if name in ("moco", "byol"):
+        if name in ("moco", "byol", "dino"):
             assert clf is None
         else:
             assert clf(torch.randn(2, *IMAGE)).shape == (2, NUM_CLASSES)
@@ -283,7 +285,7 @@ def test_fixmatch_shuffle_bn_student_forward_is_interleaved_per_split():
 
 
 # -- the teacher ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["moco", "byol", "fixmatch", "meanteacher"])
+@pytest.mark.parametrize("name", ["moco", "byol", "dino", "fixmatch", "meanteacher"])
 def test_eman_teacher_output_is_independent_of_batch_mates(name):
     method = make(name, "eman")
     train(method)
@@ -478,7 +480,7 @@ def test_supervised_teacher_is_the_student():
 
 # -- state round trip -------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "norm"), [
-    ("moco", "shuffle_bn"), ("moco", "eman"), ("byol", "eman"), ("fixmatch", "default"),
+    ("moco", "shuffle_bn"), ("moco", "eman"), ("byol", "eman"), ("dino", "eman"), ("fixmatch", "default"),
     ("fixmatch", "eman"), ("meanteacher", "teacher_pn"), ("supervised", "bn"),
 ])
 def test_state_dict_round_trip(name, norm):

@@ -42,6 +42,8 @@ TINY = [
 RESUME_CASES = {
     "fixmatch": ["--method", "fixmatch", "--norm", "eman", "--labels-per-class", "4"],
     "moco": ["--method", "moco", "--norm", "eman", "--method-arg", "queue_size=64", "--method-arg", "dim=16"],
+    "dino": ["--method", "dino", "--norm", "eman", "--method-arg", "out_dim=32",
+             "--method-arg", "hidden_dim=16", "--method-arg", "local_crops=2"],
 }
 
 

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dat
 METHOD_ARGS = {
     "moco": {"queue_size": 64, "dim": 16},
     "byol": {"hidden_dim": 32, "proj_dim": 16},
+    "dino": {"out_dim": 32, "hidden_dim": 16, "local_crops": 2},
     "fixmatch": {},
     "meanteacher": {},
     "supervised": {},

@@ -20,7 +20,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from emanorm.data.datasets import Box, DataError, DatasetInfo, resize_center_crop
 
-AUGMENTATIONS = ("none", "weak", "strong", "moco", "byol1", "byol2")
+AUGMENTATIONS = (
+    "none", "weak", "strong", "moco", "byol1", "byol2", "dino_global1", "dino_global2", "dino_local",
+)
+#: DINO's multi-crop defaults (main_dino.py of facebookresearch/dino): global and local crop scales,
+#: and the local crop side as a fraction of the global one (96 of 224 px).
+DINO_GLOBAL_SCALE = (0.4, 1.0)
+DINO_LOCAL_SCALE = (0.05, 0.4)
+DINO_LOCAL_FRACTION = 96 / 224
 
 Generator = torch.Generator | None
 
@@ -504,17 +511,41 @@ def blur_kernel_size(image_size: int) -> int:
     return k if k % 2 else k + 1
 
 
+def dino_local_size(image_size: int) -> int:
+    """DINO's local crop side for a global side ``image_size``: 96 at 224, 12 at 28, 14 at 32."""
+    return max(1, round(image_size * DINO_LOCAL_FRACTION))
+
+
+def _scale_option(name: str, value: object) -> tuple[float, float]:
+    """A crop scale range ``[low, high]`` with ``0 < low <= high <= 1``, or a one-line DataError."""
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+    if not ok or not 0 < value[0] <= value[1] <= 1:  # type: ignore[index]
+        raise DataError(f"{name}={value!r} must be [low, high] with 0 < low <= high <= 1")
+    return float(value[0]), float(value[1])  # type: ignore[index]
+
+
 def build_augmentation(preset: str, info: DatasetInfo, *, blur: bool | None = None,
-                       cutout: float | None = None) -> BatchAugment:
+                       cutout: float | None = None, global_scale: object = DINO_GLOBAL_SCALE,
+                       local_scale: object = DINO_LOCAL_SCALE, local_size: int | None = None) -> BatchAugment:
     """The named preset (one of ``AUGMENTATIONS``) for a dataset's size and channels.
 
-    ``blur`` overrides whether MoCo/BYOL presets blur (default: only above 32 px, as the CIFAR
+    ``blur`` overrides whether MoCo/BYOL/DINO presets blur (default: only above 32 px, as the CIFAR
     recipes of MoCo's demo and SimCLR drop it); ``cutout`` overrides the side fraction of the
     ``strong`` preset's Cutout (default 0.5 up to 96 px, none at larger sizes; 0 turns it off).
+    ``global_scale`` / ``local_scale`` are the RandomResizedCrop scale ranges of DINO's global
+    (``dino_global1``/``2``) and local (``dino_local``) views, ``local_size`` the local views' side
+    (default :func:`dino_local_size`; global views keep the dataset's size).
     """
     if preset not in AUGMENTATIONS:
         raise DataError(f"unknown augmentation {preset!r}; choose one of {', '.join(AUGMENTATIONS)}")
     size, channels = info.image_size, info.channels
+    global_scale = _scale_option("global_scale", global_scale)
+    local_scale = _scale_option("local_scale", local_scale)
+    if local_size is None:
+        local_size = dino_local_size(size)
+    elif isinstance(local_size, bool) or not isinstance(local_size, int) or local_size < 1:
+        raise DataError(f"local_size={local_size!r} must be a positive integer (pixels)")
     large = size >= 128
     blur = size > 32 if blur is None else blur
     cutout = (0.5 if size <= 96 else 0.0) if cutout is None else cutout
@@ -524,13 +555,14 @@ def build_augmentation(preset: str, info: DatasetInfo, *, blur: bool | None = No
     weak: list[_Op] = ([RandomResizedCropFlip(size, (0.08, 1.0))] if large
                        else [RandomTranslateFlip(round(0.125 * size))])
 
-    def ssl(scale: tuple[float, float], saturation: float, blur_p: float, solarize_p: float) -> list[_Op]:
-        ops: list[_Op] = [RandomResizedCropFlip(size, scale),
+    def ssl(scale: tuple[float, float], saturation: float, blur_p: float, solarize_p: float,
+            out_size: int = size) -> list[_Op]:
+        ops: list[_Op] = [RandomResizedCropFlip(out_size, scale),
                           ColorJitter(0.4, 0.4, saturation, 0.1, p=0.8, channels=channels)]
         if channels == 3:
             ops.append(RandomGrayscale(0.2))
         if blur and blur_p > 0:
-            ops.append(GaussianBlur(blur_kernel_size(size), (0.1, 2.0), p=blur_p))
+            ops.append(GaussianBlur(blur_kernel_size(out_size), (0.1, 2.0), p=blur_p))
         if solarize_p > 0:
             ops.append(RandomSolarize(solarize_p))
         return ops
@@ -546,6 +578,14 @@ def build_augmentation(preset: str, info: DatasetInfo, *, blur: bool | None = No
         ops = ssl((0.2, 1.0), 0.4, 0.5, 0.0)
     elif preset == "byol1":
         ops = ssl((0.08, 1.0), 0.2, 1.0, 0.0)
-    else:  # byol2
+    elif preset == "byol2":
         ops = ssl((0.08, 1.0), 0.2, 0.1, 0.2)
+    # DINO's DataAugmentationDINO: BYOL's photometric pair on the two global crops, and on every
+    # local crop the same jitter and grey with a blur of probability 0.5 (no solarization).
+    elif preset == "dino_global1":
+        ops = ssl(global_scale, 0.2, 1.0, 0.0)
+    elif preset == "dino_global2":
+        ops = ssl(global_scale, 0.2, 0.1, 0.2)
+    else:  # dino_local
+        ops = ssl(local_scale, 0.2, 0.5, 0.0, out_size=local_size)
     return BatchAugment(preset, info, ops)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from emanorm.data.augment import AUGMENTATIONS, BatchAugment, RandomResizedCropFlip, build_augmentation
 from emanorm.data.datasets import DataError, EncodedViews, ImageDataset, decode_views
 
-RESERVED_KEYS = ("y", "y_u", "index", "index_l")
+RESERVED_KEYS = ("y", "y_u", "index", "index_l", "epoch")
 # Stream ids mixed into the seeds so the labeled and unlabeled orders (and the crops of file images)
 # are independent.
 _MAIN, _CYCLED, _AUGMENT, _CROP = 0, 1, 2, 3
@@ -128,6 +128,8 @@ class BatchStream:
     the labeled part), ``"y_u"`` (targets of the unlabeled part, -1 where unknown: for diagnostics
     such as pseudo-label accuracy, never for training) and, with ``return_index``, ``"index"``
     (dataset indices of the unlabeled part, or the labeled one when alone) and ``"index_l"``.
+    ``"epoch"`` is the batch's epoch as a 0-d int64 CPU tensor, for methods whose schedules count
+    epochs (DINO's teacher-temperature warm-up and frozen last layer).
     """
 
     def __init__(self, labeled: ImageDataset | None = None, labeled_indices: Tensor | None = None,
@@ -296,6 +298,7 @@ class BatchStream:
                 batch["y_u"] = targets
             if self.return_index:
                 batch["index" if part is self.main else "index_l"] = _to_device(idx, self.device)
+        batch["epoch"] = torch.tensor(epoch, dtype=torch.long)
         return batch
 
 

@@ -2,7 +2,7 @@
 
 - semi-supervised runs (``fixmatch``, ``meanteacher``, ``supervised``): test accuracy of the
   evaluated network, as the trainer measured it at the end of training (``summary.json``);
-- self-supervised runs (``moco``, ``byol``): kNN accuracy (from ``summary.json``) and a linear probe
+- self-supervised runs (``moco``, ``byol``, ``dino``): kNN accuracy (from ``summary.json``) and a linear probe
   on frozen features with a fraction of the training labels (10% as in the paper's Table 1).
 
 Every accuracy here is a **percentage** (0-100), as in the trainer's metrics; the evaluation

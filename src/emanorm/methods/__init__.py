@@ -9,6 +9,7 @@ from torch import nn
 
 from emanorm.methods.base import ALL_NORMS, TEACHER_NORMS, Method, NormPlan, Projected, plan_norm
 from emanorm.methods.byol import BYOL
+from emanorm.methods.dino import DINO
 from emanorm.methods.fixmatch import FixMatch
 from emanorm.methods.meanteacher import MeanTeacher
 from emanorm.methods.moco import MoCo
@@ -18,7 +19,7 @@ from emanorm.models import Classifier
 #: Method name -> class: the one registry (the CLI's choices, the config's checks and ``compare``
 #: derive from it; a new method is one file plus one line here).
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FixMatch, MoCo, BYOL, MeanTeacher, Supervised)
+    cls.name: cls for cls in (FixMatch, MoCo, BYOL, MeanTeacher, Supervised, DINO)
 }
 #: The methods trained with labels (judged by test accuracy), from each class's ``semi_supervised``.
 SEMI_SUPERVISED: tuple[str, ...] = tuple(name for name, cls in METHODS.items() if cls.semi_supervised)
@@ -58,6 +59,7 @@ def build_method(
 __all__ = [
     "ALL_NORMS",
     "BYOL",
+    "DINO",
     "METHODS",
     "SEMI_SUPERVISED",
     "TEACHER_NORMS",

@@ -9,11 +9,12 @@ from emanorm.models.backbones import (
     build_backbone,
     build_classifier,
 )
-from emanorm.models.heads import MLPHead
+from emanorm.models.heads import DINOHead, MLPHead
 
 __all__ = [
     "BACKBONES",
     "Classifier",
+    "DINOHead",
     "MLPHead",
     "ResNet2x",
     "SmallResNet",

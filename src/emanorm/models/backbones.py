@@ -222,11 +222,18 @@ def _timm_model(name: str, in_channels: int, image_size: int) -> nn.Module:
     if not name:
         raise ValueError("backbone 'timm:' needs a model name, e.g. 'timm:resnet26d'")
     kwargs = {"pretrained": False, "num_classes": 0, "in_chans": in_channels}
+    # Transformers need the input size; most CNNs reject the argument. ViTs also take inputs of
+    # other sizes with dynamic_img_size (position embeddings resampled; unchanged at image_size):
+    # DINO's local crops need it.
+    attempts = ({"img_size": image_size, "dynamic_img_size": True}, {"img_size": image_size}, {})
     try:
-        try:  # transformers need the input size; most CNNs reject the argument
-            model = timm.create_model(name, img_size=image_size, **kwargs)
-        except TypeError:
-            model = timm.create_model(name, **kwargs)
+        for extra in attempts:
+            try:
+                model = timm.create_model(name, **extra, **kwargs)
+                break
+            except TypeError:
+                if not extra:
+                    raise
     except Exception as err:  # an unknown name or an impossible configuration: one line
         raise ValueError(f"backbone 'timm:{name}' cannot be built: {_first_line(err)}") from None
     model.feature_dim = int(model.num_features)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -44,3 +46,56 @@ class MLPHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021, Sec. 3.1 and Appendix).
+
+    An MLP of ``num_layers`` Linear layers (GELU between them, optional BatchNorm1d), ending in a
+    ``bottleneck_dim`` output that is L2-normalised, then a weight-normalised Linear without bias
+    to ``out_dim`` prototypes. With ``norm_last_layer`` the weight-norm gain is fixed at 1 (not
+    trained), so the last layer's rows stay unit vectors: DINO's default, which stabilises training.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        batch_norm: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        if min(in_dim, out_dim, hidden_dim, bottleneck_dim) < 1:
+            raise ValueError(
+                f"dimensions must be positive, got {in_dim}, {out_dim}, {hidden_dim}, {bottleneck_dim}"
+            )
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers.append(nn.Linear(dim, hidden_dim))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.GELU())
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        for layer in self.mlp.modules():
+            if isinstance(layer, nn.Linear):  # DINO's truncated-normal init, std 0.02, zero bias
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        last = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        self.last_layer = nn.utils.parametrizations.weight_norm(last)
+        gain = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            gain.fill_(1.0)
+        gain.requires_grad_(not norm_last_layer)
+        self.in_dim, self.out_dim, self.bottleneck_dim = in_dim, out_dim, bottleneck_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return self.last_layer(x)

@@ -115,14 +115,15 @@ def train_step(
 
 
 def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    """``parts`` micro-batches of equal size: every tensor of ``batch`` cut along its first axis."""
+    """``parts`` micro-batches of equal size: every tensor of ``batch`` cut along its first axis
+    (0-d tensors such as the batch's ``epoch`` go to every micro-batch as they are)."""
     for key, value in batch.items():
-        if value.shape[0] % parts:
+        if value.dim() and value.shape[0] % parts:
             raise UserError(
                 f"--accumulate {parts} does not divide the {key!r} batch of {value.shape[0]} on this "
                 "process; choose a batch size divisible by accumulate x processes"
             )
-    pieces = {key: value.chunk(parts) for key, value in batch.items()}
+    pieces = {key: value.chunk(parts) if value.dim() else (value,) * parts for key, value in batch.items()}
     return [{key: chunks[i] for key, chunks in pieces.items()} for i in range(parts)]
 
 

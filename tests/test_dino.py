@@ -1,0 +1,396 @@
+"""DINO: multi-crop views, the loss, centring, sharpening, frozen last layer, clipping, every norm."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import torchrun_command
+from emanorm import cosine_momentum
+from emanorm.data import BatchStream, DataError, build_augmentation
+from emanorm.data.augment import dino_local_size
+from emanorm.data.datasets import DatasetInfo, TensorImageDataset
+from emanorm.errors import UserError
+from emanorm.methods import ALL_NORMS, DINO, build_method
+from emanorm.methods.dino import dino_loss, teacher_temperature
+from emanorm.models import DINOHead
+from emanorm.norms import convert_norm
+
+B = 4  # images per view (divisible by num_splits=2)
+GLOBAL, LOCAL = 8, 4
+SMALL = {"out_dim": 16, "hidden_dim": 8, "bottleneck_dim": 4, "local_crops": 2, "num_splits": 2}
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+class TinyBackbone(nn.Module):
+    """conv + norm + ReLU + global pool: any input size -> ``(B, 6)``."""
+
+    feature_dim = 6
+
+    def __init__(self, kind: str = "bn") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(6)
+        if kind in ("gn", "in"):
+            convert_norm(self, kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.conv(x))).mean(dim=(2, 3))
+
+
+def make(norm: str = "eman", momentum: float = 0.9, **options) -> DINO:
+    return build_method("dino", backbone_factory=TinyBackbone, num_classes=3, norm=norm, momentum=momentum,
+                        eman_momentum=None, bn_momentum=0.1, **{**SMALL, **options})
+
+
+def make_batch(method: DINO, seed: int = 0, epoch: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    batch = {}
+    for key in method.unlabeled_views:
+        size = GLOBAL if key.startswith("global") else LOCAL
+        batch[key] = torch.randn(B, 1, size, size, generator=gen) * 2 + 1
+    batch["epoch"] = torch.tensor(epoch)
+    return batch
+
+
+def step(method: DINO, opt: torch.optim.Optimizer, batch: dict, index: int, total: int = 10) -> torch.Tensor:
+    loss, logs = method(batch, index)
+    assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in logs.values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    method.after_step(index, total)
+    return loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- every norm --------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm", ALL_NORMS)
+def test_every_norm_trains_with_finite_loss_and_no_teacher_gradient(norm):
+    torch.manual_seed(0)
+    method = make(norm)
+    method.train()
+    opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=0.05, momentum=0.9)
+    for i in range(3):
+        step(method, opt, make_batch(method, seed=i, epoch=i), i)
+    assert all(not p.requires_grad and p.grad is None for p in method.teacher.parameters())
+    trainable = {id(p) for g in method.parameter_groups(0.0) for p in g["params"]}
+    assert not trainable & {id(p) for p in method.teacher.parameters()}
+    assert method.encoder("teacher") is method.teacher.module.backbone
+    assert method.classifier("teacher") is None
+    features = method.encoder("teacher").eval()(torch.randn(2, 1, GLOBAL, GLOBAL))
+    assert features.shape == (2, TinyBackbone.feature_dim)
+    assert method.teacher.norm == (norm if norm in ("eman", "teacher_pn", "student_pn") else "bn")
+
+
+def test_default_is_sync_bn_and_views_are_two_global_plus_local_crops():
+    method = make("default", local_crops=3)
+    assert method.plan.resolved == "sync_bn"
+    assert method.unlabeled_views == {"global1": "dino_global1", "global2": "dino_global2",
+                                      "local1": "dino_local", "local2": "dino_local", "local3": "dino_local"}
+    assert list(make(local_crops=0).unlabeled_views) == ["global1", "global2"]
+
+
+def test_default_on_one_process_is_the_bn_computation():
+    """SyncBN falls back to BN on one process, so `default` and `bn` train identically there."""
+    states = []
+    for norm in ("default", "bn"):
+        torch.manual_seed(0)
+        method = make(norm)
+        method.train()
+        opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=0.05, momentum=0.9)
+        for i in range(2):
+            step(method, opt, make_batch(method, seed=i), i)
+        states.append(method.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_bad_options_raise_one_line_errors():
+    with pytest.raises(ValueError, match="teacher_temp must lie in"):
+        make(teacher_temp=0.0)
+    with pytest.raises(ValueError, match="center_momentum must lie in"):
+        make(center_momentum=1.5)
+    with pytest.raises(ValueError, match="local_crops must lie in"):
+        make(local_crops=-1)
+    with pytest.raises(KeyError, match="needs batch key 'epoch'"):
+        method = make()
+        batch = make_batch(method)
+        del batch["epoch"]
+        method.training_step(batch, 0)
+
+
+# -- the head and the loss -----------------------------------------------------------------------
+def test_dino_head_shape_gelu_bottleneck_and_unit_last_layer():
+    head = DINOHead(6, 32, hidden_dim=8, bottleneck_dim=4)
+    assert sum(isinstance(m, nn.Linear) for m in head.mlp) == 3
+    assert any(isinstance(m, nn.GELU) for m in head.mlp)
+    assert head.mlp[-1].out_features == 4
+    assert head(torch.randn(5, 6)).shape == (5, 32)
+    gain = head.last_layer.parametrizations.weight.original0
+    assert not gain.requires_grad and torch.all(gain == 1)
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(32))
+    assert DINOHead(6, 32, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_loss_pairs_every_teacher_global_view_with_every_other_student_view():
+    gen = torch.Generator().manual_seed(0)
+    student = [torch.randn(3, 5, generator=gen) for _ in range(4)]
+    teacher = [F.softmax(torch.randn(3, 5, generator=gen), dim=-1) for _ in range(2)]
+    expected, pairs = 0.0, 0
+    for i in range(2):
+        for v in range(4):
+            if v != i:
+                expected += -(teacher[i] * F.log_softmax(student[v] / 0.1, dim=-1)).sum(-1).mean()
+                pairs += 1
+    assert pairs == 6
+    torch.testing.assert_close(dino_loss(student, teacher, 0.1), expected / pairs)
+
+
+def test_teacher_temperature_warms_up_linearly_then_stays():
+    assert [teacher_temperature(e, 0.04, 0.07, 4) for e in range(6)] == pytest.approx(
+        [0.04, 0.05, 0.06, 0.07, 0.07, 0.07])
+    assert teacher_temperature(0, 0.04, 0.07, 0) == 0.07
+    assert teacher_temperature(0, 0.04, 0.07, 1) == 0.04
+    method = make(warmup_teacher_temp_epochs=3)
+    method.train()
+    _, logs = method.training_step(make_batch(method, epoch=1), 0)
+    assert logs["teacher_temp"] == pytest.approx(0.055)
+
+
+# -- centring and the teacher momentum -------------------------------------------------------------
+def test_center_moves_with_its_momentum_after_the_step_and_the_loss_uses_the_old_one():
+    torch.manual_seed(0)
+    method = make("eman", center_momentum=0.8)
+    method.train()
+    outputs = []
+    method.teacher.module.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach().clone()))
+    opt = torch.optim.SGD(method.parameter_groups(0.0), lr=0.01)
+    expected = torch.zeros(1, SMALL["out_dim"])
+    for i in range(3):
+        before = method.center.clone()
+        method(make_batch(method, seed=i), i)
+        assert torch.equal(method.center, before)  # training_step never writes the centre
+        method.zero_grad()
+        step(method, opt, make_batch(method, seed=i), i)
+        expected = 0.8 * expected + 0.2 * outputs[-1].mean(0, keepdim=True)
+        torch.testing.assert_close(method.center, expected)
+    assert method.center.abs().sum() > 0
+
+
+def test_teacher_momentum_is_cosine_to_one():
+    method = make("eman", momentum=0.996)
+    assert method.momentum_at(0, 100) == pytest.approx(0.996)
+    assert method.momentum_at(50, 100) == pytest.approx(cosine_momentum(0.996, 50, 100))
+    assert method.momentum_at(100, 100) == pytest.approx(1.0)
+
+
+# -- gradients: frozen last layer, clipping --------------------------------------------------------
+def _last_layer_grads(method: DINO) -> list[torch.Tensor]:
+    return [p.grad for p in method.student.head.last_layer.parameters() if p.requires_grad]
+
+
+def test_last_layer_is_frozen_during_the_first_epoch_only():
+    torch.manual_seed(0)
+    method = make("bn", freeze_last_layer_epochs=1, clip_grad=0.0)
+    method.train()
+    opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=0.5, momentum=0.9)
+    weight = method.student.head.last_layer.weight.detach().clone()
+    for i in range(2):
+        step(method, opt, make_batch(method, seed=i, epoch=0), i)
+        assert all(torch.count_nonzero(g) == 0 for g in _last_layer_grads(method))
+    # weight decay shrinks v, the weight-normalised rows stay where they were
+    torch.testing.assert_close(method.student.head.last_layer.weight, weight)
+    step(method, opt, make_batch(method, seed=2, epoch=1), 2)
+    assert any(torch.count_nonzero(g) > 0 for g in _last_layer_grads(method))
+    assert not torch.allclose(method.student.head.last_layer.weight, weight)
+
+
+def test_each_parameter_gradient_is_clipped_to_clip_grad():
+    torch.manual_seed(0)
+    clip = 1e-3
+    method = make("bn", clip_grad=clip)
+    method.train()
+    loss, _ = method.training_step(make_batch(method), 0)
+    (loss * 1e4).backward()
+    norms = [p.grad.norm().item() for p in method.student.parameters() if p.grad is not None]
+    assert norms and max(norms) <= clip * (1 + 1e-4)
+    # without clipping the same gradients are far larger
+    torch.manual_seed(0)
+    free = make("bn", clip_grad=0.0)
+    free.train()
+    loss, _ = free.training_step(make_batch(free), 0)
+    (loss * 1e4).backward()
+    assert max(p.grad.norm().item() for p in free.student.parameters() if p.grad is not None) > 10 * clip
+
+
+def test_before_optimizer_step_clips_when_the_trainer_calls_it():
+    torch.manual_seed(0)
+    method = make("bn", clip_grad=1e-3)
+    method.clip_in_backward = False
+    method.train()
+    loss, _ = method.training_step(make_batch(method), 0)
+    (loss * 1e4).backward()
+    assert max(p.grad.norm().item() for p in method.student.parameters() if p.grad is not None) > 1e-2
+    method.before_optimizer_step()
+    assert max(p.grad.norm().item() for p in method.student.parameters() if p.grad is not None) <= 1.001e-3
+
+
+def test_fp16_autocast_with_clipping_in_backward_is_refused():
+    method = make("bn")
+    method.train()
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(UserError, match="--amp bf16"):
+        method.training_step(make_batch(method), 0)
+
+
+# -- multi-crop views ------------------------------------------------------------------------------
+INFO = DatasetInfo("fake", 3, 1, 28, (0.5,), (0.25,))
+
+
+def test_dino_presets_make_global_and_local_crops_of_their_sizes():
+    x = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    assert dino_local_size(224) == 96 and dino_local_size(28) == 12
+    assert build_augmentation("dino_global1", INFO)(x, generator=g).shape == (5, 1, 28, 28)
+    assert build_augmentation("dino_global2", INFO)(x, generator=g).shape == (5, 1, 28, 28)
+    assert build_augmentation("dino_local", INFO)(x, generator=g).shape == (5, 1, 12, 12)
+    local = build_augmentation("dino_local", INFO, local_size=8, local_scale=[0.1, 0.2])
+    assert local(x, generator=g).shape == (5, 1, 8, 8) and local.ops[0].scale == (0.1, 0.2)
+    big = DatasetInfo("fake", 3, 3, 224, (0.5,) * 3, (0.25,) * 3)
+    names = [type(op).__name__ for op in build_augmentation("dino_global2", big).ops]
+    assert names == ["RandomResizedCropFlip", "ColorJitter", "RandomGrayscale", "GaussianBlur",
+                     "RandomSolarize"]
+    assert build_augmentation("dino_global1", big, global_scale=(0.14, 1)).ops[0].scale == (0.14, 1.0)
+    with pytest.raises(DataError, match=r"global_scale=\[0.5, 0.2\] must be \[low, high\]"):
+        build_augmentation("dino_global1", INFO, global_scale=[0.5, 0.2])
+    with pytest.raises(DataError, match="local_size=0 must be a positive integer"):
+        build_augmentation("dino_local", INFO, local_size=0)
+
+
+def test_batch_stream_yields_multi_crop_views_per_size_and_the_epoch():
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    dataset = TensorImageDataset(images, torch.arange(40) % 3, INFO, "train")
+    method = make(local_crops=3)
+    stream = BatchStream(unlabeled=dataset, unlabeled_views=method.unlabeled_views, batch_size=8, seed=0)
+    stream.set_epoch(2)
+    batch = next(iter(stream))
+    assert batch["global1"].shape == batch["global2"].shape == (8, 1, 28, 28)
+    assert all(batch[f"local{i}"].shape == (8, 1, 12, 12) for i in (1, 2, 3))
+    assert not torch.equal(batch["local1"], batch["local2"])  # each view draws its own crops
+    assert int(batch["epoch"]) == 2
+    method.train()
+    loss, _ = method.training_step(batch, 0)
+    assert math.isfinite(loss.item())
+
+
+@pytest.mark.parametrize("norm", ["bn", "shuffle_bn"])
+def test_only_global_crops_move_the_student_running_statistics(norm):
+    """EMAN averages the student's running statistics into a teacher that sees global crops only."""
+    torch.manual_seed(0)
+    method = make(norm)
+    method.train()
+    batch = make_batch(method)
+    for key in ("local1", "local2"):
+        batch[key] = batch[key] * 10 + 5  # local crops with very different statistics
+    reference = make(norm)
+    reference.load_state_dict(method.state_dict())
+    reference.train()
+    method.training_step(batch, 0)
+    globals_only = {k: v for k, v in batch.items() if not k.startswith("local")}
+    reference.options["local_crops"] = 0
+    reference.training_step(globals_only, 0)
+    for (name, a), b in zip(method.student.named_buffers(), reference.student.buffers(), strict=True):
+        assert torch.equal(a, b), name
+    mixed = make(norm, local_crop_statistics=True)
+    mixed.load_state_dict(method.state_dict(), strict=False)
+    before = mixed.student.backbone.norm.num_batches_tracked.clone()
+    mixed.train()
+    mixed.training_step(batch, 0)
+    assert mixed.student.backbone.norm.num_batches_tracked == before + 2
+
+
+def test_split_bn_student_sees_each_crop_size_per_emulated_gpu():
+    method = make("shuffle_bn")
+    assert method.plan.num_splits == 2
+    method.train()
+    loss, _ = method.training_step(make_batch(method), 0)
+    assert math.isfinite(loss.item())
+
+
+# -- two ranks against one process -------------------------------------------------------------------
+WORKER = """
+import sys, torch
+from torch import nn
+sys.path.insert(0, sys.argv[2])
+from test_dino import make, make_batch
+torch.distributed.init_process_group("gloo")
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+torch.manual_seed(0)
+method = make("gn", clip_grad=0.0)
+model = nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
+opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=0.1, momentum=0.9)
+method.train()
+for i in range(3):
+    full = make_batch(method, seed=i, epoch=i // 2)
+    half = {k: (v[rank::world] if v.dim() else v) for k, v in full.items()}
+    loss, _ = model(half, i)
+    opt.zero_grad(); loss.backward(); opt.step(); method.after_step(i, 10)
+if rank == 0:
+    torch.save(method.state_dict(), sys.argv[1])
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_gloo_ranks_match_one_process_with_batch_independent_norms(tmp_path):
+    """With GN (no batch statistics) and no clipping, DDP's averaged gradients over two half
+    batches equal one process's full-batch gradients, and the all-reduced centre is the full-batch
+    mean: two ranks and one process agree up to rounding."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "rank0.pt"
+    command, env = torchrun_command(2, str(script), str(out), str(Path(__file__).parent), dist_timeout_s=60)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.manual_seed(0)
+    method = make("gn", clip_grad=0.0)
+    opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=0.1, momentum=0.9)
+    method.train()
+    for i in range(3):
+        step(method, opt, make_batch(method, seed=i, epoch=i // 2), i)
+    ranks = torch.load(out, weights_only=True)
+    reference = method.state_dict()
+    assert ranks.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(ranks[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert reference["center"].abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_small_dino_preset_trains_and_writes_the_run_directory(tmp_path):
+    from emanorm.train import resolve_config, train
+
+    cfg = resolve_config("small-dino", {
+        "max_steps": 2, "batch_size": 16, "knn_bank_size": 64, "monitor_test_size": 64, "log_every": 1,
+        "device": "cpu", "out": str(tmp_path / "run"),
+        "method_args": {"out_dim": 32, "hidden_dim": 16, "local_crops": 2},
+    })
+    summary = train(cfg, progress=False)
+    assert summary["method"] == "dino" and summary["steps"] == 2
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["method"] == "dino" and 0.0 <= saved["final"]["knn_teacher"] <= 100.0
