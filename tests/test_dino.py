@@ -383,6 +383,7 @@ def test_two_gloo_ranks_match_one_process_with_batch_independent_norms(tmp_path)
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
 def test_small_dino_preset_trains_and_writes_the_run_directory(tmp_path):
+    from emanorm.evaluation import knn_monitor
     from emanorm.train import resolve_config, train
 
     cfg = resolve_config("small-dino", {
@@ -390,7 +391,7 @@ def test_small_dino_preset_trains_and_writes_the_run_directory(tmp_path):
         "device": "cpu", "out": str(tmp_path / "run"),
         "method_args": {"out_dim": 32, "hidden_dim": 16, "local_crops": 2},
     })
-    summary = train(cfg, progress=False)
+    summary = train(cfg, monitor=knn_monitor, progress=False)
     assert summary["method"] == "dino" and summary["steps"] == 2
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["method"] == "dino" and 0.0 <= saved["final"]["knn_teacher"] <= 100.0
