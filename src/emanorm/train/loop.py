@@ -8,8 +8,10 @@ whole run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -28,8 +30,9 @@ from emanorm.data import write_split_csv
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
 from emanorm.train.config import comparable, dump_config
+from emanorm.train.curves import write_run_curves
 from emanorm.train.distributed import average_batchnorm_statistics, barrier, cleanup, init_distributed
-from emanorm.train.recipe import Run, build_run
+from emanorm.train.recipe import Run, build_run, load_method
 
 log = logging.getLogger("emanorm")
 
@@ -115,6 +118,75 @@ def check_run_dir(cfg: dict[str, Any], resume: bool, force: bool) -> Path:
         state = "a finished run" if finished else "an unfinished run"
         raise UserError(f"{run_dir} already holds {state}; use --resume to continue or --force to overwrite")
     return run_dir
+
+
+class RunFinished(Exception):
+    """``--resume`` of a run whose summary.json exists: nothing to train (carries that summary)."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__("the run is finished")
+        self.summary = summary
+
+
+def finished_run_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a finished run that ``--resume`` leaves untouched; ``None`` if unfinished.
+
+    A finished run without its checkpoint is refused: retraining it would overwrite its results.
+    """
+    summary_file = run_dir / "summary.json"
+    if not summary_file.exists():
+        return None
+    checkpoint_file = run_dir / "checkpoints" / ckpt.CHECKPOINT_NAME
+    if not checkpoint_file.exists():
+        raise UserError(
+            f"{run_dir} holds a finished run (summary.json) but {checkpoint_file} is missing, so there is "
+            "nothing to resume; use --force to train it again from scratch"
+        )
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {summary_file}: {err}; use --force to train it again") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{summary_file} is not a summary record; use --force to train it again")
+    return summary
+
+
+def remove_unstarted_run_dir(run_dir: Path, created: bool, checkpoint_file: Path) -> None:
+    """After a failure before the first checkpoint, remove the run directory this command created,
+    so that no empty run is left behind (there is nothing to resume in it)."""
+    if created and not checkpoint_file.exists() and run_dir.is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_environment(run: Run) -> dict[str, Any]:
+    """What the figures of a run depend on besides its config: the CPU thread count changes
+    floating-point results, so it is recorded with the torch version and the device."""
+    return {
+        "torch": torch.__version__,
+        "device": str(run.device),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "world_size": run.dist.world_size,
+    }
+
+
+def light_run(run: Run) -> Run:
+    """The run as the evaluations along training see it: with ``eval_light_size`` set, a kNN bank
+    and test queries of at most that many images (the final evaluation uses the full sizes)."""
+    size = run.cfg.get("eval_light_size")
+    if not size:
+        return run
+    bank = min(run.cfg["knn_bank_size"], size)
+    queries = size if run.cfg["monitor_test_size"] is None else min(run.cfg["monitor_test_size"], size)
+    return dataclasses.replace(run, cfg={**run.cfg, "knn_bank_size": bank, "monitor_test_size": queries})
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """``knn_teacher 80.46, ..., knn_k 20, knn_bank 10000``: floats with 2 decimals, counts as integers."""
+    return ", ".join(
+        f"{k} {v}" if isinstance(v, int) or not isinstance(v, float) else f"{k} {v:.2f}"
+        for k, v in results.items()
+    )
 
 
 def claim_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
@@ -239,7 +311,11 @@ def train(
     """
     dist_info = init_distributed(cfg["device"])
     try:
-        summary, method = _train(cfg, dist_info, monitor, resume, force, progress)
+        try:
+            summary, method = _train(cfg, dist_info, monitor, resume, force, progress)
+        except RunFinished as finished:
+            summary = finished.summary
+            method = load_method(Path(cfg["out"]))[0] if return_method else None
         return (summary, method) if return_method else summary
     finally:
         cleanup()
@@ -252,34 +328,72 @@ def _train(
         cfg["out"] = default_run_dir(cfg)
     run_dir = check_run_dir(cfg, resume, force) if dist_info.is_main else Path(cfg["out"])
     checkpoint_file = run_dir / "checkpoints" / ckpt.CHECKPOINT_NAME
+    if resume and not force:
+        summary = finished_run_summary(run_dir)
+        if summary is not None:
+            log.info("%s is already finished (summary.json); nothing changed. Use --force to train it again",
+                     run_dir)
+            raise RunFinished(summary)
     resuming = resume and checkpoint_file.exists()
     run = build_run(cfg, dist_info, resuming=resuming)
-    method = run.method
+    created = not run_dir.exists()
     if dist_info.is_main:
         claim_run_dir(run_dir, resume, force)
     barrier()
+    try:
+        return _run_loop(cfg, run, run_dir, checkpoint_file, monitor, resume, resuming, progress)
+    except BaseException:
+        if dist_info.is_main:
+            remove_unstarted_run_dir(run_dir, created, checkpoint_file)
+        raise
+
+
+def _run_loop(
+    cfg: dict[str, Any], run: Run, run_dir: Path, checkpoint_file: Path, monitor: Monitor | None,
+    resume: bool, resuming: bool, progress: bool,
+) -> tuple[dict[str, Any], nn.Module]:
+    method, dist_info = run.method, run.dist
+    environment = run_environment(run)
 
     position, elapsed = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}, 0.0
     if resuming:
         position, elapsed = restore_checkpoint(run, checkpoint_file)
     elif resume:
-        log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
+        log.debug("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
     epoch, step_in_epoch, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
     if dist_info.is_main:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         write_split_csv(run.labeled, run_dir / "labeled_split.csv")
     logger = RunLogger(run_dir, dist_info.is_main, global_step)
+    name = f"{cfg['method']}-{cfg['norm']}"
     bar = tqdm(
-        total=run.total_steps, initial=global_step, desc=f"{cfg['method']}-{cfg['norm']}", unit="step",
+        total=run.total_steps, initial=global_step, desc=name, unit="step",
         disable=not (progress and dist_info.is_main),
     )
+    # without a bar, a line at every tenth of the steps (and one per evaluation) shows progress
+    report_every = 0 if progress or not dist_info.is_main else max(1, run.total_steps // 10)
 
-    def evaluate() -> dict[str, float]:
-        results = monitor(method, run) if monitor is not None and dist_info.is_main else {}
+    def evaluate(final: bool) -> dict[str, float]:
+        if monitor is None or not dist_info.is_main:
+            barrier()
+            return {}
+        kind = "final evaluation" if final else "evaluation"
+        if bar.disable:
+            log.info("step %d/%d: %s ...", global_step, run.total_steps, kind)
+        else:
+            bar.set_description_str(f"{name} [{kind}]", refresh=True)
+        eval_started = time.perf_counter()
+        results = monitor(method, run if final else light_run(run))
+        seconds = time.perf_counter() - eval_started
+        if not bar.disable:
+            bar.start_t += seconds  # the evaluation's time is not charged to the steps' rate
+            bar.set_description_str(name, refresh=False)
         if results:
-            logger.record({"kind": "eval", "step": global_step, "epoch": epoch, **results})
-            shown = ", ".join(f"{k} {v:.2f}" for k, v in results.items())
-            bar.write(f"step {global_step} epoch {epoch}: {shown}")
+            light = not final and light_run(run) is not run
+            logger.record({"kind": "eval", "step": global_step, "epoch": epoch, **results,
+                           "eval_s": round(seconds, 1), "light": light})
+            shown = format_results(results)
+            bar.write(f"step {global_step} epoch {epoch}: {shown} ({kind}, {seconds:.0f} s)")
         barrier()
         return results
 
@@ -319,6 +433,8 @@ def _train(
                     shown["mask"] = f"{record['mask']:.2f}"
                 bar.set_postfix(shown, refresh=False)
             bar.update(1)
+            if report_every and (global_step % report_every == 0 or global_step == run.total_steps):
+                log.info("step %d/%d, loss %.4f", global_step, run.total_steps, float(loss.detach()))
             if cfg["checkpoint_every_steps"] and global_step % cfg["checkpoint_every_steps"] == 0:
                 checkpoint()
             if global_step >= run.total_steps:
@@ -328,7 +444,7 @@ def _train(
             epoch, step_in_epoch = epoch + 1, 0
         finished = global_step >= run.total_steps
         if finished or (cfg["eval_every"] and epoch_done and epoch % cfg["eval_every"] == 0):
-            last_eval = evaluate()
+            last_eval = evaluate(final=finished)
         checkpoint()
     bar.close()
     if not last_eval:  # resumed a run that had already finished its steps
@@ -349,8 +465,10 @@ def _train(
         "wall_clock_s": round(elapsed + time.perf_counter() - started, 1),
         "run_dir": str(run_dir),
         "final": last_eval,
+        "environment": environment,
     }
     if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_run_curves(run_dir)
     barrier()
     return summary, method
