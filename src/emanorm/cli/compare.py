@@ -300,6 +300,7 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         _print_plan(specs, merged)
+        check_init_sources(to_train)  # what the real run would refuse, the dry run refuses too
         return 0
     outcomes = {}
     if not args.report_only and to_train:
@@ -321,6 +322,11 @@ def run_compare(args: argparse.Namespace) -> int:
             entry.update(status="failed", error=outcome.error, log=str(out / "logs" / f"{spec.name}.log"))
         entries.append(entry)
 
+    if args.report_only and all(e["status"] == "missing" for e in entries):
+        raise UserError(
+            f"--report-only: none of the {len(entries)} runs of this grid is in {out} (nothing trains with "
+            "--report-only); check --out and the grid flags. The files in --out were left unchanged"
+        )
     first = specs[0].config
     context = [
         f"Dataset `{first['dataset']}`, backbone `{first['backbone']}`, network evaluated: {args.which}; "
