@@ -176,6 +176,34 @@ def test_compare_dry_run_checks_init_from_sources(tmp_path, capsys):
     assert not (tmp_path / "grid").exists()
 
 
+def test_compare_progress_counts_the_steps_of_running_runs(tmp_path):
+    from emanorm.experiments.grid import RunSpec, StepProgress
+
+    def spec(name: str, steps: int, done: int | None) -> RunSpec:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        if done is not None:
+            (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": done}) + "\n{cut")
+        return RunSpec("eman", "fixmatch", 0, name, run_dir, {"max_steps": steps})
+
+    specs = [spec("a", 10, 4), spec("b", 20, None), spec("c", 5, 9)]
+    assert StepProgress.applies(specs)
+    assert not StepProgress.applies([RunSpec("v", "moco", 0, "d", tmp_path, {"max_steps": None})])
+
+    class Bar:
+        n = 0
+
+        def refresh(self) -> None:
+            pass
+
+    progress = StepProgress(Bar(), specs, interval=0.01)
+    assert progress.total() == 35 and progress.done() == 4 + 0 + 5
+    progress.finished.add("b")
+    with progress:
+        progress.refresh()
+    assert progress.bar.n == 4 + 20 + 5
+
+
 # -- training: feedback, environment, finished runs ----------------------------------------------------
 
 
@@ -257,3 +285,12 @@ def test_evaluations_along_training_change_no_weight_and_report_progress(
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["light"] for r in evals] == [True, False] and evals[0]["knn_bank"] == 16
     assert evals[-1]["knn_bank"] == 64  # the final one: knn_bank_size of the 120 labeled training images
+
+
+def test_compare_knn_table_says_its_protocol():
+    from emanorm.experiments.report import knn_protocol
+
+    new = {"status": "ok", "final": {"knn_teacher": 80.0, "knn_k": 20, "knn_bank": 10000}}
+    old = {"status": "ok", "final": {"knn_teacher": 80.0}}  # a record from before knn_k/knn_bank
+    assert knn_protocol([new, old]) == "k=20, a bank of 10,000 labeled training images"
+    assert "knn_bank_size" in knn_protocol([old])
