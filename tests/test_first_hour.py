@@ -294,3 +294,23 @@ def test_compare_knn_table_says_its_protocol():
     old = {"status": "ok", "final": {"knn_teacher": 80.0}}  # a record from before knn_k/knn_bank
     assert knn_protocol([new, old]) == "k=20, a bank of 10,000 labeled training images"
     assert "knn_bank_size" in knn_protocol([old])
+
+
+def test_dev_extra_installs_what_the_optional_tests_need():
+    """`pip install -e ".[dev]"` (CI) must not leave the timm, lightly or psutil tests skipped."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    dev = {req.split(">")[0].split("=")[0].strip() for req in project["optional-dependencies"]["dev"]}
+    assert {"timm", "lightly", "psutil", "pytest"} <= dev
+
+
+def test_verbose_logs_the_set_up(tiny_fashion_mnist_dir, tmp_path, caplog):
+    parser = build_parser()
+    assert parser.parse_args(["-v", "train"]).verbose and parser.parse_args(["train", "-v"]).verbose
+    assert not parser.parse_args(["train"]).verbose
+    with caplog.at_level(logging.DEBUG, logger="emanorm"):
+        build_run(tiny(tiny_fashion_mnist_dir, tmp_path / "run"))
+    text = caplog.text
+    assert "data: fashion_mnist" in text and "120 training and 40 test images" in text
+    assert "trainable parameters" in text and "norm plan: NormPlan(norm='eman'" in text
+    assert "CPU thread(s)" in text and torch.__version__ in text

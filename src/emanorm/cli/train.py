@@ -25,7 +25,8 @@ from emanorm.train.config import (
 TRAIN_HELP = """\
 Train a method with a chosen normalization. Without --config the small preset for the method
 (small-<method>) is used; flags override the preset. The run directory holds config.yaml,
-labeled_split.csv, metrics.jsonl, tb/ (TensorBoard), checkpoints/last.pt and summary.json.
+labeled_split.csv, metrics.jsonl, tb/ (TensorBoard), checkpoints/last.pt, summary.json and
+curves.png. Accuracies are percents in every file. --print-config shows the resolved config.
 Multi-GPU / multi-node: torchrun --nproc_per_node N -m emanorm train ...
 """
 

@@ -386,7 +386,7 @@ def _run_loop(
         results = monitor(method, run if final else light_run(run))
         seconds = time.perf_counter() - eval_started
         if not bar.disable:
-            bar.start_t += seconds  # the evaluation's time is not charged to the steps' rate
+            bar.unpause()  # the evaluation's time is charged neither to the elapsed time nor to the rate
             bar.set_description_str(name, refresh=False)
         if results:
             light = not final and light_run(run) is not run
