@@ -231,7 +231,8 @@ class RunLogger:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
-                if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if key not in ("step", "epoch", "kind") and numeric:
                     self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
 
     def close(self) -> None:
@@ -308,6 +309,9 @@ def train(
     ``emanorm train`` passes ``emanorm.evaluation.knn_monitor``); without one nothing is
     evaluated and the summary's ``final`` is empty. Returns the summary, or
     ``(summary, method)`` with ``return_method``.
+
+    ``resume`` on a finished run (summary.json present) changes nothing and returns its summary
+    (refused if its checkpoint is missing); ``force`` trains it again.
     """
     dist_info = init_distributed(cfg["device"])
     try:
