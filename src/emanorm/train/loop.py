@@ -311,7 +311,7 @@ def train(
     ``(summary, method)`` with ``return_method``.
 
     ``resume`` on a finished run (summary.json present) changes nothing and returns its summary
-    (refused if its checkpoint is missing); ``force`` trains it again.
+    (refused if its checkpoint is missing); with ``force`` as well, its final evaluation runs again.
     """
     dist_info = init_distributed(cfg["device"])
     try:
@@ -335,8 +335,8 @@ def _train(
     if resume and not force:
         summary = finished_run_summary(run_dir)
         if summary is not None:
-            log.info("%s is already finished (summary.json); nothing changed. Use --force to train it again",
-                     run_dir)
+            log.info("%s is already finished (summary.json); nothing changed "
+                     "(--resume --force evaluates it again)", run_dir)
             raise RunFinished(summary)
     resuming = resume and checkpoint_file.exists()
     run = build_run(cfg, dist_info, resuming=resuming)
