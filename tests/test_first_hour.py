@@ -314,3 +314,15 @@ def test_verbose_logs_the_set_up(tiny_fashion_mnist_dir, tmp_path, caplog):
     assert "data: fashion_mnist" in text and "120 training and 40 test images" in text
     assert "trainable parameters" in text and "norm plan: NormPlan(norm='eman'" in text
     assert "CPU thread(s)" in text and torch.__version__ in text
+
+
+def test_importing_emanorm_first_makes_openmp_threads_wait_passively():
+    import os
+
+    code = "import os, emanorm, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert shown.stdout.strip() == "PASSIVE", shown.stderr
+    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                            capture_output=True, text=True, timeout=120)
+    assert chosen.stdout.strip() == "ACTIVE"  # the user's choice is kept

@@ -166,6 +166,7 @@ def run_environment(run: Run) -> dict[str, Any]:
         "device": str(run.device),
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "world_size": run.dist.world_size,
     }
 

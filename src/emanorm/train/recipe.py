@@ -270,9 +270,11 @@ def log_method_setup(method: Method, cfg: Mapping[str, Any], dist_info: DistInfo
               cfg["method"], cfg["backbone"], f"{student:,}", f"{teacher:,}",
               "no teacher" if method.teacher is None else f"teacher norm {method.teacher.norm}")
     log.debug("norm plan: %s", method.plan)
-    log.debug("device: %s, %d process(es), %d CPU thread(s) (OMP_NUM_THREADS=%s), torch %s",
+    log.debug("device: %s, %d process(es), %d CPU thread(s) (OMP_NUM_THREADS=%s, OMP_WAIT_POLICY=%s), "
+              "torch %s",
               dist_info.device, dist_info.world_size, torch.get_num_threads(),
-              os.environ.get("OMP_NUM_THREADS", "unset"), torch.__version__)
+              os.environ.get("OMP_NUM_THREADS", "unset"), os.environ.get("OMP_WAIT_POLICY", "unset"),
+              torch.__version__)
 
 
 def build_run(
