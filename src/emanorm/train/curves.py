@@ -59,12 +59,16 @@ def plot_run_curves(metrics_file: str | Path, path: str | Path) -> Path | None:
         panels.append(("mask rate (fraction of the unlabeled batch)", [("mask", train)]))
     eval_keys = sorted({k for r in evals for k in r if k not in ("kind", "step", "epoch", *PROTOCOL_KEYS)})
     if eval_keys:
-        protocol = next((r for r in reversed(evals) if "knn_k" in r), None)
         title = "evaluation (%)"
-        if protocol is not None:
-            title += f", kNN k={protocol['knn_k']}, bank {protocol['knn_bank']} images"
+        banks = list(dict.fromkeys(r["knn_bank"] for r in evals if "knn_bank" in r))  # in step order
+        ks = sorted({r["knn_k"] for r in evals if "knn_k" in r})
+        if banks:
+            shown = f"bank {banks[0]}"
+            if len(banks) > 1:
+                shown += f" along training, {banks[-1]} at the end"
+            title += f"\nkNN k={'/'.join(map(str, ks))}, {shown}"
         panels.append((title, [(k, evals) for k in eval_keys]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, lines) in zip(axes[0], panels, strict=True):
         for key, source in lines:
             steps, values = _series(source, key)
