@@ -264,7 +264,7 @@ def test_voc_lowshot_from_a_fashion_mnist_run(fmnist_run, voc_dir, tmp_path, cap
     assert rec["settings"]["classes_scored"] == list(PRESENT)
     for k in ("1", "2"):
         entry = rec["results"]["per_shot"][k]
-        assert len(entry["scores"]) == 2 and all(0.0 < s <= 1.0 for s in entry["scores"])
+        assert len(entry["scores"]) == 2 and all(0.0 < s <= 100.0 for s in entry["scores"])
         assert all(c in [2.0**e for e in range(-5, 6)] for c in entry["costs"])
     assert rec["input_adaptation"]["channels"].startswith("3 -> 1")  # RGB -> grey for the 1-channel run
     assert "image_size" not in rec["input_adaptation"]  # VOC files decode straight to the run's 28 px
@@ -289,7 +289,7 @@ def test_single_label_transfer_to_rgb_data(fmnist_run, cifar10_dir, tmp_path):
     assert rec["dataset"] == "cifar10" and rec["run_config"]["dataset"] == "fashion_mnist"
     assert rec["input_adaptation"]["channels"].startswith("3 -> 1")
     assert rec["input_adaptation"]["image_size"].startswith("32 -> 28")
-    assert 0.0 <= rec["results"]["top1"] <= 1.0 and rec["results"]["runs"][0]["num_train"] == 100
+    assert 0.0 <= rec["results"]["top1"] <= 100.0 and rec["results"]["runs"][0]["num_train"] == 100
     rec = eval_json(fmnist_run, "lowshot", f"{common} --shots 1 2 --draws 2 --val-per-class 2", tmp_path)
     assert rec["settings"]["metric"] == "accuracy" and set(rec["results"]["per_shot"]) == {"1", "2"}
     # The run's own data needs no adaptation.

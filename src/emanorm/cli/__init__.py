@@ -7,9 +7,12 @@ library packages never parse arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 
+from emanorm import __version__
 from emanorm.cli.common import Parser
 from emanorm.cli.compare import add_compare_parser
 from emanorm.cli.doctor import add_doctor_parser
@@ -37,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="emanorm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="debug log of the set-up: data, model size, norm plan, devices",
+    )
+    parser.add_argument("--version", action="version", version=f"emanorm {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_train_parser(subparsers)
     add_eval_parsers(subparsers)
@@ -52,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # --verbose: emanorm's own debug lines, not those of matplotlib, PIL or torch
+    logging.getLogger("emanorm").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -69,6 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("emanorm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+
+
+def quiet_broken_pipe() -> int:
+    """``emanorm presets | head -1``: the reader left; exit quietly as Unix tools do (no traceback,
+    and none at interpreter exit when Python flushes stdout again)."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a killed writer
 
 
 if __name__ == "__main__":

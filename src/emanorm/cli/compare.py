@@ -310,6 +310,7 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         _print_plan(specs, merged, same)
+        check_init_sources(to_train)  # what the real run would refuse, the dry run refuses too
         return 0
     outcomes = {}
     if not args.report_only and to_train:
@@ -339,6 +340,11 @@ def run_compare(args: argparse.Namespace) -> int:
         entries.append(entry)
         by_name[spec.name] = entry
 
+    if args.report_only and all(e["status"] == "missing" for e in entries):
+        raise UserError(
+            f"--report-only: none of the {len(entries)} runs of this grid is in {out} (nothing trains with "
+            "--report-only); check --out and the grid flags. The files in --out were left unchanged"
+        )
     first = specs[0].config
     context = [
         f"Dataset `{first['dataset']}`, backbone `{first['backbone']}`, network evaluated: {args.which}; "

@@ -38,6 +38,7 @@ from emanorm.evaluation.finetune import DEFAULT_BACKBONE_LRS, finetune
 from emanorm.evaluation.knn import knn_predict
 from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS, linear_probe
 from emanorm.evaluation.lowshot import DEFAULT_SHOTS, MultiLabelSVMTask, lowshot_svm
+from emanorm.evaluation.monitor import percent
 from emanorm.evaluation.retrieval import retrieval_scores
 from emanorm.evaluation.settings import FinetuneSettings, LinearSettings, ProbeSettings
 from emanorm.evaluation.transfer import adapted_transform, describe_adaptation
@@ -109,7 +110,8 @@ def _common_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--test-split", default="auto", help="evaluation split (default: 'test', else 'val')")
     p.add_argument(
-        "--out", metavar="FILE.json", help="result file (default: RUN_DIR/eval_<name>_<which>.json)"
+        "--out", metavar="FILE.json",
+            help="result file (default: RUN_DIR/eval_<protocol>_<which>[_<labels>].json)"
     )
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument(
@@ -128,7 +130,8 @@ def _add_protocol_options(parser: argparse.ArgumentParser) -> None:
     add("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
     add("--val-fraction", type=float, default=defaults.val_fraction,
         help="validation share of the labels for the lr search (default %(default)s)")
-    add("--repeats", type=positive_int, default=1, help="label subsets (seeds seed..seed+N-1)")
+    add("--repeats", type=positive_int, default=1,
+        help="label subsets (seeds seed..seed+N-1) (default %(default)s)")
 
 
 def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
@@ -147,28 +150,36 @@ def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
     knn.set_defaults(func=run_knn)
 
     lin = sub.add_parser("linear", parents=[common], help="linear classifier on frozen features")
-    lin.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LINEAR_LRS), help="lr grid")
-    lin.add_argument("--probe-batch-size", type=positive_int, default=256, help="classifier batch size")
+    lin.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LINEAR_LRS),
+                     help="lr grid (default %(default)s)")
+    lin.add_argument("--probe-batch-size", type=positive_int, default=256,
+                     help="classifier batch size (default %(default)s)")
     _add_protocol_options(lin)
     lin.set_defaults(func=run_linear)
 
     ft = sub.add_parser("finetune", parents=[common], help="fine-tune backbone + classifier on the labels")
-    ft.add_argument("--backbone-lrs", type=float, nargs="+", default=list(DEFAULT_BACKBONE_LRS))
+    ft.add_argument("--backbone-lrs", type=float, nargs="+", default=list(DEFAULT_BACKBONE_LRS),
+                    help="backbone lr grid (default %(default)s)")
     ft.add_argument(
-        "--classifier-lr", type=float, default=0.1, help="paper: 1.0 for 1%% labels, 0.1 for 10%%"
+        "--classifier-lr", type=float, default=0.1,
+            help="paper: 1.0 for 1%% labels, 0.1 for 10%% (default %(default)s)"
     )
     _add_protocol_options(ft)
     ft.set_defaults(func=run_finetune)
 
     ret = sub.add_parser("retrieval", parents=[common], help="top-k mAP / recall (train = database)")
-    ret.add_argument("--topk", type=positive_int, default=1000)
+    ret.add_argument("--topk", type=positive_int, default=1000,
+        help="retrieved items scored (default %(default)s)")
     ret.set_defaults(func=run_retrieval)
 
     low = sub.add_parser("lowshot", parents=[common], help="linear SVMs on k images per class")
-    low.add_argument("--shots", type=positive_int, nargs="+", default=list(DEFAULT_SHOTS))
-    low.add_argument("--draws", type=positive_int, default=5)
+    low.add_argument("--shots", type=positive_int, nargs="+", default=list(DEFAULT_SHOTS),
+                     help="images per class (default %(default)s)")
+    low.add_argument("--draws", type=positive_int, default=5,
+        help="draws per shot count (default %(default)s)")
     low.add_argument(
-        "--val-per-class", type=positive_int, default=10, help="validation images per class for C"
+        "--val-per-class", type=positive_int, default=10,
+            help="validation images per class for C (default %(default)s)"
     )
     low.set_defaults(func=run_lowshot)
     return ev
@@ -385,6 +396,39 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+#: The scores of the protocols' results (fractions in the library): eval_*.json holds them as
+#: percents like every file emanorm writes (docs/evaluation.md, "Units").
+PERCENT_KEYS = frozenset(
+    {"top1", "top5", "top1_std", "top5_std", "map", "recall", "mean", "std", "scores", "val_scores",
+     "val_top1"}
+)
+#: The score of a learning rate that diverged (``search_lr``); kept as is, it is no fraction.
+DIVERGED = -1.0
+
+
+def _as_percent(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _as_percent(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_percent(v) for v in value]
+    if isinstance(value, float) and math.isfinite(value) and value != DIVERGED:
+        return percent(value)
+    return value
+
+
+def results_in_percent(results: Any) -> Any:
+    """A protocol's results with every score (``PERCENT_KEYS``, at any depth) as a rounded percent;
+    counts, learning rates and costs unchanged."""
+    if isinstance(results, dict):
+        return {
+            k: _as_percent(_jsonable(v)) if k in PERCENT_KEYS else results_in_percent(v)
+            for k, v in results.items()
+        }
+    if isinstance(results, (list, tuple)):
+        return [results_in_percent(v) for v in results]
+    return results
+
+
 def format_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
     """A two-column plain-text table."""
     width = max([len(name) for name, _ in rows] + [6])
@@ -421,7 +465,8 @@ def finish(
         "seed": ctx.seed,
         "device": str(ctx.device),
         "settings": settings,
-        "results": results,
+        "unit": "percent",
+        "results": results_in_percent(_jsonable(results)),
         "run_config": {k: ctx.config[k] for k in _CONFIG_KEYS if k in ctx.config},
         "input_adaptation": ctx.adaptation,
         "elapsed_s": round(time.time() - ctx.started, 2),

@@ -2,6 +2,9 @@
 
 ``emanorm train`` passes :func:`knn_monitor` to :func:`emanorm.train.train` as its ``monitor``;
 any callable ``(method, run) -> dict[str, float]`` can take its place.
+
+Accuracies are percents rounded to :data:`PERCENT_DIGITS` decimals (the unit of every file a user
+reads, docs/evaluation.md); ``knn_k`` and ``knn_bank`` say how the kNN figures were measured.
 """
 
 from __future__ import annotations
@@ -14,6 +17,14 @@ from torch import Tensor, nn
 from emanorm.data import eval_batches
 from emanorm.evaluation.knn import knn_predict
 from emanorm.train.recipe import Run
+
+#: Decimals of a percent kept in summary.json / metrics.jsonl / eval_*.json (1e-6 as a fraction).
+PERCENT_DIGITS = 4
+
+
+def percent(fraction: float) -> float:
+    """A fraction in [0, 1] as a percent without float noise: 0.6999999881 -> 70.0."""
+    return round(100.0 * float(fraction), PERCENT_DIGITS)
 
 
 @torch.no_grad()
@@ -29,7 +40,10 @@ def _features(encoder: nn.Module, dataset: Any, indices: Tensor, device: torch.d
 @torch.no_grad()
 def knn_monitor(method: nn.Module, run: Run) -> dict[str, float]:
     """kNN (k=``knn_k``, weighted) of teacher and student features over a labeled bank of
-    ``knn_bank_size`` training images; test accuracy for methods with a classifier. Percent."""
+    ``knn_bank_size`` training images; test accuracy for methods with a classifier. Percent.
+
+    ``knn_k`` and ``knn_bank`` (the bank actually used: at most the labeled images) are in the
+    result so that every kNN figure carries its protocol."""
     cfg, train_ds, test_ds, device, amp = run.cfg, run.train_ds, run.test_ds, run.device, run.amp
     was_training = method.training
     method.eval()
@@ -46,7 +60,7 @@ def knn_monitor(method: nn.Module, run: Run) -> dict[str, float]:
         bank_f, bank_y = _features(encoder, train_ds, bank, device, amp)
         query_f, query_y = _features(encoder, test_ds, queries, device, amp)
         pred = knn_predict(bank_f, bank_y, query_f, k=cfg["knn_k"], num_classes=train_ds.info.num_classes)
-        results[f"knn_{which}"] = 100.0 * (pred.to(query_y.device) == query_y).float().mean().item()
+        results[f"knn_{which}"] = percent((pred.to(query_y.device) == query_y).float().mean().item())
         classifier = method.classifier(which) if method.semi_supervised else None
         if classifier is not None:
             # a Classifier is backbone + fc: reuse the features instead of a second pass
@@ -54,6 +68,8 @@ def knn_monitor(method: nn.Module, run: Run) -> dict[str, float]:
                 logits = classifier.fc(query_f.to(next(classifier.fc.parameters()).dtype))
             else:
                 logits = _features(classifier, test_ds, queries, device, amp)[0]
-            results[f"test_acc_{which}"] = 100.0 * (logits.argmax(1) == query_y).float().mean().item()
+            results[f"test_acc_{which}"] = percent((logits.argmax(1) == query_y).float().mean().item())
+    results["knn_k"] = cfg["knn_k"]
+    results["knn_bank"] = len(bank)
     method.train(was_training)
     return results

@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -640,9 +640,77 @@ def _run_subprocess(
     return (_exit_error(code, log_file) if code != 0 else None), seconds
 
 
+@contextlib.contextmanager
+def _quiet_trainer() -> Iterator[None]:
+    """The trainer's progress lines stay out of compare's own bar (warnings still show)."""
+    logger = logging.getLogger("emanorm")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def steps_done(spec: RunSpec) -> int:
+    """The last step a run's metrics.jsonl records (0 before its first record)."""
+    path = spec.run_dir / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        with contextlib.suppress(json.JSONDecodeError, TypeError, ValueError):
+            return int(json.loads(line)["step"])
+    return 0
+
+
+class StepProgress:
+    """compare's bar in training steps over the whole grid (with an ETA) when every run has a
+    ``max_steps`` budget; a thread reads the running runs' metrics.jsonl every ``interval`` s."""
+
+    def __init__(self, bar: Any, specs: Sequence[RunSpec], interval: float = 2.0) -> None:
+        self.bar, self.interval = bar, interval
+        self.planned = {s.name: int(s.config["max_steps"]) for s in specs}
+        self.finished: set[str] = set()
+        self.specs = {s.name: s for s in specs}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    @staticmethod
+    def applies(specs: Sequence[RunSpec]) -> bool:
+        return bool(specs) and all(s.config.get("max_steps") for s in specs)
+
+    def total(self) -> int:
+        return sum(self.planned.values())
+
+    def done(self) -> int:
+        return sum(
+            self.planned[name] if name in self.finished else min(steps_done(spec), self.planned[name])
+            for name, spec in self.specs.items()
+        )
+
+    def refresh(self) -> None:
+        self.bar.n = self.done()
+        self.bar.refresh()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a progress display must never stop the grid
+                self.refresh()
+
+    def __enter__(self) -> StepProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def _run_in_process(spec: RunSpec, log_file: Path) -> str | None:
     try:
-        with run_lock(log_file.with_suffix(".lock")):
+        with run_lock(log_file.with_suffix(".lock")), _quiet_trainer():
             train(copy.deepcopy(spec.config), monitor=knn_monitor, resume=True, progress=False)
     except RunBusyError as err:
         return str(err)
@@ -684,17 +752,29 @@ def run_grid(
     if todo:
         (out / "logs").mkdir(parents=True, exist_ok=True)
     threads = max(1, _cpu_count() // jobs)
-    bar = tqdm(total=len(todo), desc="compare", unit="run", disable=not progress or not todo)
+    by_steps = StepProgress.applies(todo)
+    bar = tqdm(
+        total=sum(int(s.config["max_steps"]) for s in todo) if by_steps else len(todo),
+        desc="compare", unit="step" if by_steps else "run", disable=not progress or not todo,
+    )
+    steps = StepProgress(bar, todo) if by_steps and not bar.disable else None
     failures = 0
+    runs_done = 0
 
     def finish(spec: RunSpec, error: str | None, seconds: float) -> None:
-        nonlocal failures
+        nonlocal failures, runs_done
         outcome = RunOutcome(spec, "failed" if error else "trained", error, seconds)
         outcomes[spec.name] = outcome
         failures += error is not None
-        shown = f"last: {spec.name}" + (f", {failures} failed" if failures else "")
+        runs_done += 1
+        shown = f"{runs_done}/{len(todo)} runs, last: {spec.name}"
+        shown += f", {failures} failed" if failures else ""
         bar.set_postfix_str(shown, refresh=False)
-        bar.update(1)
+        if steps is not None:
+            steps.finished.add(spec.name)
+            steps.refresh()
+        else:
+            bar.update(1)
         if error:
             log.warning("run %s failed: %s", spec.name, error)
         if on_done is not None:
@@ -705,6 +785,8 @@ def run_grid(
     if threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if steps is not None:
+            steps.__enter__()
         if jobs == 1:
             for spec in todo:
                 write_run_config(spec, out / "configs")
@@ -730,6 +812,8 @@ def run_grid(
                 raise
             pool.shutdown(wait=True)
     finally:
+        if steps is not None:
+            steps.__exit__(None, None, None)
         bar.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)

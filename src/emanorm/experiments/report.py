@@ -205,6 +205,19 @@ def protocol_note(methods: Sequence[str], linear: Mapping[str, Any] | None, whic
     return "; ".join(parts) + "."
 
 
+def knn_protocol(entries: Sequence[Mapping[str, Any]]) -> str:
+    """``k=20, a bank of 10,000 labeled training images`` from the runs' final records (older
+    records without ``knn_k``/``knn_bank`` are described by their config keys)."""
+    seen = sorted({
+        (int(final["knn_k"]), int(final["knn_bank"]))
+        for final in (e.get("final") or {} for e in entries if e.get("status") == "ok")
+        if "knn_k" in final and "knn_bank" in final
+    })
+    if not seen:
+        return "k and bank as in each run's config (knn_k, knn_bank_size)"
+    return "; ".join(f"k={k}, a bank of {bank:,} labeled training images" for k, bank in seen)
+
+
 def render_markdown(
     *,
     title: str,
@@ -244,7 +257,7 @@ def render_markdown(
     lines += [
         "## kNN accuracy (%)",
         "",
-        f"Weighted kNN (k as in each run's config) on frozen {which} features at the end of training.",
+        f"Weighted kNN on frozen {which} features at the end of training: {knn_protocol(entries)}.",
         "",
         markdown_table(rows, columns, collect_cells(entries, "knn"), row_header=row_header),
         "",

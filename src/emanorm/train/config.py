@@ -76,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "knn_k": 20,
     "knn_bank_size": 10000,
     "monitor_test_size": None,
+    "eval_light_size": None,
     # machinery
     "seed": 0,
     "device": "auto",
@@ -266,6 +267,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
     for key in ("log_every", "knn_k", "knn_bank_size", "accumulate"):
         _positive(cfg, key, allow_none=False)
     _positive(cfg, "monitor_test_size")
+    _positive(cfg, "eval_light_size")
     _positive(cfg, "image_size")
     _positive(cfg, "loader_timeout", float, allow_none=False)
     if not isinstance(cfg["augment_options"], dict):
@@ -331,7 +333,11 @@ ADDED_KEYS: dict[str, Any] = {"accumulate": 1}
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a config that must match for ``--resume`` (not where or how it runs)."""
-    ignored = {"out", "device", "num_workers", "log_every", "logger", "compile", "preset"}
+    # evaluation along training reads the networks and changes no weight
+    ignored = {
+        "out", "device", "num_workers", "log_every", "logger", "compile", "preset", "eval_every",
+        "eval_light_size",
+    }
     # a key added after the run was written counts as its default (old runs stay resumable)
     return {k: v for k, v in {**DEFAULTS, **cfg}.items() if k not in ignored}
 

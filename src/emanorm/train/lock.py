@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,8 +69,8 @@ def run_lock(lock_file: Path, *, what: str = "it", remove: bool = False) -> Iter
 
 @contextlib.contextmanager
 def run_directory(run_dir: Path) -> Iterator[Path]:
-    """Create ``run_dir`` if needed and hold its lock; a directory made here and left holding
-    nothing but the lock (the run failed before writing) is removed again."""
+    """Create ``run_dir`` if needed and hold its lock; a directory made here is removed again when
+    the run fails before its first checkpoint (there is nothing in it to resume)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} exists and is not a directory")
     created = not run_dir.exists()
@@ -82,8 +83,7 @@ def run_directory(run_dir: Path) -> Iterator[Path]:
         with run_lock(lock_file, what=f"the run in {run_dir}", remove=True):
             yield run_dir
     except BaseException:
-        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME, "checkpoints"}:
-            for clean in (lambda: (run_dir / "checkpoints").rmdir(), run_dir.rmdir):
-                with contextlib.suppress(OSError):
-                    clean()
+        # nothing to resume in it (no checkpoint yet): a directory this command made goes again
+        if created and not (run_dir / "checkpoints" / "last.pt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise

@@ -8,9 +8,11 @@ whole run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
 from emanorm.train import tracking
 from emanorm.train.config import comparable, dump_config
+from emanorm.train.curves import write_run_curves
 from emanorm.train.distributed import (
     DistInfo,
     average_batchnorm_statistics,
@@ -40,7 +43,7 @@ from emanorm.train.distributed import (
 )
 from emanorm.train.lock import run_directory
 from emanorm.train.preemption import RESUMABLE_EXIT, Preempted, StopSignals
-from emanorm.train.recipe import Run, build_run
+from emanorm.train.recipe import Run, build_run, load_method
 
 log = logging.getLogger("emanorm")
 
@@ -197,6 +200,69 @@ def check_run_dir(cfg: dict[str, Any], resume: bool, force: bool) -> Path:
     return run_dir
 
 
+class RunFinished(Exception):
+    """``--resume`` of a run whose summary.json exists: nothing to train (carries that summary)."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__("the run is finished")
+        self.summary = summary
+
+
+def finished_run_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a finished run that ``--resume`` leaves untouched; ``None`` if unfinished.
+
+    A finished run without its checkpoint is refused: retraining it would overwrite its results.
+    """
+    summary_file = run_dir / "summary.json"
+    if not summary_file.exists():
+        return None
+    checkpoint_file = run_dir / "checkpoints" / ckpt.CHECKPOINT_NAME
+    if not checkpoint_file.exists():
+        raise UserError(
+            f"{run_dir} holds a finished run (summary.json) but {checkpoint_file} is missing, so there is "
+            "nothing to resume; use --force to train it again from scratch"
+        )
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {summary_file}: {err}; use --force to train it again") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{summary_file} is not a summary record; use --force to train it again")
+    return summary
+
+
+def run_environment(run: Run) -> dict[str, Any]:
+    """What the figures of a run depend on besides its config: the CPU thread count changes
+    floating-point results, so it is recorded with the torch version and the device."""
+    return {
+        "torch": torch.__version__,
+        "device": str(run.device),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "world_size": run.dist.world_size,
+    }
+
+
+def light_run(run: Run) -> Run:
+    """The run as the evaluations along training see it: with ``eval_light_size`` set, a kNN bank
+    and test queries of at most that many images (the final evaluation uses the full sizes)."""
+    size = run.cfg.get("eval_light_size")
+    if not size:
+        return run
+    bank = min(run.cfg["knn_bank_size"], size)
+    queries = size if run.cfg["monitor_test_size"] is None else min(run.cfg["monitor_test_size"], size)
+    return dataclasses.replace(run, cfg={**run.cfg, "knn_bank_size": bank, "monitor_test_size": queries})
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """``knn_teacher 80.46, ..., knn_k 20, knn_bank 10000``: floats with 2 decimals, counts as integers."""
+    return ", ".join(
+        f"{k} {v}" if isinstance(v, int) or not isinstance(v, float) else f"{k} {v:.2f}"
+        for k, v in results.items()
+    )
+
+
 def claim_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     """Clear what ``--force`` replaces and make sure the directory is writable."""
     if force and not resume and run_dir.exists():
@@ -256,7 +322,8 @@ class RunLogger:
                 scalars = {
                     f"{kind}/{key}": value
                     for key, value in record.items()
-                    if key not in ("step", "epoch", "kind") and isinstance(value, (int, float))
+                    if key not in ("step", "epoch", "kind")
+                    and isinstance(value, (int, float)) and not isinstance(value, bool)
                 }
                 for tracker in self.trackers:
                     tracker.log(scalars, record["step"])
@@ -395,6 +462,8 @@ def train(
 
     SIGTERM or SIGUSR1 stops the run after the current step with a checkpoint on every rank and
     raises :class:`~emanorm.train.preemption.Preempted` (``emanorm train`` exits with 75).
+    ``resume`` on a finished run (summary.json present) changes nothing and returns its summary
+    (refused if its checkpoint is missing); with ``force`` as well, its final evaluation runs again.
     """
     dist_info = init_distributed(cfg["device"])
     if cfg["out"] is None:
@@ -410,6 +479,9 @@ def train(
             on_main_first(dist_info, lock_and_check)
             try:
                 summary, method = _train(cfg, dist_info, monitor, resume, force, progress, stop)
+            except RunFinished as finished:
+                summary = finished.summary
+                method = load_method(Path(cfg["out"]))[0] if return_method else None
             except RuntimeError as err:
                 lost = peer_failure_message(err, dist_info) if dist_info.distributed else None
                 if lost is None:
@@ -454,8 +526,15 @@ def _train(
 ) -> tuple[dict[str, Any], nn.Module]:
     run_dir = Path(cfg["out"])
     checkpoint_file = run_dir / "checkpoints" / ckpt.CHECKPOINT_NAME
+    if resume and not force:
+        summary = finished_run_summary(run_dir)
+        if summary is not None:
+            log.info("%s is already finished (summary.json); nothing changed "
+                     "(--resume --force evaluates it again)", run_dir)
+            raise RunFinished(summary)
     resuming = resume and checkpoint_file.exists()
     run = build_run(cfg, dist_info, resuming=resuming)  # everything validated before a file changes
+    environment = run_environment(run)
     method = run.method
     if dist_info.is_main:
         claim_run_dir(run_dir, resume, force)
@@ -465,7 +544,7 @@ def _train(
     if resuming:
         position, elapsed = restore_checkpoint(run, checkpoint_file, force)
     elif resume:
-        log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
+        log.debug("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
     epoch, step_in_epoch, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
     if dist_info.is_main:
         write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -476,19 +555,38 @@ def _train(
     logger = RunLogger(
         run_dir, dist_info.is_main, global_step, loggers=cfg.get("logger", "jsonl,tensorboard"), config=cfg
     )
+    name = f"{cfg['method']}-{cfg['norm']}"
     bar = tqdm(
-        total=run.total_steps, initial=global_step, desc=f"{cfg['method']}-{cfg['norm']}", unit="step",
+        total=run.total_steps, initial=global_step, desc=name, unit="step",
         disable=not (progress and dist_info.is_main),
     )
+    # without a bar, a line at every tenth of the steps (and one per evaluation) shows progress
+    report_every = 0 if progress or not dist_info.is_main else max(1, run.total_steps // 10)
 
-    def evaluate() -> dict[str, float]:
-        results = monitor(method, run) if monitor is not None and dist_info.is_main else {}
+    def evaluate(final: bool) -> dict[str, float]:
+        if monitor is None or not dist_info.is_main:
+            barrier()
+            return {}
+        kind = "final evaluation" if final else "evaluation"
+        if bar.disable:
+            log.info("step %d/%d: %s ...", global_step, run.total_steps, kind)
+        else:
+            bar.set_description_str(f"{name} [{kind}]", refresh=True)
+        eval_started = time.perf_counter()
+        results = monitor(method, run if final else light_run(run))
+        seconds = time.perf_counter() - eval_started
+        if not bar.disable:
+            bar.unpause()  # the evaluation's time is charged neither to the elapsed time nor to the rate
+            bar.set_description_str(name, refresh=False)
         if results:
-            logger.record({"kind": "eval", "step": global_step, "epoch": epoch, **results})
-            shown = ", ".join(f"{k} {v:.2f}" for k, v in results.items())
-            bar.write(f"step {global_step} epoch {epoch}: {shown}")
+            light = not final and light_run(run) is not run
+            logger.record({"kind": "eval", "step": global_step, "epoch": epoch, **results,
+                           "eval_s": round(seconds, 1), "light": light})
+            shown = format_results(results)
+            bar.write(f"step {global_step} epoch {epoch}: {shown} ({kind}, {seconds:.0f} s)")
         barrier()
         return results
+
 
     def checkpoint() -> None:
         where = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
@@ -530,6 +628,8 @@ def _train(
                     shown["mask"] = f"{record['mask']:.2f}"
                 bar.set_postfix(shown, refresh=False)
             bar.update(1)
+            if report_every and (global_step % report_every == 0 or global_step == run.total_steps):
+                log.info("step %d/%d, loss %.4f", global_step, run.total_steps, float(loss.detach()))
             if cfg["checkpoint_every_steps"] and global_step % cfg["checkpoint_every_steps"] == 0:
                 checkpoint()
             if stop.requested():
@@ -548,10 +648,10 @@ def _train(
         except NonFiniteLossError as err:
             raise NonFiniteLossError(f"{err}; stopped, {kept()}") from None
         if finished or (cfg["eval_every"] and epoch_done and epoch % cfg["eval_every"] == 0):
-            last_eval, evaluated_at_end = evaluate(), finished
+            last_eval, evaluated_at_end = evaluate(final=finished), finished
     bar.close()
     if not evaluated_at_end:  # resumed after the last step's checkpoint: its evaluation is still due
-        last_eval = evaluate()  # (on every rank: evaluate() ends with a barrier)
+        last_eval = evaluate(final=True)  # (on every rank: evaluate() ends with a barrier)
 
     summary = {
         "method": cfg["method"],
@@ -567,11 +667,13 @@ def _train(
         "wall_clock_s": round(elapsed + time.perf_counter() - started, 1),
         "run_dir": str(run_dir),
         "final": last_eval,
+        "environment": environment,
     }
     if run.warnings:
         summary["warnings"] = run.warnings
     if dist_info.is_main:
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_run_curves(run_dir)
     logger.close()  # after summary.json: the trackers keep it as an artifact
     barrier()
     return summary, method

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ def amp_context(device: torch.device, amp: str) -> tuple[AmpContext, torch.amp.G
         amp = "bf16" if device.type == "cuda" else "off"
     if amp == "off":
         return contextlib.nullcontext, None
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError(f"amp fp16 needs a CUDA device, the run is on {device.type}; use --amp bf16 or off")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
@@ -299,6 +302,23 @@ def _split_digest(labeled: torch.Tensor, dist_info: DistInfo) -> str:
     return digest
 
 
+def log_method_setup(method: Method, cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
+    """The ``--verbose`` lines about the model: sizes, the normalization plan, devices and threads."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    student = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    teacher = 0 if method.teacher is None else sum(t.numel() for t in method.teacher.state_dict().values())
+    log.debug("model: %s %s backbone, %s trainable parameters, teacher %s tensor elements (%s)",
+              cfg["method"], cfg["backbone"], f"{student:,}", f"{teacher:,}",
+              "no teacher" if method.teacher is None else f"teacher norm {method.teacher.norm}")
+    log.debug("norm plan: %s", method.plan)
+    log.debug("device: %s, %d process(es), %d CPU thread(s) (OMP_NUM_THREADS=%s, OMP_WAIT_POLICY=%s), "
+              "torch %s",
+              dist_info.device, dist_info.world_size, torch.get_num_threads(),
+              os.environ.get("OMP_NUM_THREADS", "unset"), os.environ.get("OMP_WAIT_POLICY", "unset"),
+              torch.__version__)
+
+
 def build_run(
     cfg: dict[str, Any],
     dist_info: DistInfo | None = None,
@@ -337,6 +357,11 @@ def build_run(
     if labeled is None:
         labeled = (train_ds.targets >= 0).nonzero().flatten()
     split_digest = _split_digest(labeled, dist_info)
+    log.debug(
+        "data: %s from %s, %d training and %d test images, %d labeled, %d classes, %d channel(s) at %d px",
+        cfg["dataset"], cfg["data_dir"] or "the default location", len(train_ds), len(test_ds), len(labeled),
+        info.num_classes, info.channels, info.image_size,
+    )
 
     # method
     with warnings.catch_warnings(record=True) as caught:  # e.g. EMAN on a model without BatchNorm
@@ -351,6 +376,7 @@ def build_run(
         method.check_batch_size(cfg["batch_size"] // dist_info.world_size)
     except ValueError as err:
         raise UserError(str(err)) from None
+    log_method_setup(method, cfg, dist_info)
     if cfg["init_from"] and not resuming:
         target = {"backbone": cfg["backbone"], "channels": info.channels, "image_size": info.image_size}
         initialise_from(method, cfg["init_from"], cfg["init_which"], target=target)
