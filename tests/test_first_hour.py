@@ -254,14 +254,26 @@ def test_fresh_run_with_resume_says_nothing_about_resuming(tiny_fashion_mnist_di
 
 
 @pytest.mark.slow
-def test_a_failed_run_leaves_no_empty_run_directory(tiny_fashion_mnist_dir, tmp_path):
+def test_a_failed_run_leaves_no_empty_run_directory(tiny_fashion_mnist_dir, tmp_path, monkeypatch):
+    import emanorm.train.loop as loop
+
+    def broken_step(*args, **kwargs):
+        raise UserError("the first step failed")
+
+    monkeypatch.setattr(loop, "train_step", broken_step)  # fails before the first checkpoint
+    out = tmp_path / "runs" / "run"
+    with pytest.raises(UserError, match="the first step failed"):
+        train(tiny(tiny_fashion_mnist_dir, out), progress=False)
+    assert not out.exists()
+    monkeypatch.undo()
+
     def broken_monitor(method, run):
         raise UserError("the monitor failed")
 
-    out = tmp_path / "runs" / "run"
+    # a failure after a checkpoint (here: the final evaluation) keeps the run: it can be resumed
     with pytest.raises(UserError, match="the monitor failed"):
         train(tiny(tiny_fashion_mnist_dir, out), monitor=broken_monitor, progress=False)
-    assert not out.exists()
+    assert (out / "checkpoints" / "last.pt").exists()
 
 
 @pytest.mark.slow

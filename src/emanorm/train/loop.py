@@ -235,7 +235,7 @@ def run_environment(run: Run) -> dict[str, Any]:
     """What the figures of a run depend on besides its config: the CPU thread count changes
     floating-point results, so it is recorded with the torch version and the device."""
     return {
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: TorchVersion does not unpickle safely
         "device": str(run.device),
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
