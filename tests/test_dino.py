@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import test_methods as _methods_tests  # tests/ is on the path, as for conftest
 from conftest import torchrun_command
 from emanorm import cosine_momentum
 from emanorm.data import BatchStream, DataError, build_augmentation
@@ -21,7 +22,6 @@ from emanorm.errors import UserError
 from emanorm.methods import ALL_NORMS, DINO, build_method
 from emanorm.methods.dino import dino_loss, teacher_temperature
 from emanorm.models import DINOHead
-from emanorm.norms import convert_norm
 
 B = 4  # images per view (divisible by num_splits=2)
 GLOBAL, LOCAL = 8, 4
@@ -29,20 +29,8 @@ SMALL = {"out_dim": 16, "hidden_dim": 8, "bottleneck_dim": 4, "local_crops": 2, 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
-class TinyBackbone(nn.Module):
-    """conv + norm + ReLU + global pool: any input size -> ``(B, 6)``."""
-
-    feature_dim = 6
-
-    def __init__(self, kind: str = "bn") -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 6, 3, padding=1)
-        self.norm = nn.BatchNorm2d(6)
-        if kind in ("gn", "in"):
-            convert_norm(self, kind)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.norm(self.conv(x))).mean(dim=(2, 3))
+# The tiny backbone of the other methods' tests: conv + norm + ReLU + global pool, any input size.
+TinyBackbone = _methods_tests.TinyBackbone
 
 
 def make(norm: str = "eman", momentum: float = 0.9, **options) -> DINO:
