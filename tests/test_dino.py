@@ -58,12 +58,7 @@ def step(method: DINO, opt: torch.optim.Optimizer, batch: dict, index: int, tota
     return loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = _methods_tests._one_thread  # the same autouse one-thread fixture as the other methods' tests
 
 
 # -- every norm --------------------------------------------------------------------------------

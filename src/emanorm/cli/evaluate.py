@@ -536,12 +536,17 @@ def _repeated_rows(results: dict[str, Any], lr_name: str, lr_key: str) -> list[t
 # --- handlers ----------------------------------------------------------------------------------------
 
 
+def _database_and_queries(ctx: EvalContext, database: str, queries: str) -> tuple[Any, Any]:
+    """Frozen features of the labeled training images (the database) and of the test split."""
+    with assert_frozen(ctx.backbone):
+        return (ctx.features(ctx.train_set, ctx.labeled(), database),
+                ctx.features(ctx.test_set, ctx.test_indices, queries))
+
+
 def run_knn(args: argparse.Namespace) -> int:
     """``emanorm eval knn``: labeled training images are the database, the test split the queries."""
     ctx = prepare(args)
-    with assert_frozen(ctx.backbone):
-        db_f, db_y = ctx.features(ctx.train_set, ctx.labeled(), "train features")
-        q_f, q_y = ctx.features(ctx.test_set, ctx.test_indices, "test features")
+    (db_f, db_y), (q_f, q_y) = _database_and_queries(ctx, "train features", "test features")
     with _user_errors():
         pred = knn_predict(
             db_f.to(ctx.device),
@@ -565,9 +570,7 @@ def run_knn(args: argparse.Namespace) -> int:
 def run_retrieval(args: argparse.Namespace) -> int:
     """``emanorm eval retrieval``: labeled training images are the database, the test split the queries."""
     ctx = prepare(args)
-    with assert_frozen(ctx.backbone):
-        db_f, db_y = ctx.features(ctx.train_set, ctx.labeled(), "database features")
-        q_f, q_y = ctx.features(ctx.test_set, ctx.test_indices, "query features")
+    (db_f, db_y), (q_f, q_y) = _database_and_queries(ctx, "database features", "query features")
     with _user_errors():
         scores = retrieval_scores(
             db_f.to(ctx.device), db_y.to(ctx.device), q_f.to(ctx.device), q_y.to(ctx.device), topk=args.topk
