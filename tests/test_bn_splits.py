@@ -10,7 +10,7 @@ import torch
 from emanorm.errors import UserError
 from emanorm.methods import build_method
 from emanorm.models import build_backbone
-from emanorm.norms import SplitBatchNorm2d
+from emanorm.norms import SplitBatchNorm1d, SplitBatchNorm2d
 from emanorm.train import build_run, resolve_config
 from emanorm.train.config import comparable
 
@@ -38,6 +38,23 @@ def test_every_batchnorm_plan_splits_the_student_and_the_teacher(name, norm):
         layers = [layer for layer in m.teacher.modules() if isinstance(layer, SplitBatchNorm2d)]
         assert {layer.num_splits for layer in layers} == {4}
     assert method(name, norm, 1, **options).plan.num_splits == 1  # default: whole batch, as before
+
+
+@pytest.mark.parametrize("norm", ["bn", "eman"])
+def test_bn_splits_split_the_heads_batchnorm1d_too(norm):
+    # Under DDP every BN layer is per GPU, BYOL's projector and predictor included.
+    m = method("byol", norm, 4, hidden_dim=32, proj_dim=16)
+    for net in (m.student, m.predictor, m.teacher):
+        heads = [layer for layer in net.modules() if isinstance(layer, torch.nn.BatchNorm1d)]
+        assert heads and all(isinstance(layer, SplitBatchNorm1d) and layer.num_splits == 4 for layer in heads)
+    # a training step runs and its loss is finite
+    batch = {"view1": torch.randn(8, 1, 28, 28), "view2": torch.randn(8, 1, 28, 28)}
+    loss, _ = m.training_step(batch, step=0)
+    assert torch.isfinite(loss)
+    # ShuffleBN keeps splitting the backbone only (MoCo's demo); its heads stay whole-batch BN
+    shuffled = method("byol", "shuffle_bn", 1, hidden_dim=32, proj_dim=16, num_splits=4)
+    assert any(isinstance(layer, SplitBatchNorm2d) for layer in shuffled.student.modules())
+    assert not any(isinstance(layer, SplitBatchNorm1d) for layer in shuffled.student.modules())
 
 
 def test_student_statistics_are_per_split_not_per_batch():

@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from emanorm.models import MLPHead
 from emanorm.norms import (
     NORM_KINDS,
+    SplitBatchNorm1d,
     SplitBatchNorm2d,
     convert_norm,
     convert_to_split_bn,
@@ -102,11 +103,12 @@ def test_group_count(channels: int, groups: int) -> None:
     assert group_count(channels, 32) == groups
 
 
-def _chunked_reference(x: torch.Tensor, bn: nn.BatchNorm2d, splits: int) -> tuple[torch.Tensor, dict]:
+def _chunked_reference(x: torch.Tensor, bn: nn.Module, splits: int) -> tuple[torch.Tensor, dict]:
     """Plain BN applied to each chunk, each starting from the same running statistics."""
     outs, means, vars_ = [], [], []
+    plain = nn.BatchNorm1d if isinstance(bn, nn.BatchNorm1d) else nn.BatchNorm2d
     for chunk in x.chunk(splits):
-        ref = nn.BatchNorm2d(bn.num_features)
+        ref = plain(bn.num_features)
         ref.load_state_dict(bn.state_dict())
         ref.train()
         outs.append(ref(chunk))
@@ -137,6 +139,40 @@ def test_split_batch_norm_equals_bn_per_chunk() -> None:
     plain = nn.BatchNorm2d(5).eval()
     plain.load_state_dict(split.state_dict())
     torch.testing.assert_close(split(x), plain(x))
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (8, 5, 3)])
+def test_split_batch_norm_1d_equals_bn_per_chunk(shape) -> None:
+    torch.manual_seed(0)
+    split = SplitBatchNorm1d(5, num_splits=4)
+    nn.init.uniform_(split.weight, 0.5, 1.5)
+    nn.init.uniform_(split.bias, -1, 1)
+    scale = torch.arange(1, 9, dtype=torch.float32).view(8, *[1] * (len(shape) - 1))
+    x = torch.randn(*shape) * scale + scale  # chunks with different statistics
+    expected, stats = _chunked_reference(x, split, 4)
+    out = split(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(split.running_mean, stats["mean"])
+    torch.testing.assert_close(split.running_var, stats["var"])
+    assert not torch.allclose(out, nn.functional.batch_norm(x, None, None, split.weight, split.bias, True))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        split(torch.randn(8, 5, 2, 2))
+    split.eval()
+    plain = nn.BatchNorm1d(5).eval()
+    plain.load_state_dict(split.state_dict())
+    torch.testing.assert_close(split(x), plain(x))
+
+
+def test_convert_to_split_bn_one_d_splits_the_heads_and_converts_back() -> None:
+    net = _net()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    split = convert_to_split_bn(net, 2, one_d=True)
+    assert sum(isinstance(m, SplitBatchNorm2d) for m in split.modules()) == 2
+    assert sum(isinstance(m, SplitBatchNorm1d) for m in split.modules()) == 2
+    assert split.state_dict().keys() == state.keys()
+    assert split(torch.randn(4, 3, 8, 8)).shape == (4, 8)
+    plain = convert_norm(split, "bn")
+    assert {type(m) for m in plain.modules() if isinstance(m, _BatchNorm)} == {nn.BatchNorm1d, nn.BatchNorm2d}
 
 
 def test_split_batch_norm_rejects_indivisible_batch() -> None:

@@ -14,7 +14,7 @@ Choices made here (the rest of the package relies on them):
   8 features per group, since a group of one feature would normalise to zero), while
   ``"in"`` becomes ``GroupNorm(1, C)`` (layer normalisation with a per-feature affine): instance
   normalisation of a single value per channel would output the bias alone and erase the input.
-* ``"bn"`` turns ``SyncBatchNorm`` and ``SplitBatchNorm2d`` back into plain ``BatchNorm{1,2,3}d``
+* ``"bn"`` turns ``SyncBatchNorm`` and ``SplitBatchNorm{1,2}d`` back into plain ``BatchNorm{1,2,3}d``
   (running statistics kept); other layers are left alone.
 """
 
@@ -47,6 +47,8 @@ def group_count(channels: int, num_groups: int) -> int:
 def _plain_bn_class(layer: _BatchNorm) -> type[_BatchNorm]:
     if isinstance(layer, SplitBatchNorm2d):
         return nn.BatchNorm2d
+    if isinstance(layer, SplitBatchNorm1d):
+        return nn.BatchNorm1d
     if isinstance(layer, nn.SyncBatchNorm):
         return _PLAIN_BN.get(getattr(layer, _SOURCE_ATTR, "BatchNorm2d"), nn.BatchNorm2d)
     return type(layer)
@@ -95,7 +97,8 @@ def _to_group_norm(layer: _BatchNorm, kind: str, num_groups: int) -> nn.GroupNor
 def _check_convertible(layer: _BatchNorm, kind: str) -> None:
     # A BN subclass with its own forward (timm's BatchNormAct2d adds an activation) would lose
     # that behaviour if replaced by a plain layer: refuse rather than change the network silently.
-    known = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, SplitBatchNorm2d)
+    known = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, SplitBatchNorm2d,
+             SplitBatchNorm1d)
     if type(layer) not in known:
         raise ValueError(
             f"cannot convert {type(layer).__module__}.{type(layer).__name__} to {kind!r}: only "
@@ -104,7 +107,7 @@ def _check_convertible(layer: _BatchNorm, kind: str) -> None:
 
 
 def _convert_layer(layer: _BatchNorm, kind: str, num_groups: int) -> nn.Module:
-    if kind == "bn" and not isinstance(layer, nn.SyncBatchNorm | SplitBatchNorm2d):
+    if kind == "bn" and not isinstance(layer, nn.SyncBatchNorm | _SplitBatchNorm):
         return layer  # already a BatchNorm; subclasses such as timm's BatchNormAct2d stay as they are
     _check_convertible(layer, kind)
     if kind in ("gn", "in"):
@@ -116,7 +119,7 @@ def _convert_layer(layer: _BatchNorm, kind: str, num_groups: int) -> nn.Module:
                                 layer.track_running_stats, **_factory(layer))
         setattr(sync, _SOURCE_ATTR, _plain_bn_class(layer).__name__)
         return _copy_bn_state(layer, sync)
-    # kind == "bn": a SyncBatchNorm or SplitBatchNorm2d back to plain BN
+    # kind == "bn": a SyncBatchNorm or split BN back to plain BN
     cls = _plain_bn_class(layer)
     bn = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
              **_factory(layer))
@@ -143,13 +146,14 @@ def convert_norm(module: nn.Module, kind: str, *, num_groups: int = 32) -> nn.Mo
     return module
 
 
-class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics come from ``num_splits`` equal chunks of the batch.
+class _SplitBatchNorm(_BatchNorm):
+    """Training statistics from ``num_splits`` equal chunks of the batch (any ``(N, C, *)`` input).
 
     Emulates ``num_splits`` GPUs each running plain BN on its own share (MoCo's single-device
-    ShuffleBN). Chunk ``i`` is samples ``[i*n, (i+1)*n)`` with ``n = N // num_splits``. The
-    running statistics are ordinary buffers, updated with the mean over the splits of each
-    split's statistics, so an EMA teacher can average them like any BN. Eval mode is plain BN.
+    ShuffleBN, the paper's per-GPU BN). Chunk ``i`` is samples ``[i*n, (i+1)*n)`` with
+    ``n = N // num_splits``. The running statistics are ordinary buffers, updated with the mean
+    over the splits of each split's statistics, so an EMA teacher can average them like any BN.
+    Eval mode is plain BN.
     """
 
     def __init__(self, num_features: int, num_splits: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -163,17 +167,17 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if not self.training or self.num_splits == 1:
             return super().forward(x)
         self._check_input_dim(x)
-        n, c, h, w = x.shape
+        n, c, *rest = x.shape
         s = self.num_splits
         if n % s != 0:
-            raise ValueError(f"SplitBatchNorm2d: batch size {n} is not divisible by num_splits={s}")
+            raise ValueError(f"{type(self).__name__}: batch size {n} is not divisible by num_splits={s}")
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average, as in nn.BatchNorm
                 factor = 1.0 / float(self.num_batches_tracked)
-        # Put each split's channels side by side: (n/s, s*c, h, w), one batch_norm call.
-        xs = x.view(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)
+        # Put each split's channels side by side: (n/s, s*c, *rest), one batch_norm call.
+        xs = x.view(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
         running_mean = running_var = None
         if self.track_running_stats:
             running_mean = self.running_mean.repeat(s)
@@ -185,30 +189,45 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.running_mean.copy_(running_mean.view(s, c).mean(0))
                 self.running_var.copy_(running_var.view(s, c).mean(0))
-        return out.view(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        return out.view(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"
 
 
-def convert_to_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
-    """Replace every ``BatchNorm2d`` by a ``SplitBatchNorm2d`` (state kept).
+class SplitBatchNorm2d(_SplitBatchNorm, nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training statistics come from ``num_splits`` equal chunks of the batch."""
 
-    ``BatchNorm1d`` layers (heads) stay as they are: split BN emulates per-GPU statistics of the
-    backbone as in MoCo's CIFAR demo. An existing ``SplitBatchNorm2d`` gets the new ``num_splits``.
+
+class SplitBatchNorm1d(_SplitBatchNorm, nn.BatchNorm1d):
+    """``BatchNorm1d`` (``(N, C)`` or ``(N, C, L)``) with statistics per chunk: split heads' BN."""
+
+
+_SPLIT_OF = {nn.BatchNorm2d: SplitBatchNorm2d, nn.BatchNorm1d: SplitBatchNorm1d}
+
+
+def convert_to_split_bn(module: nn.Module, num_splits: int, *, one_d: bool = False) -> nn.Module:
+    """Replace every ``BatchNorm2d`` (and with ``one_d`` every ``BatchNorm1d``) by its split form.
+
+    State is kept. Without ``one_d``, ``BatchNorm1d`` layers (heads) stay as they are: ShuffleBN
+    splits the backbone as in MoCo's CIFAR demo. ``one_d=True`` splits the heads' ``BatchNorm1d``
+    too, as every BN layer is per GPU in a multi-GPU run (``bn_splits``). An existing split layer
+    gets the new ``num_splits``.
     """
     if int(num_splits) < 1:
         raise ValueError(f"num_splits must be a positive integer, got {num_splits}")
-    if isinstance(module, SplitBatchNorm2d):
+    if isinstance(module, _SplitBatchNorm):
         module.num_splits = int(num_splits)
         return module
-    if isinstance(module, nn.BatchNorm2d):
+    kinds = (nn.BatchNorm2d, nn.BatchNorm1d) if one_d else (nn.BatchNorm2d,)
+    if isinstance(module, kinds):
         _check_convertible(module, "split_bn")
-        split = SplitBatchNorm2d(module.num_features, num_splits, module.eps, module.momentum, module.affine,
-                                 module.track_running_stats, **_factory(module))
+        cls = _SPLIT_OF[nn.BatchNorm2d if isinstance(module, nn.BatchNorm2d) else nn.BatchNorm1d]
+        split = cls(module.num_features, num_splits, module.eps, module.momentum, module.affine,
+                    module.track_running_stats, **_factory(module))
         return _copy_bn_state(module, split)
     for name, child in module.named_children():
-        new = convert_to_split_bn(child, num_splits)
+        new = convert_to_split_bn(child, num_splits, one_d=one_d)
         if new is not child:
             setattr(module, name, new)
     return module
@@ -265,6 +284,7 @@ def is_distributed() -> bool:
 
 __all__ = [
     "NORM_KINDS",
+    "SplitBatchNorm1d",
     "SplitBatchNorm2d",
     "convert_norm",
     "convert_to_split_bn",

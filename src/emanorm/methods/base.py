@@ -281,7 +281,9 @@ class Method(nn.Module):
             for head in heads:
                 convert_norm(head, kind)
         if self.plan.num_splits > 1:
-            student = convert_to_split_bn(student, self.plan.num_splits)
+            # bn_splits emulates per-GPU BN everywhere, heads included; ShuffleBN only in the
+            # backbone, as MoCo's single-device demo (its heads have no BN)
+            student = convert_to_split_bn(student, self.plan.num_splits, one_d=not self.plan.shuffle)
         # bn_momentum is PyTorch's BN momentum of every layer that collects running statistics:
         # the student's too, whose statistics EMAN averages and student PN copies (Table 8's alpha).
         for layer in student.modules():
