@@ -408,6 +408,7 @@ def test_compare_merges_seeds_trained_elsewhere(tmp_path, capsys, one_thread):
     err_out = capsys.readouterr()
     assert "0 finished, 0 to resume, 1 new, 1 from --merge-results" in err_out.err
     assert "fixmatch-eman-s0  merged" in err_out.out
+    assert f"reported from {first / 'results.json'}\n" in err_out.out  # the file, not its whole entry
 
     assert main([*grid, "--seeds", "2", "--out", str(second), *merge]) == 0
     assert not (second / "runs" / "fixmatch-eman-s0").exists()  # seed 0 is not trained again

@@ -256,7 +256,7 @@ def _print_plan(specs, merged, same=None) -> None:
         budget = f"{cfg['max_steps']} steps" if cfg["max_steps"] else f"{cfg['epochs']} epochs"
         extra = f", init from {cfg['init_from']}" if cfg.get("init_from") else ""
         if merged.covers(spec):
-            extra += f", reported from {merged.entries[spec.name][0]}"
+            extra += f", reported from {merged.entries[spec.name][0][0]}"
         if spec.name in same:
             extra += f", same model as {same[spec.name][0]} ({same[spec.name][1]})"
         state = "merged" if merged.covers(spec) else "same" if spec.name in same else spec.state()
