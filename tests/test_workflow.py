@@ -159,6 +159,25 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# the tiny FixMatch run both two-rank tests launch
+TWO_RANK_FIXMATCH = [
+    "train", "--method", "fixmatch", "--labels-per-class", "4", "--batch-size", "16",
+    "--unlabeled-ratio", "1", "--device", "cpu", "--no-progress", "--set", "eval_every=0",
+]
+
+
+def launch_two_ranks(script: Path, *args: str, delay: str, dist_timeout_s: int) -> subprocess.Popen:
+    """``WORKER`` under torchrun with 2 ranks, in its own session (so killpg reaches every rank)."""
+    command, env = torchrun_command(2, str(script), *args, dist_timeout_s=dist_timeout_s)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "STEP_DELAY": delay}, start_new_session=True)
+
+
+def assert_no_emanorm_frame(err: str) -> None:
+    frames = [line for line in err.splitlines() if line.strip().startswith('File "')]
+    assert not any("emanorm" in frame for frame in frames), err[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
@@ -166,18 +185,13 @@ def test_sigterm_stops_two_ranks_at_one_step_and_resume_matches_an_uninterrupted
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     common = [
-        "train", "--method", "fixmatch", "--norm", "eman", "--labels-per-class", "4", "--batch-size", "16",
-        "--unlabeled-ratio", "1", "--max-steps", "12", "--device", "cpu", "--no-progress",
-        "--set", "eval_every=0", "--set", "knn_bank_size=32", "--set", "monitor_test_size=32",
-        "--set", "log_every=1",
+        *TWO_RANK_FIXMATCH, "--norm", "eman", "--max-steps", "12", "--set", "knn_bank_size=32",
+        "--set", "monitor_test_size=32", "--set", "log_every=1",
     ]
 
     def launch(out: Path, *extra: str, delay: str = "0") -> subprocess.Popen:
-        command, env = torchrun_command(
-            2, str(script), *common, "--out", str(out), *extra, dist_timeout_s=60
-        )
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**env, "STEP_DELAY": delay}, start_new_session=True)
+        return launch_two_ranks(script, *common, "--out", str(out), *extra,
+                                delay=delay, dist_timeout_s=60)
 
     straight = tmp_path / "straight"
     process = launch(straight)
@@ -206,8 +220,7 @@ def test_sigterm_stops_two_ranks_at_one_step_and_resume_matches_an_uninterrupted
     assert len({line.split("after step ")[1].split(";")[0] for line in lines}) == 1
     assert "exit status 75" in lines[0]
     # torchrun's agent prints its own SignalException; no frame of emanorm's is in any traceback
-    frames = [line for line in err.splitlines() if line.strip().startswith('File "')]
-    assert not any("emanorm" in frame for frame in frames), err[-3000:]
+    assert_no_emanorm_frame(err)
     state = ckpt.safe_load(stopped)
     assert 0 < state["global_step"] < 12 and not (stopped / "summary.json").exists()
 
@@ -226,14 +239,10 @@ def test_a_killed_rank_is_one_line_on_the_survivor_naming_it(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "run"
-    args = [
-        "train", "--method", "fixmatch", "--labels-per-class", "4", "--batch-size", "16",
-        "--unlabeled-ratio", "1", "--max-steps", "400", "--device", "cpu", "--no-progress",
-        "--checkpoint-every-steps", "2", "--set", "eval_every=0", "--out", str(out),
-    ]
-    command, env = torchrun_command(2, str(script), *args, dist_timeout_s=30)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**env, "STEP_DELAY": "0.05"}, start_new_session=True)
+    process = launch_two_ranks(
+        script, *TWO_RANK_FIXMATCH, "--max-steps", "400", "--checkpoint-every-steps", "2",
+        "--out", str(out), delay="0.05", dist_timeout_s=30,
+    )
     try:
         checkpoint = out / "checkpoints" / "last.pt"
         for _ in range(1200):
@@ -258,8 +267,7 @@ def test_a_killed_rank_is_one_line_on_the_survivor_naming_it(tmp_path):
     ours = [line for line in err.splitlines() if line.startswith("emanorm: error: lost")]
     assert ours and ours[0].startswith("emanorm: error: lost rank 1 of 2"), err[-3000:]
     assert "rerun with --resume" in ours[0]
-    frames = [line for line in err.splitlines() if line.strip().startswith('File "')]
-    assert not any("emanorm" in frame for frame in frames), err[-3000:]
+    assert_no_emanorm_frame(err)
 
 
 def test_cli_says_a_preempted_run_is_resumable_in_one_line(monkeypatch, capsys):
