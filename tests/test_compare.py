@@ -432,6 +432,37 @@ def test_compare_merges_seeds_trained_elsewhere(tmp_path, capsys, one_thread):
     assert "not readable as JSON" in capsys.readouterr().err
 
 
+def test_a_report_merged_beside_the_file_it_merged_keeps_the_runs_first_source(tmp_path):
+    """A results.json that merged an earlier file holds that file's runs again, marked
+    ``merged_from``; both can be given, and a run is then reported from where it was trained. The
+    same run in two files with different results stays an error."""
+    from emanorm.experiments.evaluate import MergedResults
+    from emanorm.experiments.grid import RunSpec
+
+    name = "fixmatch-eman-s0"
+    config = {"norm": "eman", "method": "fixmatch", "max_steps": 100, "epochs": 3}
+    planned = RunSpec("eman", "fixmatch", 0, name, tmp_path / "out" / name, config)
+    trained = {"name": name, "variant": "eman", "method": "fixmatch", "seed": 0, "norm": "eman",
+               "run_method": "fixmatch", "status": "ok", "primary": 70.0, "metrics": {"test_acc": 70.0},
+               "protocol": "test_acc", "budget": {"max_steps": 100}}  # fmt: skip
+    first, report = tmp_path / "first.json", tmp_path / "report.json"
+    first.write_text(json.dumps({"which": "teacher", "runs": [trained]}))
+    report.write_text(json.dumps({"which": "teacher", "runs": [{**trained, "merged_from": str(first)}]}))
+    both = MergedResults([str(report), str(first)], which="teacher", linear=None)
+    assert both.entry(planned)["merged_from"] == str(first)
+    alone = MergedResults([str(report)], which="teacher", linear=None)
+    assert alone.entry(planned)["merged_from"] == str(report)
+    # a copy whose result differs from its origin's is not the same run: which one is meant is unclear
+    differs = {**trained, "primary": 71.0, "merged_from": str(first)}
+    report.write_text(json.dumps({"which": "teacher", "runs": [differs]}))
+    with pytest.raises(UserError, match=f"{name} is in several --merge-results"):
+        MergedResults([str(report), str(first)], which="teacher", linear=None).entry(planned)
+    # two files that both trained it (no merged_from): an error too
+    report.write_text(json.dumps({"which": "teacher", "runs": [trained]}))
+    with pytest.raises(UserError, match="several --merge-results"):
+        MergedResults([str(report), str(first)], which="teacher", linear=None).entry(planned)
+
+
 def test_merged_results_check_each_entry_against_the_planned_run(tmp_path):
     """MergedResults on hand-written records: identity, budget, protocol and probe must match."""
     from emanorm.experiments.evaluate import LinearProtocol, MergedResults

@@ -149,7 +149,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=[],
         metavar="FILE",
         help="an earlier compare's results.json (repeatable): its finished runs that are not finished "
-        "in OUT are reported from it and not trained, e.g. seeds trained elsewhere",
+        "in OUT are reported from it and not trained, e.g. seeds trained elsewhere; a run in two files "
+        "is an error unless one file's copy is marked merged from the other",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_compare)

@@ -306,9 +306,25 @@ class MergedResults:
         """Whether ``spec`` is reported from a file instead of trained: in a file, not finished here."""
         return spec.name in self.entries and spec.state() != "finished"
 
+    @staticmethod
+    def _origins(sources: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+        """``sources`` less the copies: a report that merged a file given here too holds the same
+        run again, marked ``merged_from`` that file. The copy is dropped when it reports the same
+        result as its origin, so both files can be merged and the run keeps its first source."""
+        given = {Path(path).resolve(): entry for path, entry in sources}
+
+        def is_copy(entry: dict[str, Any]) -> bool:
+            source = entry.get("merged_from")
+            origin = given.get(Path(source).resolve()) if isinstance(source, str) else None
+            return origin is not None and origin is not entry and all(
+                entry.get(k) == origin.get(k) for k in ("primary", "metrics", "seed", "norm", "method")
+            )
+
+        return [(path, entry) for path, entry in sources if not is_copy(entry)]
+
     def entry(self, spec: RunSpec) -> dict[str, Any]:
         """The file's entry for ``spec``, checked against the planned run, marked with its source."""
-        sources = self.entries[spec.name]
+        sources = self._origins(self.entries[spec.name])
         if len(sources) > 1:
             raise UserError(
                 f"run {spec.name} is in several --merge-results: {', '.join(p for p, _ in sources)}"
