@@ -10,6 +10,7 @@ import sys
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from emanorm.calibration import calibrate_batchnorm
 from emanorm.teacher import (
     NORM_MODES,
     TEACHER_MODES,
@@ -29,6 +30,7 @@ __all__ = [
     "NoBatchNormWarning",
     "TeacherMode",
     "TeacherReport",
+    "calibrate_batchnorm",
     "cosine_momentum",
     "ema_update_",
     "inspect_teacher",

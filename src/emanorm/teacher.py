@@ -349,6 +349,16 @@ class EMATeacher(nn.Module):
         bm = m if self.buffer_momentum is None else self.buffer_momentum
         _fused_update_(self._teacher_tensors, self._student_lists(student), m, bm, self.rules.update_rule)
 
+    @torch.no_grad()
+    def copy_statistics_(self, student: nn.Module) -> None:
+        """Copy ``student``'s BN running statistics and batch counters into the teacher, whatever
+        the mode; parameters untouched. Used after :func:`emanorm.calibrate_batchnorm` so that
+        teacher and student start from the same calibrated statistics."""
+        s = self._student_lists(student)
+        for group in ("statistics", "integer"):
+            if self._teacher_tensors[group]:
+                torch._foreach_copy_(self._teacher_tensors[group], s[group])
+
     def extra_repr(self) -> str:
         extra = f"norm={self.norm!r}, momentum={self.momentum}"
         if self.rules.statistics == "average" and self.buffer_momentum is not None:

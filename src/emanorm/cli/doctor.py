@@ -6,18 +6,23 @@ The parser and its handler; the check itself is :func:`emanorm.teacher_check.ins
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+from emanorm.collapse import collapse_rules, scan_records
 from emanorm.errors import UserError
 from emanorm.teacher_check import find_teacher_pair, inspect_teacher
 from emanorm.train.checkpoint import safe_load
+from emanorm.train.curves import read_metrics
 from emanorm.train.recipe import method_from_checkpoint
 
 DOCTOR_HELP = """\
 Check an EMA teacher against its student: BatchNorm statistics never averaged (the teacher's still
 0 / 1 while the student's moved), teacher BatchNorm in training mode, teacher parameters that
 require gradients, active dropout / drop-path in the teacher, and the parameter and statistics lag
-(||teacher - student|| / ||student||). Exit status 0: no problem found; 1: problems found.
+(||teacher - student|| / ||student||). For a run directory, also the collapse alarm over its
+metrics.jsonl (DINO's loss at ln K or uniform teacher targets, MoCo/BYOL outputs that no longer
+differ across the batch; docs/methods.md). Exit status 0: no problem found; 1: problems found.
 
 An emanorm run directory or checkpoint is rebuilt as its method (the layer checks then describe
 the teacher this version of emanorm builds; the tensors are the checkpoint's). Any other
@@ -59,7 +64,9 @@ def run_doctor(args: argparse.Namespace) -> int:
             )
         report = inspect_teacher(method.teacher_source(), method.teacher)
         where = f"emanorm {data['config']['method']} run, teacher mode {method.teacher.norm!r}"
+        collapse = collapse_lines(Path(args.path), data["config"]["method"], method.options)
     else:
+        collapse = None
         try:
             student, teacher, where = find_teacher_pair(
                 data, student_key=args.student_key, teacher_key=args.teacher_key,
@@ -70,4 +77,20 @@ def run_doctor(args: argparse.Namespace) -> int:
         report = inspect_teacher(student, teacher)
     print(f"{args.path}: {where}")
     print(report.format())
-    return 0 if report.ok else 1
+    if collapse is not None:
+        print(collapse[0])
+    return 0 if report.ok and (collapse is None or collapse[1]) else 1
+
+
+def collapse_lines(path: Path, method: str, options: dict[str, Any]) -> tuple[str, bool] | None:
+    """The collapse alarm's verdict on a run directory's metrics.jsonl: ``(line, ok)``; ``None``
+    for a checkpoint file or a run without training records."""
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    alarm, seen = scan_records(read_metrics(metrics), method, options)
+    if alarm is not None:
+        return alarm.message + " (metrics.jsonl)", False
+    if not collapse_rules(method, options):
+        return None
+    return f"collapse: no alarm in {seen} training records (metrics.jsonl)", True

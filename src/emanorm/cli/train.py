@@ -89,6 +89,12 @@ def add_train_parser(subparsers: Any) -> None:
         "the paper's per-GPU BN on one process (default 1)",
     )
     opt.add_argument(
+        "--calibrate-bn", dest="calibrate_bn_batches", type=int, metavar="N",
+        help="before step 0, set the student's BatchNorm statistics from N training batches (cumulative "
+        "average, no gradient) and start the teacher from them: an EMAN / PN teacher then does not "
+        "start from mean 0 / variance 1 (0: off, the paper's start; 20 is plenty; docs/methods.md)",
+    )
+    opt.add_argument(
         "--method-arg",
         action="append",
         type=key_value,

@@ -10,7 +10,7 @@ loss and a dict of float logs; ``after_step(step, total_steps)`` runs after
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from emanorm.calibration import calibrate_batchnorm
 from emanorm.models import Classifier
 from emanorm.norms import convert_norm, convert_to_split_bn, is_distributed, shuffle_batch, unshuffle_batch
 from emanorm.optim import parameter_groups
@@ -40,6 +41,7 @@ __all__ = [
     "Projected",
     "cat_for_splits",
     "concat_all_gather",
+    "output_spread",
     "plan_norm",
     "split_from_splits",
     "to_floats",
@@ -192,6 +194,15 @@ def concat_all_gather(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def output_spread(outputs: Tensor) -> Tensor:
+    """How spread the L2-normalised ``outputs`` are across the batch: the mean per-dimension
+    standard deviation times ``sqrt(d)``; about 1 when spread over the sphere, 0 when every row is
+    the same (the collapse signal of :mod:`emanorm.collapse`, SimSiam's monitor)."""
+    z = torch.nn.functional.normalize(outputs.detach().float(), dim=1)
+    return z.std(dim=0, correction=0).mean() * z.shape[1] ** 0.5
+
+
 def to_floats(**values: Tensor | float) -> dict[str, float]:
     """Log values as Python floats with one device synchronisation for all tensors."""
     names = [k for k, v in values.items() if isinstance(v, Tensor)]
@@ -340,6 +351,28 @@ class Method(nn.Module):
     def teacher_source(self) -> nn.Module:
         """The student-side module the teacher mirrors."""
         return self.student
+
+    def ema_copies(self) -> list[EMATeacher]:
+        """Every EMA copy of :meth:`teacher_source` (the teacher; FixMatch's ``eval_ema``)."""
+        return [self.teacher] if self.teacher is not None else []
+
+    def calibration_inputs(self, batch: Mapping[str, Tensor]) -> list[Tensor]:
+        """The inputs of the student's training forwards on ``batch`` whose BatchNorm statistics
+        its running averages track (one tensor per forward), for :meth:`calibrate_statistics`."""
+        raise NotImplementedError(f"method {self.name!r} does not say which inputs calibrate its BatchNorm")
+
+    @torch.no_grad()
+    def calibrate_statistics(self, batches: Iterable[Mapping[str, Tensor]]) -> int:
+        """Set the student's BN running statistics from ``batches`` (cumulative average, no
+        gradient, :func:`emanorm.calibrate_batchnorm`), then give them to every EMA copy, so an
+        EMAN / PN teacher does not start from mean 0 / variance 1. Returns the number of
+        forwards used (0 for a model without BatchNorm running statistics)."""
+        source = self.teacher_source()
+        inputs = (x for batch in batches for x in self.calibration_inputs(batch))
+        count = calibrate_batchnorm(source, inputs)
+        for copy in self.ema_copies():
+            copy.copy_statistics_(source)
+        return count
 
     def teacher_forward(self, x: Tensor) -> Tensor:
         """The teacher's output on ``x`` (no gradient), shuffled and unshuffled for ShuffleBN."""

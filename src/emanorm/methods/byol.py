@@ -12,7 +12,15 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from emanorm.losses import regression_loss
-from emanorm.methods.base import ALL_NORMS, Method, Projected, batch_get, check_range, to_floats
+from emanorm.methods.base import (
+    ALL_NORMS,
+    Method,
+    Projected,
+    batch_get,
+    check_range,
+    output_spread,
+    to_floats,
+)
 from emanorm.models import MLPHead
 from emanorm.teacher import cosine_momentum, warmup_momentum
 
@@ -54,12 +62,17 @@ class BYOL(Method):
         view1 = batch_get(batch, "view1", self.name)
         view2 = batch_get(batch, "view2", self.name)
         # Separate forwards per view: each view's BN statistics stay its own, as in BYOL.
-        p1 = self.predictor(self.student(view1))
+        z1 = self.student(view1)
+        p1 = self.predictor(z1)
         p2 = self.predictor(self.student(view2))
-        z1 = self.teacher_forward(view1)
-        z2 = self.teacher_forward(view2)
-        loss = regression_loss(p1, z2) + regression_loss(p2, z1)
-        return loss, to_floats(loss=loss)
+        t1 = self.teacher_forward(view1)
+        t2 = self.teacher_forward(view2)
+        loss = regression_loss(p1, t2) + regression_loss(p2, t1)
+        return loss, to_floats(loss=loss, output_std=output_spread(z1))
+
+    def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """One forward per view, as in training."""
+        return [batch_get(batch, "view1", self.name), batch_get(batch, "view2", self.name)]
 
     def momentum_at(self, step: int, total_steps: int | None = None) -> float:
         """BYOL's cosine schedule from ``momentum`` to 1, optionally with Mean Teacher's warm-up."""

@@ -23,6 +23,7 @@ running statistics, exactly as for MoCo and BYOL.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -231,7 +232,20 @@ class DINO(Method):
         probs = F.softmax((teacher_out - self.center) / temp, dim=-1)
         loss = dino_loss(student_out, list(probs.chunk(2)), o["student_temp"])
         self._pending_center = (teacher_out.detach().sum(0, keepdim=True), teacher_out.shape[0])
-        return loss, to_floats(loss=loss, teacher_temp=temp)
+        # the targets' entropy as a fraction of ln K (1: uniform; the collapse alarm watches it)
+        entropy = torch.special.entr(probs.detach()).sum(dim=-1).mean() / math.log(probs.shape[-1])
+        return loss, to_floats(loss=loss, teacher_temp=temp, target_entropy=entropy)
+
+    def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """The global crops (and the local ones with ``local_crop_statistics``), one forward per
+        crop size as the backbone's in training; a BatchNorm head then sees these crops' features
+        only (the default head has none)."""
+        globals_ = [batch_get(batch, "global1", self.name), batch_get(batch, "global2", self.name)]
+        inputs = [cat_for_splits(globals_, self.plan.num_splits)]
+        if self.options["local_crop_statistics"] and self.options["local_crops"]:
+            local = [batch_get(batch, f"local{i + 1}", self.name) for i in range(self.options["local_crops"])]
+            inputs.append(cat_for_splits(local, self.plan.num_splits))
+        return inputs
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Move the teacher, then the centre with the teacher outputs of the step just taken."""

@@ -21,6 +21,7 @@ from emanorm.methods.base import (
     ALL_NORMS,
     Method,
     batch_get,
+    cat_for_splits,
     check_choice,
     check_range,
     concat_all_gather,
@@ -113,6 +114,18 @@ class FixMatch(Method):
             if logs.pop("confident_known") == 0:
                 logs.pop("pl_precision")
         return loss, logs
+
+    def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """The student's one forward: labeled and strong views (and weak ones in the default form)."""
+        parts = [batch_get(batch, "x", self.name)]
+        if self.default_form:
+            parts.append(batch_get(batch, "u_w", self.name))
+        parts.append(batch_get(batch, "u_s", self.name))
+        return [cat_for_splits(parts, self.plan.num_splits)]
+
+    def ema_copies(self) -> list[EMATeacher]:
+        """The teacher, or the default form's evaluation-only ``eval_ema``."""
+        return [m for m in (self.teacher, self.eval_ema) if m is not None]
 
     @torch.no_grad()
     def pseudo_label_probs(self, logits_w: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from emanorm.methods.base import (
     ALL_NORMS,
     Method,
     batch_get,
+    cat_for_splits,
     check_range,
     masked_mean,
     to_floats,
@@ -87,6 +88,11 @@ class MeanTeacher(Method):
         if u_y is not None and logs.pop("known") == 0:
             logs.pop("teacher_acc_u")  # no known targets in this batch
         return loss, logs
+
+    def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """The student's one forward over labeled and unlabeled views."""
+        parts = [batch_get(batch, "x", self.name), batch_get(batch, "u_w", self.name)]
+        return [cat_for_splits(parts, self.plan.num_splits)]
 
     def classifier(self, which: str = "teacher") -> nn.Module:
         super().classifier(which)

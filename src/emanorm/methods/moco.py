@@ -25,6 +25,7 @@ from emanorm.methods.base import (
     batch_get,
     check_range,
     concat_all_gather,
+    output_spread,
     to_floats,
 )
 from emanorm.models import MLPHead
@@ -90,7 +91,16 @@ class MoCo(Method):
         # every micro-batch's keys wait for after_step, the real step's end
         self._pending_keys = torch.cat([self._pending_keys, keys.detach()]) if accumulating else keys.detach()
         self._pending_step = step
-        return loss, to_floats(loss=loss, acc=acc, momentum=self.current_momentum)
+        return loss, to_floats(
+            loss=loss, acc=acc, momentum=self.current_momentum, output_std=output_spread(q1)
+        )
+
+    def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """The query forwards: ``view1`` (and ``view2`` when symmetric)."""
+        views = [batch_get(batch, "view1", self.name)]
+        if self.options["symmetric"]:
+            views.append(batch_get(batch, "view2", self.name))
+        return views
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Enqueue the keys of the step that was just backpropagated.

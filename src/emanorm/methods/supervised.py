@@ -39,6 +39,10 @@ class Supervised(Method):
         loss = F.cross_entropy(logits, y, label_smoothing=self.options["label_smoothing"])
         return loss, to_floats(loss=loss, acc_x=accuracy(logits, y))
 
+    def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """The labeled view (there is no teacher: this only sets the student's statistics)."""
+        return [batch_get(batch, "x", self.name)]
+
     def classifier(self, which: str = "teacher") -> nn.Module:
         """The student for both ``which`` values (there is no teacher)."""
         super().classifier(which)

@@ -68,6 +68,9 @@ DEFAULTS: dict[str, Any] = {
     # BatchNorm statistics per split of each rank's batch (1: whole batch; 8 on one process: the
     # paper's per-GPU BN of its 8-GPU runs)
     "bn_splits": 1,
+    # BN statistics from this many training batches before step 0 (0: off, the paper's start);
+    # the teacher starts from them instead of mean 0 / variance 1 (emanorm.calibrate_batchnorm)
+    "calibrate_bn_batches": 0,
     "method_args": {},
     # monitoring
     "log_every": 20,
@@ -264,6 +267,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
     for key in ("epochs", "max_steps", "batch_size", "unlabeled_ratio", "labels_per_class"):
         _positive(cfg, key)
     _positive(cfg, "bn_splits", allow_none=False)
+    calibrate = cfg["calibrate_bn_batches"]
+    if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
+        raise UserError(f"calibrate_bn_batches must be an integer >= 0 (0: off), got {calibrate!r}")
     for key in ("log_every", "knn_k", "knn_bank_size", "accumulate"):
         _positive(cfg, key, allow_none=False)
     _positive(cfg, "monitor_test_size")

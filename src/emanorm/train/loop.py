@@ -27,12 +27,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from emanorm.collapse import CollapseWatch
 from emanorm.data import write_split_csv
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
 from emanorm.train import tracking
 from emanorm.train.config import comparable, dump_config
-from emanorm.train.curves import write_run_curves
+from emanorm.train.curves import read_metrics, write_run_curves
 from emanorm.train.distributed import (
     DistInfo,
     average_batchnorm_statistics,
@@ -555,6 +556,11 @@ def _train(
     logger = RunLogger(
         run_dir, dist_info.is_main, global_step, loggers=cfg.get("logger", "jsonl,tensorboard"), config=cfg
     )
+    watch = CollapseWatch(cfg["method"], method.options)
+    if global_step and logger.enabled and logger.path.exists():  # a resumed run keeps its window
+        for old in read_metrics(logger.path):
+            if old.get("kind", "train") == "train":
+                watch.observe(old)
     name = f"{cfg['method']}-{cfg['norm']}"
     bar = tqdm(
         total=run.total_steps, initial=global_step, desc=name, unit="step",
@@ -622,6 +628,11 @@ def _train(
                 record["lr"] = run.optimizer.param_groups[0]["lr"]
                 record["img_per_s"] = window_images / seconds
                 logger.record(record)
+                alarm = watch.observe(record)
+                if alarm is not None:  # said once, in one line, and kept in metrics.jsonl
+                    logger.record({"kind": "alarm", **alarm.as_dict()})
+                    if dist_info.is_main:
+                        bar.write(f"warning: {alarm.message}")
                 window_start, window_images = time.perf_counter(), 0
                 shown = {"loss": f"{record['loss']:.3f}", "img/s": f"{record['img_per_s']:.0f}"}
                 if "mask" in record:
@@ -664,9 +675,11 @@ def _train(
         "labeled": len(run.labeled),
         "labeled_split_sha1": run.split_digest,
         "init_from": cfg["init_from"],
+        "calibrate_bn_batches": cfg.get("calibrate_bn_batches", 0),
         "wall_clock_s": round(elapsed + time.perf_counter() - started, 1),
         "run_dir": str(run_dir),
         "final": last_eval,
+        "collapse": watch.alarm.as_dict() if watch.alarm else None,
         "environment": environment,
     }
     if run.warnings:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -319,6 +320,25 @@ def log_method_setup(method: Method, cfg: Mapping[str, Any], dist_info: DistInfo
               torch.__version__)
 
 
+def calibrate_start(method: Method, stream: BatchStream, batches: int) -> int:
+    """Set the student's BN statistics from the first ``batches`` batches of epoch 0 and start
+    every EMA copy from them (:meth:`Method.calibrate_statistics`); the stream is left at the start
+    of epoch 0, so training sees the same batches as an uncalibrated run. Returns the forwards used."""
+    if batches > stream.steps_per_epoch:
+        raise UserError(
+            f"calibrate_bn_batches {batches} is more than the {stream.steps_per_epoch} batches of an epoch"
+        )
+    stream.set_epoch(0)
+    first = iter(stream)
+    try:
+        count = method.calibrate_statistics(itertools.islice(first, batches))
+    finally:
+        first.close()  # a DataLoader's workers stop here, not whenever the generator is collected
+    stream.set_epoch(0)
+    log.info("calibrated the BatchNorm statistics on %d batches (%d forwards) before step 0", batches, count)
+    return count
+
+
 def build_run(
     cfg: dict[str, Any],
     dist_info: DistInfo | None = None,
@@ -410,6 +430,8 @@ def build_run(
     if steps_per_epoch < 1:
         raise UserError(f"the dataset is too small for batch size {cfg['batch_size']}: zero steps per epoch")
     total_steps = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
+    if cfg.get("calibrate_bn_batches", 0) and not resuming:  # a resumed run has its statistics
+        calibrate_start(method, stream, cfg["calibrate_bn_batches"])
     warmup_steps = int(cfg["warmup_epochs"] * steps_per_epoch)
 
     # optimisation
