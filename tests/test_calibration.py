@@ -151,7 +151,8 @@ def test_a_calibrated_run_starts_from_data_statistics_and_trains_on_the_same_bat
 
 
 def test_a_resumed_build_never_calibrates_again(tiny_fashion_mnist_dir, tmp_path):
-    resumed = build_run(tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "r", calibrate_bn_batches=2), resuming=True)
+    cfg = tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "r", calibrate_bn_batches=2)
+    resumed = build_run(cfg, resuming=True)
     stats = [v for k, v in resumed.method.teacher.module.state_dict().items() if k.endswith("running_var")]
     assert all(torch.equal(v, torch.ones_like(v)) for v in stats)
 

@@ -8,14 +8,14 @@ import math
 
 import pytest
 import torch
-from test_calibration import tiny_cfg
-from test_methods import make
 
 from emanorm import collapse
 from emanorm.cli import main
 from emanorm.collapse import CollapseWatch, collapse_rules, scan_records
 from emanorm.methods.base import output_spread
 from emanorm.train import train
+from test_calibration import tiny_cfg
+from test_methods import make
 
 LN_4096 = math.log(4096)
 
