@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from emanorm.data.datasets import Box, DataError, DatasetInfo, resize_center_crop
+from emanorm.data.images import Box, resize_center_crop
+from emanorm.data.registry import DataError, DatasetInfo
 
 AUGMENTATIONS = (
     "none", "weak", "strong", "moco", "byol1", "byol2", "dino_global1", "dino_global2", "dino_local",
