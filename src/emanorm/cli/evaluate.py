@@ -176,12 +176,16 @@ def run_retrieval(args: argparse.Namespace) -> int:
     return _finish(ctx, protocols.eval_retrieval(ctx, topk=args.topk))
 
 
+def _training_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options the trained protocols share (``_add_protocol_options``)."""
+    return {name: getattr(args, name) for name in ("epochs", "weight_decay", "val_fraction", "repeats")}
+
+
 def run_linear(args: argparse.Namespace) -> int:
     """``emanorm eval linear``: frozen features cached once, lr searched on a validation split."""
     ctx = _context(args)
     result = protocols.eval_linear(
-        ctx, lrs=args.lrs, epochs=args.epochs, probe_batch_size=args.probe_batch_size,
-        weight_decay=args.weight_decay, val_fraction=args.val_fraction, repeats=args.repeats,
+        ctx, lrs=args.lrs, probe_batch_size=args.probe_batch_size, **_training_options(args)
     )
     return _finish(ctx, result)
 
@@ -190,8 +194,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     """``emanorm eval finetune``: whole network, weak augmentation, backbone lr searched on validation."""
     ctx = _context(args)
     result = protocols.eval_finetune(
-        ctx, backbone_lrs=args.backbone_lrs, classifier_lr=args.classifier_lr, epochs=args.epochs,
-        weight_decay=args.weight_decay, val_fraction=args.val_fraction, repeats=args.repeats,
+        ctx, backbone_lrs=args.backbone_lrs, classifier_lr=args.classifier_lr, **_training_options(args)
     )
     return _finish(ctx, result)
 

@@ -105,6 +105,14 @@ def _repeated_rows(results: dict[str, Any], lr_name: str, lr_key: str) -> list[t
     ]
 
 
+def _training_settings(
+    epochs: int, batch_size: int, weight_decay: float, val_fraction: float, seeds: list[int]
+) -> dict[str, Any]:
+    """The settings a trained protocol (linear, finetune) records beside its learning rates."""
+    return {"epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay,
+            "val_fraction": val_fraction, "seeds": seeds}
+
+
 def _database_and_queries(ctx: EvalContext, database: str, queries: str) -> tuple[Any, Any]:
     """Frozen features of the labeled training images (the database) and of the test split."""
     with assert_frozen(ctx.backbone):
@@ -201,11 +209,7 @@ def eval_linear(
     results = _repeated_results(runs)
     settings = {
         "lrs": list(lrs),
-        "epochs": epochs,
-        "batch_size": probe_batch_size,
-        "weight_decay": weight_decay,
-        "val_fraction": val_fraction,
-        "seeds": seeds,
+        **_training_settings(epochs, probe_batch_size, weight_decay, val_fraction, seeds),
         "features": "cached once from the eval transform (no augmentation)",
     }
     rows = _repeated_rows(results, "best lr", "best_lr")
@@ -250,11 +254,7 @@ def eval_finetune(
     settings = {
         "backbone_lrs": list(backbone_lrs),
         "classifier_lr": classifier_lr,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "weight_decay": weight_decay,
-        "val_fraction": val_fraction,
-        "seeds": seeds,
+        **_training_settings(epochs, batch_size, weight_decay, val_fraction, seeds),
         "augmentation": "weak",
     }
     rows = _repeated_rows(results, "backbone lr", "best_backbone_lr")
