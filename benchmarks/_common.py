@@ -39,10 +39,13 @@ from torchvision import transforms as T
 
 from emanorm.data import DatasetInfo, TensorImageDataset, eval_batches
 from emanorm.data.augment import blur_kernel_size
+from emanorm.experiments.grid import parse_key_value
+from emanorm.methods import METHODS as METHOD_CLASSES
 from emanorm.models import Classifier, MLPHead, build_backbone
 from emanorm.train import build_run, resolve_config, train_step
 from emanorm.train.distributed import pick_device, single_process
-from emanorm.train.recipe import labeled_subset, load_run_dataset
+from emanorm.train.recipe import labeled_indices, load_run_dataset
+from emanorm.train.recipe import planned_steps as total_steps_of
 
 #: The preset each benchmarked method runs (the CPU-sized recipes `emanorm train` uses).
 PRESETS = {"fixmatch": "small-fixmatch", "moco": "small-moco", "byol": "small-byol"}
@@ -104,16 +107,9 @@ class OtherLoad:
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """``key=value`` config overrides (values read as YAML: ``true``, ``0.5``, ``[1, 2]``)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    """``key=value`` config overrides, read as ``emanorm train --set`` and ``compare --set`` read them
+    (values as YAML: ``true``, ``0.5``, ``[1, 2]``; dashes in keys become underscores)."""
+    return dict(parse_key_value(item) for item in items)
 
 
 def bench_config(method: str, device: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -143,16 +139,6 @@ def train_dataset(cfg: dict[str, Any], standin: int | None = None, standin_count
     if standin:
         return standin_dataset(standin, standin_count)
     return load_run_dataset(cfg, "train")
-
-
-def labeled_indices(cfg: dict[str, Any], ds: Any) -> Tensor:
-    """The labeled subset exactly as the trainer draws it (every labeled index when none is asked)."""
-    labeled = labeled_subset(cfg, ds)
-    return (ds.targets >= 0).nonzero().flatten() if labeled is None else labeled
-
-
-def total_steps_of(cfg: dict[str, Any], steps_per_epoch: int) -> int:
-    return cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
 
 
 def sync(device: torch.device) -> None:
@@ -200,22 +186,11 @@ class EmanormPath(Path_):
         self.total_steps = run.total_steps
         self.optimizer, self.scheduler = run.optimizer, run.scheduler
         self.amp, self.scaler = run.amp, run.scaler
-        per_rank = cfg["batch_size"]
-        has_labeled, has_unlabeled = bool(run.method.labeled_views), bool(run.method.unlabeled_views)
-        self.images_per_step = (per_rank if has_labeled else 0) + (
-            per_rank * (cfg["unlabeled_ratio"] if has_labeled else 1) if has_unlabeled else 0
-        )
+        self.images_per_step = run.images_per_step
         self.global_step = 0
         self.last_logs: dict[str, float] = {}
-        self._batches = self._forever()
+        self._batches = run.batches()
         run.method.train()
-
-    def _forever(self) -> Iterator[dict[str, Tensor]]:
-        epoch = 0
-        while True:
-            self.stream.set_epoch(epoch, 0)
-            yield from self.stream
-            epoch += 1
 
     def step(self) -> None:
         batch = next(self._batches)
@@ -355,6 +330,12 @@ class _Loader:
         self.it = None  # drops the iterator: its workers shut down
 
 
+def reference_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The method's options as emanorm runs it: its ``OPTIONS`` defaults under the config's
+    ``method_args``, so the reference code is given exactly the hyper-parameters emanorm uses."""
+    return {**METHOD_CLASSES[cfg["method"]].OPTIONS, **(cfg.get("method_args") or {})}
+
+
 class ReferencePath(Path_):
     """Base of the reference steps: plain SGD, per-step cosine LR, per-sample PIL loaders."""
 
@@ -411,7 +392,7 @@ class ReferenceFixMatch(ReferencePath):
 
     def __init__(self, cfg: dict[str, Any], train_ds: Any, workers: int = 2) -> None:
         super().__init__(cfg, train_ds, workers)
-        info, o = self.info, {"threshold": 0.95, "lambda_u": 1.0, **cfg["method_args"]}
+        info, o = self.info, reference_options(cfg)
         self.threshold, self.lambda_u = o["threshold"], o["lambda_u"]
         self.model = Classifier(build_backbone(cfg["backbone"], in_channels=info.channels,
                                                image_size=info.image_size), info.num_classes).to(self.device)
@@ -459,7 +440,7 @@ class ReferenceMoCo(ReferencePath):
     def __init__(self, cfg: dict[str, Any], train_ds: Any, workers: int = 2) -> None:
         super().__init__(cfg, train_ds, workers)
         info = self.info
-        o = {"dim": 128, "queue_size": 65536, "temperature": 0.2, **cfg["method_args"]}
+        o = reference_options(cfg)
         self.temperature = o["temperature"]
         backbone = build_backbone(cfg["backbone"], in_channels=info.channels, image_size=info.image_size)
         d = backbone.feature_dim
@@ -501,7 +482,7 @@ class ReferenceBYOL(ReferencePath):
     def __init__(self, cfg: dict[str, Any], train_ds: Any, workers: int = 2) -> None:
         super().__init__(cfg, train_ds, workers)
         info = self.info
-        o = {"hidden_dim": 4096, "proj_dim": 256, **cfg["method_args"]}
+        o = reference_options(cfg)
         backbone = build_backbone(cfg["backbone"], in_channels=info.channels, image_size=info.image_size)
         d = backbone.feature_dim
         self.online = nn.Sequential(backbone, MLPHead(d, o["hidden_dim"], o["proj_dim"])).to(self.device)

@@ -37,6 +37,7 @@ from _common import (  # the benchmarks folder is not a package: imported by pat
     comparison_parser,
     parse_comparison_args,
     pick_device,
+    reference_options,
     shared_overrides,
     total_steps_of,
     train_dataset,
@@ -74,20 +75,20 @@ class LightlyPath(_Path):
         self.device = device = pick_device(cfg["device"])
         info = train_ds.info
         normalize = {"mean": list(info.mean), "std": list(info.std)}
-        opts = cfg["method_args"]
+        opts = reference_options(cfg)  # the OPTIONS defaults emanorm runs, under method_args
         self.backbone = build_backbone(cfg["backbone"], in_channels=info.channels,
                                        image_size=info.image_size).to(device)
         d = self.backbone.feature_dim
         if method == "moco":
-            dim = opts.get("dim", 128)
+            dim = opts["dim"]
             self.projection_head = heads.MoCoProjectionHead(d, d, dim).to(device)
-            self.criterion = lightly.loss.NTXentLoss(temperature=opts.get("temperature", 0.2),
-                                                     memory_bank_size=(opts.get("queue_size", 65536), dim))
+            self.criterion = lightly.loss.NTXentLoss(temperature=opts["temperature"],
+                                                     memory_bank_size=(opts["queue_size"], dim))
             transform = lightly.transforms.MoCoV2Transform(input_size=info.image_size, gaussian_blur=0.0,
                                                            normalize=normalize)
             self.prediction_head = None
         else:
-            hidden, proj = opts.get("hidden_dim", 4096), opts.get("proj_dim", 256)
+            hidden, proj = opts["hidden_dim"], opts["proj_dim"]
             self.projection_head = heads.BYOLProjectionHead(d, hidden, proj).to(device)
             self.prediction_head = heads.BYOLPredictionHead(proj, hidden, proj).to(device)
             self.criterion = lightly.loss.NegativeCosineSimilarity()

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from emanorm.cli import evaluate as cmd
+from emanorm.evaluation import context
 from emanorm.evaluation.export import export_backbone, load_exported
 from emanorm.evaluation.export_recipe import torchvision_recipe
 from emanorm.models import build_backbone
@@ -137,7 +138,7 @@ def test_export_command_prints_the_recipe(tmp_path, monkeypatch, capsys):
         backbone = build_backbone("torchvision:convnext_tiny", in_channels=1, image_size=32).eval()
         return backbone, {"backbone": "torchvision:convnext_tiny", "dataset_info": {"image_size": 32}}
 
-    monkeypatch.setattr(cmd, "_load_backbone", load_backbone)
+    monkeypatch.setattr(context, "load_backbone", load_backbone)
     parser = argparse.ArgumentParser()
     cmd.add_export_parser(parser.add_subparsers())
     args = parser.parse_args(["export", str(tmp_path), "--out", str(tmp_path / "b.pth")])

@@ -11,13 +11,13 @@ import torch
 
 from emanorm.data import (
     DATASETS,
+    formats,
     load_dataset,
     pretrain_split,
     read_split_csv,
     select_labeled,
     write_split_csv,
 )
-from emanorm.data import datasets as ds_mod
 from emanorm.data.stream import BatchStream, eval_batches
 from emanorm.errors import UserError
 
@@ -41,7 +41,7 @@ def test_fashion_mnist_data_dir_and_errors(tiny_fashion_mnist_dir: Path, tmp_pat
     # Class k of the stand-in has mean ~ 20k + 30: labels and images stay paired.
     means = ds.fetch(torch.arange(10)).float().mean(dim=(1, 2, 3))
     assert torch.all(means[1:] > means[:-1])
-    monkeypatch.setattr(ds_mod, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(formats, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as err:
         load_dataset("fashion_mnist", "train", tmp_path / "empty", download=False)
     assert "nowhere" in str(err.value) and "empty" in str(err.value)

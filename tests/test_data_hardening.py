@@ -16,7 +16,7 @@ import pytest
 
 from conftest import write_cifar, write_fashion_mnist, write_stl10
 from emanorm.data import datasets as ds_mod
-from emanorm.data import load_dataset, read_split_csv
+from emanorm.data import formats, load_dataset, read_split_csv
 from emanorm.data.safe_pickle import load_data_pickle
 from emanorm.data.voc import parse_annotation
 from emanorm.errors import UserError
@@ -62,7 +62,7 @@ def _one_line_naming(err: pytest.ExceptionInfo, *names: object) -> str:
 def no_system_fallback(monkeypatch, tmp_path_factory) -> None:
     """A real Fashion-MNIST copy where the system one lives: a loader must never fall back to it."""
     decoy = write_fashion_mnist(tmp_path_factory.mktemp("decoy"), n_train=30, n_test=30)
-    monkeypatch.setattr(ds_mod, "FASHION_MNIST_SYSTEM_DIR", decoy)
+    monkeypatch.setattr(formats, "FASHION_MNIST_SYSTEM_DIR", decoy)
 
 
 # -- H-1: pickles that run code --------------------------------------------------------------------

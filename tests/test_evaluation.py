@@ -14,7 +14,6 @@ import torch
 import torchvision
 from torch import nn
 
-from emanorm.cli import evaluate as cmd
 from emanorm.cli.evaluate import add_eval_parsers, add_export_parser
 from emanorm.errors import UserError
 from emanorm.evaluation import (
@@ -22,6 +21,8 @@ from emanorm.evaluation import (
     TensorImages,
     assert_frozen,
     assert_state_unchanged,
+    context,
+    dataset_batches,
     export_backbone,
     extract_features,
     finetune,
@@ -29,6 +30,7 @@ from emanorm.evaluation import (
     linear_probe,
     load_exported,
     lowshot_svm,
+    protocols,
     retrieval_scores,
     state_snapshot,
     stratified_split,
@@ -200,7 +202,7 @@ def test_extract_features_eval_mode_labels_and_no_state_change():
     data = TensorImages(images, torch.arange(10) % 3)
     before = state_snapshot(net)
     feats, labels = extract_features(
-        net, cmd.dataset_batches(data, torch.tensor([9, 0, 4]), 2), "cpu", transform=ToFloat(), progress=False
+        net, dataset_batches(data, torch.tensor([9, 0, 4]), 2), "cpu", transform=ToFloat(), progress=False
     )
     assert feats.shape == (3, 4) and feats.dtype == torch.float32
     assert labels.tolist() == [0, 0, 1]
@@ -536,12 +538,16 @@ def fake_run(tmp_path, monkeypatch):
             )
         )
 
-    monkeypatch.setattr(cmd, "_load_backbone", load_backbone)
-    monkeypatch.setattr(cmd, "_load_dataset", load_dataset)
-    monkeypatch.setattr(
-        cmd, "_augmentation", lambda preset, _info: RandomFlip() if preset == "weak" else ToFloat()
-    )
-    monkeypatch.setattr(cmd, "_select_labeled", select_labeled)
+    # the fakes stand in where the evaluation workflow looks its upstream pieces up
+    monkeypatch.setattr(context, "load_backbone", load_backbone)
+    monkeypatch.setattr(context, "load_dataset", load_dataset)
+
+    def augmentation(preset, _info):
+        return RandomFlip() if preset == "weak" else ToFloat()
+
+    monkeypatch.setattr(context, "build_augmentation", augmentation)
+    monkeypatch.setattr(protocols, "build_augmentation", augmentation)
+    monkeypatch.setattr(context, "select_labeled", select_labeled)
     return SimpleNamespace(dir=run, state=state)
 
 
@@ -613,7 +619,7 @@ def test_eval_user_errors(fake_run, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot load split 'train' of dataset 'other'"):
         run_cli(f"eval knn {fake_run.dir} --dataset other --no-progress")
     with pytest.raises(UserError, match="no 'test' or 'val' split"):
-        cmd._load_test_split("other", "auto", None)
+        protocols.load_test_split("other", "auto", None)
     with pytest.raises(UserError, match="cannot load split 'val'"):
         run_cli(f"eval knn {fake_run.dir} --test-split val --no-progress")
     with pytest.raises(UserError, match="validation split"):
@@ -625,7 +631,7 @@ def test_eval_user_errors(fake_run, tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device"):
             run_cli(f"eval knn {fake_run.dir} --device cuda")
-    monkeypatch.setattr(cmd, "_load_backbone", lambda path, which: (tiny_backbone(), {}))
+    monkeypatch.setattr(context, "load_backbone", lambda path, which: (tiny_backbone(), {}))
     with pytest.raises(UserError, match="pass --dataset"):
         run_cli(f"eval knn {fake_run.dir}")
 
@@ -659,7 +665,7 @@ def test_commands_end_to_end_on_fashion_mnist(tmp_path, monkeypatch):
         backbone = models.build_backbone("small", in_channels=1, image_size=28)
         return backbone, {"dataset": "fashion_mnist", "seed": 0}
 
-    monkeypatch.setattr(cmd, "_load_backbone", load_backbone)
+    monkeypatch.setattr(context, "load_backbone", load_backbone)
     common = "--no-progress --device cpu --batch-size 512"
     assert run_cli(f"eval knn {run} --labels-per-class 100 {common}") == 0
     top1 = json.loads((run / "eval_knn_teacher_100perclass.json").read_text())["results"]["top1"]

@@ -394,3 +394,26 @@ def test_wandb_offline_run_files_hold_the_config_metrics_and_summary(tiny_fashio
     assert config["method"] == "moco" and config["method_args"]["queue_size"] == 64
     files = run_dirs[0] / "files"
     assert (files / "summary.json").exists() and (files / "metrics.jsonl").exists()
+
+
+# -- the recipe's Run as benchmarks and custom loops use it -----------------------------------------
+@pytest.mark.parametrize("method", list(CASES))
+def test_run_exposes_labeled_indices_images_per_step_and_endless_batches(method, tiny_fashion_mnist_dir):
+    from emanorm.train.recipe import labeled_indices
+
+    cfg = tiny(method, tiny_fashion_mnist_dir)
+    run = build_run(cfg)
+    assert torch.equal(run.labeled, labeled_indices(cfg, run.train_ds))
+    if method == "fixmatch":  # 4 labels per class; 8 labeled + 2 x 8 unlabeled images a step
+        assert len(run.labeled) == 40 and run.images_per_step == 24
+    else:  # self-supervised: every image counts as labeled, 8 unlabeled images a step
+        assert len(run.labeled) == 120 and run.images_per_step == 8
+    batches = run.batches()
+    for _ in range(run.steps_per_epoch):
+        next(batches)
+    after_epoch_0 = next(batches)  # the iterator moved on to epoch 1 by itself
+    run.stream.set_epoch(1, 0)
+    first_of_epoch_1 = next(iter(run.stream))
+    assert after_epoch_0.keys() == first_of_epoch_1.keys()
+    for key, value in first_of_epoch_1.items():
+        assert torch.equal(after_epoch_0[key], value), key

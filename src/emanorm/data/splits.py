@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from emanorm.data.datasets import DataError, DataNotFoundError
+from emanorm.data.registry import DataError, DataNotFoundError
 
 SPLIT_COLUMN = "Index"
 _INDEX_MIN, _INDEX_MAX = -(2**63), 2**63 - 1

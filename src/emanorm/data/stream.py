@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from emanorm.data.augment import AUGMENTATIONS, BatchAugment, RandomResizedCropFlip, build_augmentation
-from emanorm.data.datasets import DataError, EncodedViews, ImageDataset, decode_views
+from emanorm.data.images import EncodedViews, decode_views
+from emanorm.data.registry import DataError, ImageDataset
 
 RESERVED_KEYS = ("y", "y_u", "index", "index_l", "epoch")
 # Stream ids mixed into the seeds so the labeled and unlabeled orders (and the crops of file images)

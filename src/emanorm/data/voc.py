@@ -26,14 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from emanorm.data.datasets import (
-    DataError,
-    DataNotFoundError,
-    DatasetInfo,
-    FileImageDataset,
-    dataset_info,
-    decode_image_file,
-)
+from emanorm.data.images import FileImageDataset, decode_image_file
+from emanorm.data.registry import DataError, DataNotFoundError, DatasetInfo, dataset_info
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

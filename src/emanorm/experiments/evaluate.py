@@ -22,7 +22,8 @@ import torch
 
 from emanorm.data import build_augmentation, load_dataset, select_labeled
 from emanorm.errors import UserError
-from emanorm.evaluation import assert_frozen, dataset_batches, extract_features, linear_probe, resolve_device
+from emanorm.evaluation.features import resolve_device
+from emanorm.evaluation.protocols import frozen_features, probe_label_subsets
 from emanorm.evaluation.settings import DEFAULT_LINEAR_LRS, LinearSettings
 from emanorm.experiments.grid import RunSpec
 from emanorm.train import load_backbone
@@ -102,23 +103,20 @@ def linear_probe_run(
 
     test_idx = torch.nonzero(torch.as_tensor(test_set.targets) >= 0).flatten()
     transform = build_augmentation("none", info)
-    with assert_frozen(backbone):  # no weight or BN statistic may move while features are taken
-        train_f, train_y = extract_features(
-            backbone, dataset_batches(train_set, labeled), torch_device, transform=transform, progress=False
+
+    def features(dataset: Any, indices: torch.Tensor, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return frozen_features(backbone, dataset, indices, torch_device, transform=transform, desc=desc)
+
+    try:  # the same workflow as `emanorm eval linear`, on one labeled subset
+        (result,) = probe_label_subsets(
+            backbone, train_set, [labeled], test_set, test_idx, num_classes=info.num_classes,
+            probe=settings.probe(device=torch_device), seeds=[None], features=features,
         )
-        test_f, test_y = extract_features(
-            backbone, dataset_batches(test_set, test_idx), torch_device, transform=transform, progress=False
-        )
-    try:
-        result = linear_probe(
-            train_f, train_y, test_f, test_y, num_classes=info.num_classes,
-            settings=settings.probe(device=torch_device),
-        )
-    except ValueError as err:
+    except UserError as err:
         raise UserError(f"linear probe of {run_dir}: {err}") from None
     return {
-        "top1": 100.0 * float(result["top1"]),  # type: ignore[arg-type]
-        "top5": 100.0 * float(result["top5"]),  # type: ignore[arg-type]
+        "top1": 100.0 * float(result["top1"]),
+        "top5": 100.0 * float(result["top5"]),
         "best_lr": result["best_lr"],
         "diverged": result["diverged"],
         "num_train": result["num_train"],

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -144,6 +144,17 @@ def labeled_subset(cfg: Mapping[str, Any], train_ds: ImageDataset) -> torch.Tens
         )
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
+
+
+def labeled_indices(cfg: Mapping[str, Any], train_ds: ImageDataset) -> torch.Tensor:
+    """The dataset indices a run trains with labels: the config's subset, else every labeled image."""
+    labeled = labeled_subset(cfg, train_ds)
+    return (train_ds.targets >= 0).nonzero().flatten() if labeled is None else labeled
+
+
+def planned_steps(cfg: Mapping[str, Any], steps_per_epoch: int) -> int:
+    """A run's optimizer steps: ``max_steps``, else ``epochs`` x ``steps_per_epoch``."""
+    return cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
 
 
 # -- a run's method from a checkpoint ----------------------------------------------------------------
@@ -290,6 +301,19 @@ class Run:
     def steps_per_epoch(self) -> int:
         return self.stream.steps_per_epoch
 
+    @property
+    def images_per_step(self) -> int:
+        """Dataset images one process takes per step: its labeled plus its unlabeled batch."""
+        parts = (self.stream.labeled, self.stream.unlabeled)
+        return sum(part.batch_size for part in parts if part is not None)
+
+    def batches(self, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """The stream's batches from the start of ``epoch`` on, epoch after epoch, without end."""
+        while True:
+            self.stream.set_epoch(epoch, 0)
+            yield from self.stream
+            epoch += 1
+
 
 def _split_digest(labeled: torch.Tensor, dist_info: DistInfo) -> str:
     digest = hashlib.sha1(labeled.cpu().numpy().tobytes()).hexdigest()
@@ -373,9 +397,7 @@ def build_run(
     train_ds = train_ds if train_ds is not None else load_run_dataset(cfg, "train")
     test_ds = test_ds if test_ds is not None else load_run_dataset(cfg, "test")
     info = train_ds.info
-    labeled = labeled_subset(cfg, train_ds)
-    if labeled is None:
-        labeled = (train_ds.targets >= 0).nonzero().flatten()
+    labeled = labeled_indices(cfg, train_ds)
     split_digest = _split_digest(labeled, dist_info)
     log.debug(
         "data: %s from %s, %d training and %d test images, %d labeled, %d classes, %d channel(s) at %d px",
@@ -429,7 +451,7 @@ def build_run(
     steps_per_epoch = stream.steps_per_epoch
     if steps_per_epoch < 1:
         raise UserError(f"the dataset is too small for batch size {cfg['batch_size']}: zero steps per epoch")
-    total_steps = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
+    total_steps = planned_steps(cfg, steps_per_epoch)
     if cfg.get("calibrate_bn_batches", 0) and not resuming:  # a resumed run has its statistics
         calibrate_start(method, stream, cfg["calibrate_bn_batches"])
     warmup_steps = int(cfg["warmup_epochs"] * steps_per_epoch)
