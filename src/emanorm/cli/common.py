@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
 from typing import Any
 
-import yaml
+from emanorm.errors import UserError
+from emanorm.train.config import parse_key_value
 
 
 class Parser(argparse.ArgumentParser):
@@ -16,14 +19,23 @@ class Parser(argparse.ArgumentParser):
 
 
 def key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` -> ``(key, YAML value)``; dashes in KEY become underscores."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
+    """``KEY=VALUE`` -> ``(key, YAML value)``; dashes in KEY become underscores
+    (:func:`emanorm.train.config.parse_key_value` as an argparse type)."""
     try:
-        return key.strip().replace("-", "_"), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise argparse.ArgumentTypeError(f"cannot parse the value of {text!r}") from None
+        return parse_key_value(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def lazy_handler(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand handler imported when the subcommand runs, so building the parser (``--help``,
+    ``--version``, a usage error) never imports torch."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), name)(args)
+
+    run.__qualname__ = run.__name__ = name
+    return run
 
 
 def positive_int(text: str) -> int:
