@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from importlib import resources
 from typing import Any
 
@@ -21,6 +22,7 @@ from emanorm.train.config import (
     preset_names,
     resolve_config,
 )
+from emanorm.train.lock import check_run_dir_early
 
 TRAIN_HELP = """\
 Train a method with a chosen normalization. Without --config the small preset for the method
@@ -166,6 +168,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # under torchrun, rank 0 checks under the lock
+        check_run_dir_early(cfg, bool(args.resume), args.force)
     # torch loads from here on: every argument and config error above was answered without it
     from emanorm.evaluation.monitor import knn_monitor
     from emanorm.train import train
