@@ -8,6 +8,7 @@ attributes and the module each lives in; the module is imported when the name is
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,10 @@ def lazy_attributes(
     def __getattr__(name: str) -> Any:
         module = where.get(name)
         if module is None:
+            # a submodule not imported yet (``emanorm.train.loop`` after ``import emanorm.train``),
+            # as an eager package ``__init__`` would have made it an attribute
+            if not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}") is not None:
+                return importlib.import_module(f"{package}.{name}")
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(module), name)
         namespace[name] = value
