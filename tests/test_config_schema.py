@@ -141,7 +141,9 @@ def test_unknown_keys_get_a_suggestion():
 
 
 def test_values_are_normalised_to_their_type():
-    cfg = resolve_config(None, {"max_steps": 2.0}, explicit={"lr": 1, "weight_decay": "1e-6"})
+    cfg = resolve_config(None, {"max_steps": 2.0}, explicit={"lr": 1, "weight_decay": "1e-6", "logger": None})
+    assert cfg["logger"] == ""
+    assert resolve_config(None, {"max_steps": 1, "logger": ["jsonl", "wandb"]})["logger"] == "jsonl,wandb"
     assert cfg["max_steps"] == 2 and isinstance(cfg["max_steps"], int)
     assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
     assert cfg["weight_decay"] == 1e-6  # YAML 1.1 reads 1e-6 as a string

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from emanorm._lazy import lazy_attributes
+from emanorm._lazy import lazy_package
 
 __version__ = "0.1.0"
 
@@ -25,7 +25,7 @@ _WHERE = {
     "TeacherReport": "emanorm.teacher_check",
     "inspect_teacher": "emanorm.teacher_check",
 }
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _WHERE)
+lazy_package(__name__, _WHERE)
 __all__ = [
     "NORM_MODES",
     "TEACHER_MODES",

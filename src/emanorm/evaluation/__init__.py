@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from emanorm._lazy import lazy_attributes
+from emanorm._lazy import lazy_package
 
 _MODULES = {
     "export": ("EXPORT_FORMATS", "backbone_state_dict", "export_backbone", "load_exported"),
@@ -30,7 +30,7 @@ _MODULES = {
     "settings": ("FinetuneSettings", "LinearSettings", "ProbeSettings"),
 }
 _WHERE = {name: f"emanorm.evaluation.{module}" for module, names in _MODULES.items() for name in names}
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _WHERE)
+lazy_package(__name__, _WHERE)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from emanorm.evaluation.export import EXPORT_FORMATS, backbone_state_dict, export_backbone, load_exported

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from emanorm._lazy import lazy_attributes
+from emanorm._lazy import lazy_package
 
 _WHERE = {
     **dict.fromkeys(
@@ -20,7 +20,7 @@ _WHERE = {
         "emanorm.train.recipe",
     ),
 }
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _WHERE)
+lazy_package(__name__, _WHERE)
 __all__ = [
     "DEFAULTS",
     "METHODS",

@@ -525,11 +525,11 @@ def validate_config(cfg: dict[str, Any]) -> None:
     """Check every key against the schema, then the rules between keys; raise UserError naming the
     first bad value and what is allowed. Values are normalised in place (``2.0`` -> ``2`` for an
     integer key, the logger list)."""
+    cfg["logger"] = check_loggers(cfg["logger"])  # a list or null is accepted: normalised first
     for key in FIELDS:
         cfg[key] = _check_field(key, cfg[key])
     _check_augment_options(cfg["augment_options"])
     _check_lr_milestones(cfg["lr_milestones"])
-    cfg["logger"] = check_loggers(cfg["logger"])
     _check_together(cfg)
 
 
