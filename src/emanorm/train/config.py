@@ -8,8 +8,9 @@ a preset may name, the checks of :func:`validate_config`, and what :func:`compar
 when a run is resumed.
 
 It is written with stdlib :mod:`dataclasses` (a field's ``metadata`` holds its help, choices and
-bounds) rather than pydantic or OmegaConf, which the project's GPU image does not ship; and it
-imports neither torch nor the registries (the torch-free names are in :mod:`emanorm.catalog`),
+bounds; the generic pieces, ``option``, ``Bounds``, ``Flag`` and the check of one value, are in
+:mod:`emanorm.train.schema`) rather than pydantic or OmegaConf, which the project's GPU image
+does not ship; and it imports neither torch nor the registries (the torch-free names are in :mod:`emanorm.catalog`),
 so the command line checks a config before torch loads.
 
 A resolved config stays a flat dict of plain values (plus ``method_args``, the method's own
@@ -33,16 +34,11 @@ older run's ``config.yaml`` without the key reads as the default. A rule between
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import difflib
 import logging
 import math
-import types
-import typing
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -59,6 +55,19 @@ from emanorm.catalog import (
 )
 from emanorm.catalog import SEMI_SUPERVISED as SEMI_SUPERVISED_METHODS
 from emanorm.errors import UserError
+from emanorm.train.schema import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    Bounds,
+    Flag,
+    check_field,
+    field_types,
+    number,
+    option,
+    suggestion,
+)
 
 log = logging.getLogger("emanorm")
 
@@ -66,70 +75,6 @@ log = logging.getLogger("emanorm")
 METHODS: tuple[str, ...] = METHOD_NAMES
 NORMS: tuple[str, ...] = ALL_NORMS
 SEMI_SUPERVISED: tuple[str, ...] = SEMI_SUPERVISED_METHODS
-
-
-# -- the pieces of a field ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Bounds:
-    """A numeric range; ``None`` is unbounded. ``open_low``: the low end itself is excluded."""
-
-    low: float | None = None
-    high: float | None = None
-    open_low: bool = False
-
-    def admits(self, value: float) -> bool:
-        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
-        return above and (self.high is None or value <= self.high)
-
-    def describe(self, kind: type) -> str:
-        if self == POSITIVE:
-            return "positive" if kind is int else "a positive number"
-        if self.high is None:
-            return f"{'an integer' if kind is int else 'a number'} >= {self.low:g}"
-        return f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
-
-
-POSITIVE = Bounds(0, open_low=True)
-NON_NEGATIVE = Bounds(0)
-UNIT = Bounds(0, 1)
-FRACTION = Bounds(0, 1, open_low=True)
-
-
-@dataclass(frozen=True)
-class Flag:
-    """How a key appears as an ``emanorm train`` flag.
-
-    Attributes:
-        group: the ``--help`` section.
-        name: the flag (default: ``--`` and the key with dashes).
-        exclusive: flags with the same name here exclude each other (a mutually exclusive group).
-        metavar: argparse's metavar.
-        show_choices: list the allowed values in the help text.
-    """
-
-    group: str
-    name: str | None = None
-    exclusive: str | None = None
-    metavar: str | None = None
-    show_choices: bool = True
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    choices: tuple[Any, ...] | None = None,
-    bounds: Bounds | None = None,
-    flag: Flag | None = None,
-    affects_weights: bool = True,
-) -> Any:
-    """A :class:`TrainConfig` field: its default and what the schema knows about it."""
-    metadata = {
-        "help": help, "choices": choices, "bounds": bounds, "flag": flag, "affects_weights": affects_weights,
-    }
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 WHAT = "what to train"
@@ -305,17 +250,6 @@ NOT_AFFECTING_WEIGHTS: frozenset[str] = frozenset(
 LABEL_KEYS = ("labels_per_class", "label_fraction", "label_index_csv")
 
 
-@cache
-def field_types() -> dict[str, tuple[type, ...]]:
-    """Key -> the plain types its annotation admits (``type(None)`` where it may be null)."""
-    hints = typing.get_type_hints(TrainConfig)
-    out = {}
-    for key, hint in hints.items():
-        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        out[key] = tuple(typing.get_origin(a) or a for a in args)
-    return out
-
-
 # -- presets and files -----------------------------------------------------------------------------
 def preset_names() -> list[str]:
     folder = resources.files("emanorm") / "configs"
@@ -354,7 +288,7 @@ def load_config_source(name_or_path: str) -> dict[str, Any]:
     names = preset_names()
     if name_or_path not in names:
         raise UserError(
-            f"unknown preset {name_or_path!r}{_suggestion(name_or_path, names)}; "
+            f"unknown preset {name_or_path!r}{suggestion(name_or_path, names)}; "
             f"presets: {', '.join(names)} (or a .yaml path)"
         )
     text = (resources.files("emanorm") / "configs" / f"{name_or_path}.yaml").read_text()
@@ -434,100 +368,24 @@ def resolve_config(
     return cfg
 
 
-def _suggestion(value: Any, allowed: Any) -> str:
-    """`` (did you mean 'eman'?)`` for a near miss (case and typos), else nothing."""
-    if not isinstance(value, str):
-        return ""
-    names = [str(a) for a in allowed]
-    lowered = {name.lower(): name for name in names}
-    if value.lower() in lowered:
-        return f" (did you mean {lowered[value.lower()]!r}?)"
-    close = difflib.get_close_matches(value, names, n=1, cutoff=0.75)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _check_keys(source: dict[str, Any], where: str) -> None:
     unknown = sorted(set(source) - set(DEFAULTS) - set(PROVENANCE_KEYS))
     if unknown:
-        hint = _suggestion(unknown[0], DEFAULTS) if len(unknown) == 1 else ""
+        hint = suggestion(unknown[0], DEFAULTS) if len(unknown) == 1 else ""
         raise UserError(
             f"unknown option(s) in {where}: {', '.join(unknown)}{hint}; allowed: {', '.join(DEFAULTS)}"
         )
 
 
 # -- validation ------------------------------------------------------------------------------------
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_type(key: str, value: Any, admitted: tuple[type, ...], bounds: Bounds | None) -> Any:
-    """``value`` as the annotation's type (an integral float for an int, an int for a float), or
-    a UserError in the words the bounds use."""
-    if bool in admitted:
-        if not isinstance(value, bool):
-            raise UserError(f"{key} must be true or false, got {value!r}")
-        return value
-    if int in admitted:
-        if not (_number(value) and math.isfinite(value) and int(value) == value):
-            kind = "a positive int" if bounds == POSITIVE else f"an integer{_bounds_text(bounds, int)}"
-            raise UserError(f"{key} must be {kind}, got {value!r}")
-        return int(value)
-    if float in admitted:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, float) and not math.isfinite(value):  # nan / inf fail at step 0 otherwise
-            raise UserError(f"{key} must be a finite number, got {value!r}")
-        if not _number(value):
-            kind = "a positive number" if bounds == POSITIVE else f"a number{_bounds_text(bounds, float)}"
-            raise UserError(f"{key} must be {kind}, got {value!r}")
-        return float(value)
-    if str in admitted and not isinstance(value, str):
-        raise UserError(f"{key} must be a string, got {value!r}")
-    if dict in admitted and not isinstance(value, dict):
-        raise UserError(f"{key} must be a mapping (e.g. {{name: value}}), got {value!r}")
-    return value
-
-
-def _bounds_text(bounds: Bounds | None, kind: type) -> str:
-    if bounds is None:
-        return ""
-    if bounds.high is None:
-        return f" >= {bounds.low:g}" if not bounds.open_low else f" > {bounds.low:g}"
-    return f" in {bounds.describe(kind)}"
-
-
-def _check_field(key: str, value: Any) -> Any:
-    """One key against its schema field: null, type, choices, bounds. Returns the value as typed."""
-    meta = FIELDS[key].metadata
-    admitted = field_types()[key]
-    choices = meta["choices"]
-    if choices is not None:
-        # 1 == True in Python: a choice matches only a value of its own kind
-        if not any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices):
-            shown = ", ".join(str(c) for c in choices)
-            raise UserError(f"unknown {key} {value!r}{_suggestion(value, choices)}; allowed: {shown}")
-        return value
-    if value is None:
-        if type(None) in admitted:
-            return None
-        raise UserError(f"{key} must be set (it cannot be null)")
-    typed = _check_type(key, value, admitted, meta["bounds"])
-    bounds: Bounds | None = meta["bounds"]
-    if bounds is not None and not bounds.admits(typed):
-        text = bounds.describe(int if int in admitted else float)
-        verb = "lie in" if text.startswith(("[", "(")) else "be"
-        raise UserError(f"{key} must {verb} {text}, got {value!r}")
-    return typed
-
-
 def validate_config(cfg: dict[str, Any]) -> None:
     """Check every key against the schema, then the rules between keys; raise UserError naming the
     first bad value and what is allowed. Values are normalised in place (``2.0`` -> ``2`` for an
     integer key, the logger list)."""
     cfg["logger"] = check_loggers(cfg["logger"])  # a list or null is accepted: normalised first
-    for key in FIELDS:
-        cfg[key] = _check_field(key, cfg[key])
+    admitted = field_types(TrainConfig)
+    for key, schema_field in FIELDS.items():
+        cfg[key] = check_field(key, cfg[key], schema_field, admitted[key])
     _check_augment_options(cfg["augment_options"])
     _check_lr_milestones(cfg["lr_milestones"])
     _check_together(cfg)
@@ -537,19 +395,19 @@ def _check_augment_options(options: dict[str, Any]) -> None:
     for key, value in options.items():
         if key not in AUGMENT_OPTIONS:
             raise UserError(
-                f"unknown augment option {key!r}{_suggestion(key, AUGMENT_OPTIONS)}; "
+                f"unknown augment option {key!r}{suggestion(key, AUGMENT_OPTIONS)}; "
                 f"allowed: {', '.join(AUGMENT_OPTIONS)}"
             )
         if value is None:
             continue
         if AUGMENT_OPTIONS[key] == "bool" and not isinstance(value, bool):
             raise UserError(f"augment option {key} must be true or false, got {value!r}")
-        if AUGMENT_OPTIONS[key] in ("float", "int") and not (_number(value) and math.isfinite(value)):
+        if AUGMENT_OPTIONS[key] in ("float", "int") and not (number(value) and math.isfinite(value)):
             raise UserError(f"augment option {key} must be a number, got {value!r}")
 
 
 def _check_lr_milestones(milestones: Any) -> None:
-    if not isinstance(milestones, list) or not all(_number(m) and 0 < m < 1 for m in milestones):
+    if not isinstance(milestones, list) or not all(number(m) and 0 < m < 1 for m in milestones):
         raise UserError(
             f"lr_milestones must be a list of fractions of training in (0, 1), e.g. [0.6, 0.8]; "
             f"got {milestones!r}"
@@ -589,7 +447,7 @@ def check_loggers(value: Any) -> str:
     unknown = [name for name in names if name not in LOGGERS]
     if unknown:
         raise UserError(
-            f"unknown logger {unknown[0]!r}{_suggestion(unknown[0], LOGGERS)}; "
+            f"unknown logger {unknown[0]!r}{suggestion(unknown[0], LOGGERS)}; "
             f"allowed: {', '.join(LOGGERS)} (a comma list)"
         )
     return ",".join(dict.fromkeys(names))
