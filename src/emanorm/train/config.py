@@ -10,8 +10,8 @@ when a run is resumed.
 It is written with stdlib :mod:`dataclasses` (a field's ``metadata`` holds its help, choices and
 bounds; the generic pieces, ``option``, ``Bounds``, ``Flag`` and the check of one value, are in
 :mod:`emanorm.train.schema`) rather than pydantic or OmegaConf, which the project's GPU image
-does not ship; and it imports neither torch nor the registries (the torch-free names are in :mod:`emanorm.catalog`),
-so the command line checks a config before torch loads.
+does not ship; and it imports neither torch nor the registries (the torch-free names are in
+:mod:`emanorm.catalog`), so the command line checks a config before torch loads.
 
 A resolved config stays a flat dict of plain values (plus ``method_args``, the method's own
 options), so it reads well in ``config.yaml`` and loads safely anywhere; ``TrainConfig(**cfg)``
