@@ -39,9 +39,8 @@ def test_catalog_methods_equal_the_method_registry():
 def test_catalog_backbones_datasets_and_evaluation_defaults_equal_their_modules():
     from emanorm.data import DATASETS, build_augmentation
     from emanorm.evaluation import DEFAULT_BACKBONE_LRS, DEFAULT_LINEAR_LRS, DEFAULT_SHOTS, EXPORT_FORMATS
-    from emanorm.models import BACKBONES
-
     from emanorm.evaluation.context import PROTOCOLS, WHICH
+    from emanorm.models import BACKBONES
 
     assert catalog.BACKBONES == BACKBONES
     assert catalog.DATASETS == DATASETS

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-from collections.abc import Callable
 from typing import Any
 
 from emanorm.errors import UserError
@@ -25,17 +23,6 @@ def key_value(text: str) -> tuple[str, Any]:
         return parse_key_value(text)
     except UserError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def lazy_handler(module: str, name: str) -> Callable[[argparse.Namespace], int]:
-    """A subcommand handler imported when the subcommand runs, so building the parser (``--help``,
-    ``--version``, a usage error) never imports torch."""
-
-    def run(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(module), name)(args)
-
-    run.__qualname__ = run.__name__ = name
-    return run
 
 
 def positive_int(text: str) -> int:
