@@ -53,7 +53,21 @@ def test_the_trainer_knows_evaluation_only_through_its_monitor_callback():
     edges = _imports()
     assert not {t for t, _ in edges["train"]} & {"evaluation", "experiments", "cli"}
     assert not {t for t, _ in edges["methods"]} & {"train", "data", "evaluation", "experiments", "cli"}
-    assert not {t for t, _ in edges["teacher"]}  # the EMAN idea depends on torch alone
+    # the EMAN idea depends on torch and the torch-free table of teacher modes alone
+    assert {t for t, _ in edges["teacher"]} <= {"catalog"}
+    assert not edges["catalog"]  # the table of names is a leaf
+
+
+def test_catalog_config_and_cli_parsers_import_no_heavy_library():
+    """The modules the command line needs before a handler runs: no torch, sklearn, matplotlib."""
+    heavy = {"torch", "torchvision", "sklearn", "matplotlib", "numpy", "PIL", "timm", "tqdm"}
+    for module in ("catalog", "_lazy", "errors", "train/config", "cli/__init__", "cli/common", "cli/train",
+                   "cli/evaluate", "cli/compare", "cli/doctor", "evaluation/settings"):
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+        top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+        names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        assert not names & heavy, (module, names & heavy)
 
 
 def test_argparse_only_in_the_cli_package():
@@ -66,5 +80,6 @@ def test_method_registries_have_one_source():
     from emanorm.train.config import CHOICES, METHODS, NORMS, SEMI_SUPERVISED
 
     assert METHODS == tuple(CLASSES) == CHOICES["method"]
+    assert CHOICES["norm"] == NORMS
     assert set(SEMI_SUPERVISED) == {name for name, cls in CLASSES.items() if cls.semi_supervised}
     assert set(NORMS) >= {norm for cls in CLASSES.values() for norm in cls.NORMS}

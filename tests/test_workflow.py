@@ -270,14 +270,15 @@ def test_a_killed_rank_is_one_line_on_the_survivor_naming_it(tmp_path):
     assert_no_emanorm_frame(err)
 
 
-def test_cli_says_a_preempted_run_is_resumable_in_one_line(monkeypatch, capsys):
+def test_cli_says_a_preempted_run_is_resumable_in_one_line(monkeypatch, capsys, tmp_path):
     from emanorm.cli import main
 
     def preempted(*_args, **_kwargs):
         raise Preempted("stopped by SIGTERM after step 3; checkpoint kept at x; continue with --resume")
 
-    monkeypatch.setattr("emanorm.cli.train.train", preempted)
-    assert main(["train", "--max-steps", "1", "--device", "cpu"]) == RESUMABLE_EXIT == 75
+    monkeypatch.setattr("emanorm.train.train", preempted)  # `emanorm train` imports it when it runs
+    out = str(tmp_path / "run")
+    assert main(["train", "--max-steps", "1", "--device", "cpu", "--out", out]) == RESUMABLE_EXIT == 75
     assert capsys.readouterr().err == (
         "emanorm: stopped by SIGTERM after step 3; checkpoint kept at x; continue with --resume\n"
     )

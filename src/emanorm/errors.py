@@ -3,3 +3,14 @@
 
 class UserError(Exception):
     """Bad input from the user (a flag, a file, a config); the message says what and what is allowed."""
+
+
+#: The exit status of a run stopped by a signal after writing its checkpoint (sysexits' EX_TEMPFAIL:
+#: "try again"): a job script can requeue on it.
+RESUMABLE_EXIT = 75
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after checkpointing; rerun with ``--resume`` to continue."""
+
+    exit_code = RESUMABLE_EXIT

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-NORM_KINDS = ("bn", "sync_bn", "gn", "in")
+from emanorm.catalog import NORM_KINDS
 
 # Remembers which plain class a SyncBatchNorm came from, so "bn" can restore it.
 _SOURCE_ATTR = "_emanorm_bn_class"

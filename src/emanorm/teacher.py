@@ -17,52 +17,15 @@ import copy
 import math
 import warnings
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+# The mode table is torch-free (the CLI lists and checks norms before importing torch).
+from emanorm.catalog import NORM_MODES, TEACHER_MODES, TeacherMode  # noqa: F401 (re-exported)
 
-@dataclass(frozen=True)
-class TeacherMode:
-    """What a teacher mode does with BatchNorm statistics.
-
-    In every mode the parameters and the floating-point buffers other than BN statistics are
-    averaged with the momentum ``m`` (Eq. 1), integer buffers (``num_batches_tracked``) are
-    copied, and every layer but BatchNorm is in eval mode (no dropout, no drop-path).
-
-    Attributes:
-        statistics: where the BN running statistics come from: ``"average"`` (EMA of the
-            student's, Eq. 9), ``"copy"`` (the student's, at every update), ``"batch"`` (BN's own
-            update from the batches the teacher normalises) or ``"previous"`` (normalise with
-            the statistics before this batch, then fold the batch in, Eq. 4).
-        batch_statistics: BN normalises with the batch when the teacher is in training mode.
-    """
-
-    statistics: str
-    batch_statistics: bool
-
-    @property
-    def collects(self) -> bool:
-        """The teacher gathers its statistics itself from its inputs (``bn_momentum`` applies)."""
-        return self.statistics in ("batch", "previous")
-
-    @property
-    def update_rule(self) -> str:
-        """What an update does with the statistics: an :func:`ema_update_` ``statistics`` rule."""
-        return "keep" if self.collects else self.statistics
-
-
-#: The teacher modes: EMAN (Eq. 8, 9) and the baselines of the paper's Tables 1 and 8.
-TEACHER_MODES: dict[str, TeacherMode] = {
-    "eman": TeacherMode(statistics="average", batch_statistics=False),
-    "bn": TeacherMode(statistics="batch", batch_statistics=True),
-    "student_pn": TeacherMode(statistics="copy", batch_statistics=False),
-    "teacher_pn": TeacherMode(statistics="previous", batch_statistics=False),
-}
-NORM_MODES = tuple(TEACHER_MODES)
 #: What :func:`ema_update_` may do with BN running statistics.
 STATISTICS_RULES = ("average", "copy", "keep")
 _GROUPS = ("params", "statistics", "other_float", "integer")

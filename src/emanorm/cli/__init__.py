@@ -1,7 +1,9 @@
 """The ``emanorm`` command: a thin, config-driven layer over the library.
 
 Every argparse parser of the project lives in this package (one module per subcommand); the
-library packages never parse arguments.
+library packages never parse arguments. Building the parser imports no torch, scikit-learn or
+matplotlib (each handler imports what it needs when it runs), so ``--version``, ``--help``,
+``presets`` and every argument or config error answer at once.
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ from emanorm.cli.compare import add_compare_parser
 from emanorm.cli.doctor import add_doctor_parser
 from emanorm.cli.evaluate import add_eval_parsers, add_export_parser
 from emanorm.cli.train import add_presets_parser, add_train_parser
-from emanorm.errors import UserError
-from emanorm.experiments.grid import die_with_parent
-from emanorm.train.preemption import Preempted
+from emanorm.errors import Preempted, UserError
 
 DESCRIPTION = """\
 Self- and semi-supervised learning with EMA teachers and EMAN
@@ -55,8 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def wait_passively() -> None:
+    """OpenMP threads that wait actively for work spin on a shared CPU and slow every process on it
+    (benchmarks/thread_policy.py, docs/performance.md); passive waiting changes no result. A
+    decision for the command, not for whoever imports the library: set before torch loads its
+    OpenMP runtime (it has no effect after), never over a value the user chose."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
-    die_with_parent()
+    wait_passively()
+    if os.environ.get("EMANORM_PARENT_PID"):  # a training child of `compare` (imports torch)
+        from emanorm.experiments.grid import die_with_parent
+
+        die_with_parent()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

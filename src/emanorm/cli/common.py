@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import yaml
+from emanorm.errors import UserError
+from emanorm.train.config import parse_key_value
 
 
 class Parser(argparse.ArgumentParser):
@@ -16,14 +17,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` -> ``(key, YAML value)``; dashes in KEY become underscores."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
+    """``KEY=VALUE`` -> ``(key, YAML value)``; dashes in KEY become underscores
+    (:func:`emanorm.train.config.parse_key_value` as an argparse type)."""
     try:
-        return key.strip().replace("-", "_"), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise argparse.ArgumentTypeError(f"cannot parse the value of {text!r}") from None
+        return parse_key_value(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive_int(text: str) -> int:

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from emanorm.catalog import DEFAULT_LINEAR_LRS
 from emanorm.cli.common import add_command, add_repeatable, fraction, positive_int
 from emanorm.errors import UserError
-from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS
 from emanorm.train.config import METHODS, NORMS
 
 COMPARE_HELP = """\

@@ -11,10 +11,6 @@ from typing import Any
 
 from emanorm.collapse import collapse_rules, scan_records
 from emanorm.errors import UserError
-from emanorm.teacher_check import find_teacher_pair, inspect_teacher
-from emanorm.train.checkpoint import safe_load
-from emanorm.train.curves import read_metrics
-from emanorm.train.recipe import method_from_checkpoint
 
 DOCTOR_HELP = """\
 Check an EMA teacher against its student: BatchNorm statistics never averaged (the teacher's still
@@ -53,6 +49,11 @@ def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_doctor(args: argparse.Namespace) -> int:
     """The ``doctor`` handler: print the teacher report; 1 when it found problems."""
+    # imported here: `emanorm doctor --help` answers without torch
+    from emanorm.teacher_check import find_teacher_pair, inspect_teacher
+    from emanorm.train.checkpoint import safe_load
+    from emanorm.train.recipe import method_from_checkpoint
+
     data = safe_load(args.path)
     layout = (args.student_key, args.teacher_key, args.student_prefix, args.teacher_prefix)
     if not any(layout) and all(k in data for k in ("config", "method", "dataset_info")):
@@ -85,6 +86,8 @@ def run_doctor(args: argparse.Namespace) -> int:
 def collapse_lines(path: Path, method: str, options: dict[str, Any]) -> tuple[str, bool] | None:
     """The collapse alarm's verdict on a run directory's metrics.jsonl: ``(line, ok)``; ``None``
     for a checkpoint file or a run without training records."""
+    from emanorm.train.curves import read_metrics  # matplotlib
+
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         return None

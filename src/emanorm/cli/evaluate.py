@@ -12,16 +12,25 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+# torch-free: `emanorm eval ... --help` answers before torch; each handler imports the workflows
+from emanorm.catalog import (
+    DEFAULT_BACKBONE_LRS,
+    DEFAULT_LINEAR_LRS,
+    DEFAULT_SHOTS,
+    EVAL_NETWORKS,
+    EVAL_PROTOCOLS,
+    EXPORT_FORMATS,
+)
 from emanorm.cli.common import fraction, positive_int
-from emanorm.evaluation import protocols
-from emanorm.evaluation.export import EXPORT_FORMATS
-from emanorm.evaluation.finetune import DEFAULT_BACKBONE_LRS
-from emanorm.evaluation.linear import DEFAULT_LINEAR_LRS
-from emanorm.evaluation.lowshot import DEFAULT_SHOTS
-from emanorm.evaluation.protocols import PROTOCOLS, WHICH
 from emanorm.evaluation.settings import ProbeSettings
+
+if TYPE_CHECKING:
+    from emanorm.evaluation import protocols
+
+PROTOCOLS = EVAL_PROTOCOLS
+WHICH = EVAL_NETWORKS
 
 # --- argument parsing --------------------------------------------------------------------------------
 
@@ -148,6 +157,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _context(args: argparse.Namespace, *, multilabel_ok: bool = False) -> protocols.EvalContext:
     """Load the run and the data the flags name (Namespaces built by hand may lack a flag)."""
+    from emanorm.evaluation import protocols  # torch: imported when the command runs
+
     names = [f.name for f in fields(protocols.EvalRequest)]
     request = protocols.EvalRequest(**{name: getattr(args, name) for name in names if hasattr(args, name)})
     return protocols.prepare(request, multilabel_ok=multilabel_ok)
@@ -155,6 +166,8 @@ def _context(args: argparse.Namespace, *, multilabel_ok: bool = False) -> protoc
 
 def _finish(ctx: protocols.EvalContext, result: protocols.ProtocolResult) -> int:
     """Print the table, write the JSON record, return the exit status 0."""
+    from emanorm.evaluation import protocols  # torch: imported when the command runs
+
     out = protocols.result_path(ctx, result.protocol)
     record = protocols.result_record(ctx, result)
     # printed first: if the write fails, the result is still on the screen
@@ -166,12 +179,16 @@ def _finish(ctx: protocols.EvalContext, result: protocols.ProtocolResult) -> int
 
 def run_knn(args: argparse.Namespace) -> int:
     """``emanorm eval knn``: labeled training images are the database, the test split the queries."""
+    from emanorm.evaluation import protocols  # torch: imported when the command runs
+
     ctx = _context(args)
     return _finish(ctx, protocols.eval_knn(ctx, k=args.k, temperature=args.temperature))
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
     """``emanorm eval retrieval``: labeled training images are the database, the test split the queries."""
+    from emanorm.evaluation import protocols  # torch: imported when the command runs
+
     ctx = _context(args)
     return _finish(ctx, protocols.eval_retrieval(ctx, topk=args.topk))
 
@@ -183,6 +200,8 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_linear(args: argparse.Namespace) -> int:
     """``emanorm eval linear``: frozen features cached once, lr searched on a validation split."""
+    from emanorm.evaluation import protocols  # torch: imported when the command runs
+
     ctx = _context(args)
     result = protocols.eval_linear(
         ctx, lrs=args.lrs, probe_batch_size=args.probe_batch_size, **_training_options(args)
@@ -192,6 +211,8 @@ def run_linear(args: argparse.Namespace) -> int:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """``emanorm eval finetune``: whole network, weak augmentation, backbone lr searched on validation."""
+    from emanorm.evaluation import protocols  # torch: imported when the command runs
+
     ctx = _context(args)
     result = protocols.eval_finetune(
         ctx, backbone_lrs=args.backbone_lrs, classifier_lr=args.classifier_lr, **_training_options(args)
@@ -201,6 +222,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_lowshot(args: argparse.Namespace) -> int:
     """``emanorm eval lowshot``: linear SVMs on k labeled images per class (mAP on multi-label data)."""
+    from emanorm.evaluation import protocols  # torch: imported when the command runs
+
     ctx = _context(args, multilabel_ok=True)
     return _finish(
         ctx, protocols.eval_lowshot(ctx, shots=args.shots, draws=args.draws, val_per_class=args.val_per_class)
@@ -209,6 +232,8 @@ def run_lowshot(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """``emanorm export``: the backbone's state_dict for torchvision or safetensors."""
+    from emanorm.evaluation import protocols  # torch: imported when the command runs
+
     out, tensors, recipe = protocols.export_run(args.run, args.which, args.format, args.out)
     print(f"wrote {out} ({tensors} tensors, {args.format})")
     if recipe:

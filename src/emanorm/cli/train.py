@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import os
 from importlib import resources
 from typing import Any
 
-from emanorm.cli.common import add_command, key_value, positive_int
-from emanorm.data.datasets import DATASETS
-from emanorm.evaluation.monitor import knn_monitor
-from emanorm.methods import METHODS as METHOD_CLASSES
-from emanorm.models import BACKBONES
-from emanorm.train import resolve_config, train
+from emanorm.catalog import BACKBONES
+from emanorm.cli.common import add_command, key_value
 from emanorm.train.config import (
-    CHOICES,
+    BUDGET,
     DEFAULTS,
-    METHODS,
-    NORMS,
+    FIELDS,
+    LABELS,
+    OPTIMISATION,
+    RUNNING,
+    WHAT,
     dump_config,
     load_config_source,
     preset_names,
+    resolve_config,
 )
+from emanorm.train.lock import check_run_dir_early
 
 TRAIN_HELP = """\
 Train a method with a chosen normalization. Without --config the small preset for the method
@@ -37,75 +39,78 @@ def _choices(values: Any) -> str:
     return ", ".join(str(v) for v in values)
 
 
+def _flag_help(key: str) -> str:
+    """A flag's help from its schema field: the text, the allowed values, the default."""
+    meta = FIELDS[key].metadata
+    text = meta["help"]
+    if key == "backbone":  # free-form (timm:<name>), so listed here rather than checked as choices
+        text = f"{text}: one of {_choices(BACKBONES)}"
+    elif meta["choices"] and meta["flag"].show_choices:
+        text = f"{text}: one of {_choices(meta['choices'])}"
+    if DEFAULTS[key] is not None and DEFAULTS[key] is not False:
+        text = f"{text} {_default(key)}"
+    return text.replace("%", "%%")
+
+
 def _default(key: str) -> str:
     """``(default X)`` from the config defaults; without --config the method's small preset also
     sets some keys, which the help says once at the top."""
     return f"(default {DEFAULTS[key]})"
 
 
+#: The ``--help`` sections of ``train``, in order.
+GROUPS = (WHAT, LABELS, BUDGET, OPTIMISATION, RUNNING)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """One flag per schema key that has a ``Flag`` (``emanorm.train.config.TrainConfig``), in its
+    group; keys sharing ``Flag.exclusive`` exclude each other. Returns the argparse groups by name."""
+    groups: dict[str, Any] = {name: parser.add_argument_group(name) for name in GROUPS}
+    exclusive: dict[str, Any] = {}
+    for key, schema_field in FIELDS.items():
+        flag = schema_field.metadata["flag"]
+        if flag is None:
+            continue
+        if flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(flag.group)
+        group = groups[flag.group]
+        if flag.exclusive:
+            if flag.exclusive not in exclusive:
+                exclusive[flag.exclusive] = group.add_mutually_exclusive_group()
+            group = exclusive[flag.exclusive]
+        name = flag.name or "--" + key.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": key, "help": _flag_help(key)}
+        if isinstance(DEFAULTS[key], bool):
+            kwargs.update(action="store_true", default=None)
+        else:
+            kwargs.update(type=_flag_type(key), metavar=flag.metavar)
+        group.add_argument(name, **kwargs)
+    return groups
+
+
+def _flag_type(key: str) -> type:
+    """What argparse converts a flag's text to (the schema checks the value afterwards)."""
+    annotation = str(FIELDS[key].type)
+    for kind in (int, float):
+        if annotation.startswith(kind.__name__):
+            return kind
+    return str
+
+
 def add_train_parser(subparsers: Any) -> None:
     p = add_command(subparsers, "train", "train a method (the main job)", TRAIN_HELP)
-    what = p.add_argument_group("what to train")
-    what.add_argument("--method", help=f"one of {_choices(METHODS)} {_default('method')}")
-    what.add_argument("--norm", help=f"one of {_choices(NORMS)} {_default('norm')}")
-    what.add_argument("--dataset", help=f"one of {_choices(DATASETS)} {_default('dataset')}")
-    what.add_argument("--data-dir", help="where the dataset lives (standard layouts; see docs/data.md)")
-    what.add_argument("--backbone", help=f"one of {_choices(BACKBONES)} {_default('backbone')}")
-    what.add_argument("--config", help="a preset name (see `emanorm presets`) or a YAML file")
-    labels = p.add_argument_group("labels (semi-supervised methods)").add_mutually_exclusive_group()
-    labels.add_argument("--labels-per-class", type=int, help="labeled images per class")
-    labels.add_argument("--label-fraction", type=float, help="fraction of labels per class, e.g. 0.01 or 0.1")
-    labels.add_argument(
-        "--label-index-csv", help="a CSV with column Index (the paper's ImageNet 1%%/10%% files)"
+    groups = add_config_flags(p)
+    groups[WHAT].add_argument(
+        "--config", help="a preset name (see `emanorm presets`) or a YAML file"
     )
-    budget = p.add_argument_group("budget").add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int, help="passes over the (unlabeled) training set")
-    budget.add_argument("--max-steps", type=int, help="optimizer steps")
-    opt = p.add_argument_group("optimisation and teacher")
-    opt.add_argument(
-        "--batch-size", type=int, help="global batch (labeled batch for semi-supervised methods)"
-    )
-    opt.add_argument(
-        "--accumulate",
-        type=positive_int,
-        metavar="N",
-        help="gradient accumulation: split each batch into N micro-batches (batch-size / N per process "
-        "each) and step once; same schedule, less memory (default 1)",
-    )
-    opt.add_argument(
-        "--unlabeled-ratio", type=int, help="unlabeled batch = ratio x batch size (FixMatch's mu)"
-    )
-    opt.add_argument("--lr", type=float, help="initial learning rate")
-    opt.add_argument("--optimizer", help=f"one of {_choices(CHOICES['optimizer'])} {_default('optimizer')}")
-    opt.add_argument("--ema-momentum", type=float, help="teacher parameter momentum m of Eq. 1")
-    opt.add_argument(
-        "--eman-momentum", type=float, help="EMAN statistics momentum of Eq. 9 (Table 8); default: = m"
-    )
-    opt.add_argument(
-        "--bn-momentum", type=float, help="PyTorch BN momentum for statistics a teacher collects itself"
-    )
-    opt.add_argument(
-        "--bn-splits", type=int, help="BatchNorm statistics per split of each process's batch, e.g. 8: "
-        "the paper's per-GPU BN on one process (default 1)",
-    )
-    opt.add_argument(
-        "--calibrate-bn", dest="calibrate_bn_batches", type=int, metavar="N",
-        help="before step 0, set the student's BatchNorm statistics from N training batches (cumulative "
-        "average, no gradient) and start the teacher from them: an EMAN / PN teacher then does not "
-        "start from mean 0 / variance 1 (0: off, the paper's start; 20 is plenty; docs/methods.md)",
-    )
-    opt.add_argument(
+    groups[OPTIMISATION].add_argument(
         "--method-arg",
         action="append",
         type=key_value,
         metavar="KEY=VALUE",
         help="a method option, e.g. threshold=0.95 (repeatable; see docs/methods.md)",
     )
-    run = p.add_argument_group("running")
-    run.add_argument(
-        "--seed", type=int, help=f"seed of the labeled split, weights and batches {_default('seed')}"
-    )
-    run.add_argument("--out", help="run directory (default runs/<method>-<norm>-<dataset>-s<seed>)")
+    run = groups[RUNNING]
     run.add_argument(
         "--resume",
         nargs="?",
@@ -119,37 +124,13 @@ def add_train_parser(subparsers: Any) -> None:
     run.add_argument(
         "--force", action="store_true", help="overwrite a finished run, or resume despite a changed config"
     )
-    run.add_argument("--device", choices=CHOICES["device"], help=_default("device"))
-    run.add_argument("--num-workers", type=int, help="data loader workers (file datasets)")
-    run.add_argument(
-        "--amp", choices=CHOICES["amp"], help="autocast (auto: bf16 on GPU, off on CPU; fp16 needs CUDA)"
-    )
-    run.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
-    run.add_argument(
-        "--eval-every", type=int, help="kNN / test-accuracy monitor every N epochs (0: only at the end)"
-    )
-    run.add_argument(
-        "--checkpoint-every-steps", type=int, help="also checkpoint every N steps (0: per epoch)"
-    )
-    run.add_argument("--init-from", help="start the backbone from a run directory or checkpoint")
-    run.add_argument(
-        "--init-which", choices=CHOICES["init_which"],
-        help=f"which network of --init-from {_default('init_which')}",
-    )
     run.add_argument(
         "--set",
         action="append",
         type=key_value,
         metavar="KEY=VALUE",
-        help="override any config key, e.g. --set warmup_epochs=5 (repeatable)",
-    )
-    run.add_argument(
-        "--logger",
-        metavar="LIST",
-        help="comma list of jsonl, tensorboard, mlflow, wandb (default jsonl,tensorboard; metrics.jsonl "
-        "is always written). mlflow: RUN_DIR/mlruns or $MLFLOW_TRACKING_URI (pip install "
-        "'emanorm[mlflow]'); wandb: offline under RUN_DIR/wandb without $WANDB_API_KEY "
-        "('emanorm[wandb]')",
+        help="override any config key, e.g. --set warmup_epochs=5 (repeatable; "
+        "`--print-config` lists the keys)",
     )
     run.add_argument(
         "--no-progress", action="store_true", help="no progress bar (a line per tenth of the steps instead)"
@@ -187,6 +168,12 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # under torchrun, rank 0 checks under the lock
+        check_run_dir_early(cfg, bool(args.resume), args.force)
+    # torch loads from here on: every argument and config error above was answered without it
+    from emanorm.evaluation.monitor import knn_monitor
+    from emanorm.train import train
+
     summary = train(
         cfg, monitor=knn_monitor, resume=args.resume, force=args.force, progress=not args.no_progress
     )
@@ -197,8 +184,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def has_teacher(method: str) -> bool:
     """Whether a method trains a separate teacher (the supervised baseline does not)."""
-    cls = METHOD_CLASSES.get(method)
-    return cls is None or cls.name != "supervised"
+    return method != "supervised"
 
 
 def format_report(summary: dict[str, Any]) -> str:

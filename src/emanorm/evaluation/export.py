@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-EXPORT_FORMATS = ("torchvision", "safetensors")
+from emanorm.catalog import EXPORT_FORMATS
+
 # Wrappers that prefix every key: DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 

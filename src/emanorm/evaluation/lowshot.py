@@ -25,7 +25,8 @@ from sklearn.svm import LinearSVC
 from torch import Tensor
 from tqdm.auto import tqdm
 
-DEFAULT_SHOTS: tuple[int, ...] = (1, 2, 4, 8, 16)
+from emanorm.catalog import DEFAULT_SHOTS
+
 DEFAULT_COSTS: np.ndarray = 2.0 ** np.arange(-5, 6)
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+# torch-free (the command line shows these defaults in --help before torch loads)
+from emanorm.catalog import DEFAULT_BACKBONE_LRS, DEFAULT_LINEAR_LRS
 
-DEFAULT_LINEAR_LRS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-"""Covers the paper's MoCo grid {15, 30, 60} scale and its BYOL grid {0.2, 0.4, 0.8} scale coarsely."""
-DEFAULT_BACKBONE_LRS: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
-"""The paper's fine-tuning backbone-lr grid (Sec. 5.2)."""
+if TYPE_CHECKING:
+    import torch
 
 S = TypeVar("S", bound="ProbeSettings")
 

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from emanorm.errors import UserError
 from emanorm.experiments.planner import (
     BN_ONLY_KEYS,
@@ -41,6 +39,7 @@ from emanorm.experiments.runner import (
     steps_done,
     write_run_config,
 )
+from emanorm.train.config import parse_key_value, parse_value  # the one KEY=VALUE parser
 from emanorm.train.lock import RunBusyError, run_lock
 
 __all__ = [
@@ -106,22 +105,6 @@ def parse_floats(text: str | None, what: str) -> list[float]:
             raise UserError(f"{what} values must lie in [0, 1], got {item!r}")
         values.append(value)
     return values
-
-
-def parse_value(text: str) -> Any:
-    """A config value as ``emanorm train --set`` reads it (YAML: numbers, booleans, null, lists, maps)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise UserError(f"cannot parse the value {text!r}") from None
-
-
-def parse_key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with the semantics of ``emanorm train --set`` (dashes in KEY become underscores)."""
-    if "=" not in text:
-        raise UserError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), parse_value(value)
 
 
 def _set_override(overrides: dict[str, Any], key: str, value: Any) -> None:

@@ -20,15 +20,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from emanorm.calibration import calibrate_batchnorm
+from emanorm.catalog import ALL_NORMS, NORM_PLANS, TEACHER_NORMS
 from emanorm.models import Classifier
 from emanorm.norms import convert_norm, convert_to_split_bn, is_distributed, shuffle_batch, unshuffle_batch
 from emanorm.optim import parameter_groups
 from emanorm.teacher import EMATeacher, warmup_momentum
-
-#: Every ``--norm`` value, in the order of the paper's Tables 1 and 8.
-ALL_NORMS = ("default", "bn", "sync_bn", "shuffle_bn", "gn", "in", "eman", "teacher_pn", "student_pn")
-#: Norms whose teacher normalises with running statistics (EMATeacher modes of the same name).
-TEACHER_NORMS = ("eman", "teacher_pn", "student_pn")
 
 BackboneFactory = Callable[[str], nn.Module]
 
@@ -89,22 +85,21 @@ def plan_norm(
     if norm not in allowed:
         raise ValueError(f"norm {norm!r} is not valid for method {method!r}; allowed: {', '.join(allowed)}")
     resolved = default if norm == "default" else norm
-    kind = resolved if resolved in ("sync_bn", "gn", "in") else "bn"
-    if resolved == "shuffle_bn":
+    # NORM_PLANS: the layer kind and teacher mode of each value ("default" left: FixMatch's own
+    # form, one network and no teacher)
+    choice = NORM_PLANS[resolved]
+    kind = choice.layer_kind
+    if choice.shuffle:
         if bn_splits > 1:
             raise ValueError("bn_splits does not combine with shuffle_bn (it splits BN with num_splits)")
         # Under DDP every rank's plain BN is already "per GPU"; on one process split BN emulates it.
         splits = 1 if is_distributed() else int(num_splits)
-        return NormPlan(norm, resolved, kind, "bn", shuffle=True, num_splits=splits)
+        return NormPlan(norm, resolved, kind, choice.teacher_mode, shuffle=True, num_splits=splits)
     if bn_splits > 1 and kind != "bn":
         raise ValueError(
             f"bn_splits={bn_splits} needs BatchNorm layers; norm {resolved!r} builds {kind} layers"
         )
-    if resolved == "default":  # FixMatch's own form: one network, no teacher
-        return NormPlan(norm, resolved, kind, None, num_splits=bn_splits)
-    if resolved in TEACHER_NORMS:
-        return NormPlan(norm, resolved, kind, resolved, num_splits=bn_splits)
-    return NormPlan(norm, resolved, kind, "bn", num_splits=bn_splits)
+    return NormPlan(norm, resolved, kind, choice.teacher_mode, num_splits=bn_splits)
 
 
 def _check_option(method: str, name: str, value: Any, default: Any) -> Any:

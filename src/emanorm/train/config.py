@@ -1,114 +1,256 @@
-"""Run configuration: defaults, YAML presets, command-line overrides, validation.
+"""Run configuration: one typed schema, YAML presets, command-line overrides, validation.
 
-A config is a flat dict of plain values (plus ``method_args``, the method's own options), so
-it reads well in ``config.yaml`` and loads safely anywhere.
+:class:`TrainConfig` is the single source of truth for every config key: its type (the
+annotation), default, allowed values, bounds, help text, whether it is an ``emanorm train`` flag
+and whether it can change the trained weights. Everything else derives from it: ``DEFAULTS`` and
+``CHOICES``, the ``train`` flags and their ``--help`` (``emanorm.cli.train``), what ``--set`` and
+a preset may name, the checks of :func:`validate_config`, and what :func:`comparable` compares
+when a run is resumed.
+
+It is written with stdlib :mod:`dataclasses` (a field's ``metadata`` holds its help, choices and
+bounds; the generic pieces, ``option``, ``Bounds``, ``Flag`` and the check of one value, are in
+:mod:`emanorm.train.schema`) rather than pydantic or OmegaConf, which the project's GPU image
+does not ship; and it imports neither torch nor the registries (the torch-free names are in
+:mod:`emanorm.catalog`), so the command line checks a config before torch loads.
+
+A resolved config stays a flat dict of plain values (plus ``method_args``, the method's own
+options), so it reads well in ``config.yaml`` and loads safely anywhere; ``TrainConfig(**cfg)``
+is its typed view.
+
+Adding a key is one change here: a field of :class:`TrainConfig`, in the place ``config.yaml``
+should list it, e.g. ::
+
+    calibrate_bn_batches: int = option(
+        0, "BatchNorm statistics from N training batches before step 0 (0: off)",
+        bounds=NON_NEGATIVE, flag=Flag(OPTIMISATION, name="--calibrate-bn", metavar="N"),
+    )
+
+``bounds``, ``choices`` and the annotation are checked; ``flag`` makes it an ``emanorm train``
+flag (``--calibrate-bn``; without ``name``: ``--calibrate-bn-batches``); ``affects_weights=False``
+lets ``--resume`` accept a change of it (monitoring, logging, where or how fast a run goes). An
+older run's ``config.yaml`` without the key reads as the default. A rule between keys goes into
+:func:`_check_together`.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
+import dataclasses
 import logging
 import math
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from emanorm.data import build_augmentation
+from emanorm.catalog import (
+    ALL_NORMS,
+    AUGMENT_OPTIONS,
+    BACKBONES,
+    DATASETS,
+    LOGGERS,
+    METHOD_NAMES,
+)
+from emanorm.catalog import SEMI_SUPERVISED as SEMI_SUPERVISED_METHODS
 from emanorm.errors import UserError
-from emanorm.methods import ALL_NORMS
-from emanorm.methods import METHODS as METHOD_CLASSES
-from emanorm.methods import SEMI_SUPERVISED as SEMI_SUPERVISED_METHODS
+from emanorm.train.schema import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    Bounds,
+    Flag,
+    check_field,
+    field_types,
+    number,
+    option,
+    suggestion,
+)
 
 log = logging.getLogger("emanorm")
 
-#: The registries, derived from the method classes (``emanorm.methods.METHODS``).
-METHODS: tuple[str, ...] = tuple(METHOD_CLASSES)
+#: The registries' names (``emanorm.catalog``, tied to ``emanorm.methods.METHODS`` by a test).
+METHODS: tuple[str, ...] = METHOD_NAMES
 NORMS: tuple[str, ...] = ALL_NORMS
 SEMI_SUPERVISED: tuple[str, ...] = SEMI_SUPERVISED_METHODS
 
-DEFAULTS: dict[str, Any] = {
+
+WHAT = "what to train"
+LABELS = "labels (semi-supervised methods)"
+BUDGET = "budget"
+OPTIMISATION = "optimisation and teacher"
+RUNNING = "running"
+
+
+# -- the schema ----------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Every key of a run's config, in ``config.yaml``'s order. See the module docstring."""
+
     # what to train
-    "method": "fixmatch",
-    "norm": "eman",
-    "dataset": "fashion_mnist",
-    "data_dir": None,
-    "backbone": "small",
-    "image_size": None,
-    "on_corrupt": "error",
-    "augment_options": {},
-    "init_from": None,
-    "init_which": "teacher",
+    method: str = option("fixmatch", "the method", choices=METHODS, flag=Flag(WHAT))
+    norm: str = option(
+        "eman", "the normalization plan of student and teacher (docs/methods.md)", choices=NORMS,
+        flag=Flag(WHAT),
+    )
+    dataset: str = option("fashion_mnist", "the dataset", choices=DATASETS, flag=Flag(WHAT))
+    data_dir: str | None = option(
+        None, "where the dataset lives (standard layouts; see docs/data.md)", flag=Flag(WHAT)
+    )
+    backbone: str = option("small", "the backbone", flag=Flag(WHAT))
+    image_size: int | None = option(None, "resize file datasets to this side (default: the dataset's)",
+                                    bounds=POSITIVE)
+    on_corrupt: str = option("error", "an undecodable image: stop, or skip it with a warning",
+                             choices=("error", "skip"))
+    augment_options: dict[str, Any] = option(  # noqa: RUF009 (a default_factory)
+        {}, f"augmentation options: {', '.join(AUGMENT_OPTIONS)} (e.g. {{blur: true}})"
+    )
+    init_from: str | None = option(
+        None, "start the backbone from a run directory or checkpoint", flag=Flag(RUNNING)
+    )
+    init_which: str = option(
+        "teacher", "which network of --init-from", choices=("teacher", "student"), flag=Flag(RUNNING)
+    )
     # labels (semi-supervised methods)
-    "labels_per_class": None,
-    "label_fraction": None,
-    "label_index_csv": None,
+    labels_per_class: int | None = option(
+        None, "labeled images per class", bounds=POSITIVE, flag=Flag(LABELS, exclusive="labels")
+    )
+    label_fraction: float | None = option(
+        None, "fraction of labels per class, e.g. 0.01 or 0.1", bounds=FRACTION,
+        flag=Flag(LABELS, exclusive="labels"),
+    )
+    label_index_csv: str | None = option(
+        None, "a CSV with column Index (the paper's ImageNet 1%/10% files)",
+        flag=Flag(LABELS, exclusive="labels"),
+    )
     # budget
-    "epochs": None,
-    "max_steps": None,
-    "batch_size": 64,
-    "unlabeled_ratio": 7,
-    "accumulate": 1,
+    epochs: int | None = option(
+        None, "passes over the (unlabeled) training set", bounds=POSITIVE,
+        flag=Flag(BUDGET, exclusive="budget"),
+    )
+    max_steps: int | None = option(
+        None, "optimizer steps", bounds=POSITIVE, flag=Flag(BUDGET, exclusive="budget")
+    )
+    batch_size: int = option(
+        64, "global batch (labeled batch for semi-supervised methods)", bounds=POSITIVE,
+        flag=Flag(OPTIMISATION),
+    )
+    unlabeled_ratio: int = option(
+        7, "unlabeled batch = ratio x batch size (FixMatch's mu)", bounds=POSITIVE, flag=Flag(OPTIMISATION)
+    )
+    accumulate: int = option(
+        1, "gradient accumulation: split each batch into N micro-batches (batch-size / N per process "
+        "each) and step once; same schedule, less memory", bounds=POSITIVE,
+        flag=Flag(OPTIMISATION, metavar="N"),
+    )
     # optimisation
-    "optimizer": "sgd",
-    "lr": 0.03,
-    "weight_decay": 5e-4,
-    "sgd_momentum": 0.9,
-    "nesterov": True,
-    "lars_eta": 0.001,
-    "schedule": "cosine",
-    "lr_milestones": [0.6, 0.8],
-    "warmup_epochs": 0.0,
+    optimizer: str = option("sgd", "the optimizer", choices=("sgd", "lars", "adamw"), flag=Flag(OPTIMISATION))
+    lr: float = option(0.03, "initial learning rate", bounds=POSITIVE, flag=Flag(OPTIMISATION))
+    weight_decay: float = option(5e-4, "weight decay", bounds=NON_NEGATIVE)
+    sgd_momentum: float = option(0.9, "SGD / LARS momentum", bounds=UNIT)
+    nesterov: bool = option(True, "Nesterov momentum (SGD)")
+    lars_eta: float = option(0.001, "LARS trust coefficient", bounds=POSITIVE)
+    schedule: str = option("cosine", "learning-rate schedule", choices=("cosine", "step", "constant"))
+    lr_milestones: list[float] = option(  # noqa: RUF009 (a default_factory)
+        [0.6, 0.8], "fractions of training where the step schedule divides the lr by 10"
+    )
+    warmup_epochs: float = option(0.0, "linear learning-rate warm-up", bounds=NON_NEGATIVE)
     # teacher
-    "ema_momentum": 0.999,
-    "eman_momentum": None,
-    "bn_momentum": 0.1,
-    # BatchNorm statistics per split of each rank's batch (1: whole batch; 8 on one process: the
-    # paper's per-GPU BN of its 8-GPU runs)
-    "bn_splits": 1,
-    # BN statistics from this many training batches before step 0 (0: off, the paper's start);
-    # the teacher starts from them instead of mean 0 / variance 1 (emanorm.calibrate_batchnorm)
-    "calibrate_bn_batches": 0,
-    "method_args": {},
-    # monitoring
-    "log_every": 20,
-    "logger": "jsonl,tensorboard",
-    "eval_every": 1,
-    "knn_k": 20,
-    "knn_bank_size": 10000,
-    "monitor_test_size": None,
-    "eval_light_size": None,
+    ema_momentum: float = option(
+        0.999, "teacher parameter momentum m of Eq. 1", bounds=UNIT, flag=Flag(OPTIMISATION)
+    )
+    eman_momentum: float | None = option(
+        None, "EMAN statistics momentum of Eq. 9 (Table 8); default: = m", bounds=UNIT,
+        flag=Flag(OPTIMISATION),
+    )
+    bn_momentum: float = option(
+        0.1, "PyTorch BN momentum for statistics a teacher collects itself", bounds=UNIT,
+        flag=Flag(OPTIMISATION),
+    )
+    bn_splits: int = option(
+        1, "BatchNorm statistics per split of each process's batch, e.g. 8: the paper's per-GPU BN "
+        "on one process", bounds=POSITIVE, flag=Flag(OPTIMISATION),
+    )
+    calibrate_bn_batches: int = option(
+        0, "before step 0, set the student's BatchNorm statistics from N training batches (cumulative "
+        "average, no gradient) and start the teacher from them: an EMAN / PN teacher then does not "
+        "start from mean 0 / variance 1 (0: off, the paper's start; 20 is plenty; docs/methods.md)",
+        bounds=NON_NEGATIVE, flag=Flag(OPTIMISATION, name="--calibrate-bn", metavar="N"),
+    )
+    method_args: dict[str, Any] = option(  # noqa: RUF009 (a default_factory)
+        {}, "the method's own options (--method-arg; docs/methods.md)"
+    )
+    # monitoring: reads the networks, changes no weight
+    log_every: int = option(20, "log the losses every N steps", bounds=POSITIVE, affects_weights=False)
+    logger: str = option(
+        "jsonl,tensorboard", "comma list of jsonl, tensorboard, mlflow, wandb (metrics.jsonl is always "
+        "written). mlflow: RUN_DIR/mlruns or $MLFLOW_TRACKING_URI (pip install 'emanorm[mlflow]'); "
+        "wandb: offline under RUN_DIR/wandb without $WANDB_API_KEY ('emanorm[wandb]')",
+        flag=Flag(RUNNING, metavar="LIST"), affects_weights=False,
+    )
+    eval_every: int = option(
+        1, "kNN / test-accuracy monitor every N epochs (0: only at the end)", bounds=NON_NEGATIVE,
+        flag=Flag(RUNNING), affects_weights=False,
+    )
+    knn_k: int = option(20, "neighbours of the kNN monitor", bounds=POSITIVE, affects_weights=False)
+    knn_bank_size: int = option(
+        10000, "labeled training images in the kNN monitor's bank", bounds=POSITIVE, affects_weights=False
+    )
+    monitor_test_size: int | None = option(
+        None, "test images of the monitor (default: all)", bounds=POSITIVE, affects_weights=False
+    )
+    eval_light_size: int | None = option(
+        None, "a lighter kNN bank for the evaluations along training", bounds=POSITIVE, affects_weights=False
+    )
     # machinery
-    "seed": 0,
-    "device": "auto",
-    "amp": "auto",
-    "channels_last": "auto",
-    "compile": False,
-    "num_workers": 0,
-    "loader_timeout": 300,
-    "checkpoint_every_steps": 0,
-    "deterministic": False,
-    "out": None,
-}
+    seed: int = option(0, "seed of the labeled split, weights and batches", bounds=NON_NEGATIVE,
+                       flag=Flag(RUNNING))
+    device: str = option(
+        "auto", "where to train", choices=("auto", "cpu", "cuda"), flag=Flag(RUNNING), affects_weights=False
+    )
+    amp: str = option(
+        "auto", "autocast (auto: bf16 on GPU, off on CPU; fp16 needs CUDA)",
+        choices=("auto", "bf16", "fp16", "off"), flag=Flag(RUNNING),
+    )
+    channels_last: str | bool = option("auto", "channels-last memory format", choices=("auto", True, False))
+    compile: bool = option(
+        False, "torch.compile the training step", flag=Flag(RUNNING), affects_weights=False
+    )
+    num_workers: int = option(
+        0, "data loader workers (file datasets)", bounds=NON_NEGATIVE, flag=Flag(RUNNING),
+        affects_weights=False,
+    )
+    loader_timeout: float = option(
+        300, "seconds a data loader worker may take for a batch", bounds=POSITIVE, affects_weights=False
+    )
+    checkpoint_every_steps: int = option(
+        0, "also checkpoint every N steps (0: per epoch)", bounds=NON_NEGATIVE, flag=Flag(RUNNING),
+        affects_weights=False,
+    )
+    deterministic: bool = option(False, "deterministic algorithms (slower)")
+    out: str | None = option(
+        None, "run directory (default runs/<method>-<norm>-<dataset>-s<seed>)", flag=Flag(RUNNING),
+        affects_weights=False,
+    )
 
-#: What ``--logger`` may list (see ``emanorm.train.tracking``).
-LOGGERS: tuple[str, ...] = ("jsonl", "tensorboard", "mlflow", "wandb")
 
+#: What a resolved config holds beyond the schema: where it came from (a preset name or file).
+PROVENANCE_KEYS: tuple[str, ...] = ("preset",)
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+DEFAULTS: dict[str, Any] = dataclasses.asdict(TrainConfig())
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "method": METHODS,
-    "norm": NORMS,
-    "optimizer": ("sgd", "lars", "adamw"),
-    "schedule": ("cosine", "step", "constant"),
-    "device": ("auto", "cpu", "cuda"),
-    "amp": ("auto", "bf16", "fp16", "off"),
-    "channels_last": ("auto", True, False),
-    "init_which": ("teacher", "student"),
-    "on_corrupt": ("error", "skip"),
+    k: f.metadata["choices"] for k, f in FIELDS.items() if f.metadata["choices"]
 }
+#: Keys that cannot change the trained weights: ``--resume`` accepts a change of them.
+NOT_AFFECTING_WEIGHTS: frozenset[str] = frozenset(
+    [*(k for k, f in FIELDS.items() if not f.metadata["affects_weights"]), *PROVENANCE_KEYS]
+)
+LABEL_KEYS = ("labels_per_class", "label_fraction", "label_index_csv")
 
 
+# -- presets and files -----------------------------------------------------------------------------
 def preset_names() -> list[str]:
     folder = resources.files("emanorm") / "configs"
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
@@ -145,14 +287,33 @@ def load_config_source(name_or_path: str) -> dict[str, Any]:
         return _read_yaml(text, str(path))
     names = preset_names()
     if name_or_path not in names:
-        raise UserError(f"unknown preset {name_or_path!r}; presets: {', '.join(names)} (or a .yaml path)")
+        raise UserError(
+            f"unknown preset {name_or_path!r}{suggestion(name_or_path, names)}; "
+            f"presets: {', '.join(names)} (or a .yaml path)"
+        )
     text = (resources.files("emanorm") / "configs" / f"{name_or_path}.yaml").read_text()
     return _read_yaml(text, f"preset {name_or_path}")
 
 
-LABEL_KEYS = ("labels_per_class", "label_fraction", "label_index_csv")
+# -- key=value -------------------------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """A config value as ``emanorm train --set`` reads it (YAML: numbers, booleans, null, lists, maps)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"cannot parse the value {text!r}") from None
 
 
+def parse_key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> ``(key, YAML value)``; dashes in KEY become underscores. The one parser of
+    ``--set``, ``--method-arg``, ``compare --set`` and the benchmarks' ``--set``."""
+    if "=" not in text:
+        raise UserError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), parse_value(value)
+
+
+# -- resolving -------------------------------------------------------------------------------------
 def resolve_config(
     config: str | None = None,
     overrides: dict[str, Any] | None = None,
@@ -187,8 +348,10 @@ def resolve_config(
     _check_keys(overrides, "command line")
     method_args = overrides.pop("method_args", None)
     cfg.update(overrides)
-    if method_args:
+    if isinstance(method_args, dict) and isinstance(cfg.get("method_args") or {}, dict):
         cfg["method_args"] = {**(cfg.get("method_args") or {}), **method_args}
+    elif method_args is not None:
+        cfg["method_args"] = method_args  # not a mapping: validate_config says so
     # budget flags replace each other: --epochs on the command line drops the preset's max_steps
     if "epochs" in overrides and "max_steps" not in overrides:
         cfg["max_steps"] = None
@@ -206,151 +369,75 @@ def resolve_config(
 
 
 def _check_keys(source: dict[str, Any], where: str) -> None:
-    unknown = sorted(set(source) - set(DEFAULTS) - {"preset"})
+    unknown = sorted(set(source) - set(DEFAULTS) - set(PROVENANCE_KEYS))
     if unknown:
-        raise UserError(f"unknown option(s) in {where}: {', '.join(unknown)}; allowed: {', '.join(DEFAULTS)}")
+        hint = suggestion(unknown[0], DEFAULTS) if len(unknown) == 1 else ""
+        raise UserError(
+            f"unknown option(s) in {where}: {', '.join(unknown)}{hint}; allowed: {', '.join(DEFAULTS)}"
+        )
 
 
-def _positive(cfg: dict[str, Any], key: str, kind: type = int, allow_none: bool = True) -> None:
-    value = cfg[key]
-    if value is None and allow_none:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (kind is int and int(value) != value)
-    ):
-        raise UserError(f"{key} must be a positive {kind.__name__}, got {value!r}")
-    if value <= 0:
-        raise UserError(f"{key} must be positive, got {value!r}")
-    cfg[key] = kind(value)
-
-
-BOOLEANS = ("compile", "nesterov", "deterministic")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _augment_option_kinds() -> dict[str, str]:
-    """``build_augmentation``'s keyword options and their annotations (the allowed augment_options)."""
-    params = inspect.signature(build_augmentation).parameters.values()
-    return {p.name: str(p.annotation) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+# -- validation ------------------------------------------------------------------------------------
+def validate_config(cfg: dict[str, Any]) -> None:
+    """Check every key against the schema, then the rules between keys; raise UserError naming the
+    first bad value and what is allowed. Values are normalised in place (``2.0`` -> ``2`` for an
+    integer key, the logger list)."""
+    cfg["logger"] = check_loggers(cfg["logger"])  # a list or null is accepted: normalised first
+    admitted = field_types(TrainConfig)
+    for key, schema_field in FIELDS.items():
+        cfg[key] = check_field(key, cfg[key], schema_field, admitted[key])
+    _check_augment_options(cfg["augment_options"])
+    _check_lr_milestones(cfg["lr_milestones"])
+    _check_together(cfg)
 
 
 def _check_augment_options(options: dict[str, Any]) -> None:
-    kinds = _augment_option_kinds()
     for key, value in options.items():
-        if key not in kinds:
-            raise UserError(f"unknown augment option {key!r}; allowed: {', '.join(kinds)}")
+        if key not in AUGMENT_OPTIONS:
+            raise UserError(
+                f"unknown augment option {key!r}{suggestion(key, AUGMENT_OPTIONS)}; "
+                f"allowed: {', '.join(AUGMENT_OPTIONS)}"
+            )
         if value is None:
             continue
-        if kinds[key].startswith("bool") and not isinstance(value, bool):
+        if AUGMENT_OPTIONS[key] == "bool" and not isinstance(value, bool):
             raise UserError(f"augment option {key} must be true or false, got {value!r}")
-        if kinds[key].startswith(("float", "int")) and not (_number(value) and math.isfinite(value)):
+        if AUGMENT_OPTIONS[key] in ("float", "int") and not (number(value) and math.isfinite(value)):
             raise UserError(f"augment option {key} must be a number, got {value!r}")
 
 
-def validate_config(cfg: dict[str, Any]) -> None:
-    """Raise UserError naming the first bad value and what is allowed."""
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            shown = ", ".join(str(a) for a in allowed)
-            raise UserError(f"unknown {key} {cfg[key]!r}; allowed: {shown}")
-    for key in BOOLEANS:
-        if not isinstance(cfg[key], bool):
-            raise UserError(f"{key} must be true or false, got {cfg[key]!r}")
-    for key, value in cfg.items():  # nan / inf anywhere fail at step 0 otherwise
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{key} must be a finite number, got {value!r}")
-    for key in ("epochs", "max_steps", "batch_size", "unlabeled_ratio", "labels_per_class"):
-        _positive(cfg, key)
-    _positive(cfg, "bn_splits", allow_none=False)
-    calibrate = cfg["calibrate_bn_batches"]
-    if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
-        raise UserError(f"calibrate_bn_batches must be an integer >= 0 (0: off), got {calibrate!r}")
-    for key in ("log_every", "knn_k", "knn_bank_size", "accumulate"):
-        _positive(cfg, key, allow_none=False)
-    _positive(cfg, "monitor_test_size")
-    _positive(cfg, "eval_light_size")
-    _positive(cfg, "image_size")
-    _positive(cfg, "loader_timeout", float, allow_none=False)
-    if not isinstance(cfg["augment_options"], dict):
+def _check_lr_milestones(milestones: Any) -> None:
+    if not isinstance(milestones, list) or not all(number(m) and 0 < m < 1 for m in milestones):
         raise UserError(
-            f"augment_options must be a mapping (e.g. {{blur: true}}), got {cfg['augment_options']!r}"
+            f"lr_milestones must be a list of fractions of training in (0, 1), e.g. [0.6, 0.8]; "
+            f"got {milestones!r}"
         )
-    _check_augment_options(cfg["augment_options"])
-    _positive(cfg, "lr", float, allow_none=False)
-    for key in ("eval_every", "num_workers", "checkpoint_every_steps", "warmup_epochs", "weight_decay"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise UserError(f"{key} must be a number >= 0, got {value!r}")
-    for key in ("ema_momentum", "eman_momentum", "bn_momentum", "sgd_momentum"):
-        value = cfg[key]
-        if value is None and key == "eman_momentum":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise UserError(f"{key} must lie in [0, 1], got {value!r}")
-    fraction = cfg["label_fraction"]
-    if fraction is not None and (
-        isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1
-    ):
-        raise UserError(f"label_fraction must lie in (0, 1], got {fraction!r}")
-    chosen = [k for k in ("labels_per_class", "label_fraction", "label_index_csv") if cfg[k] is not None]
+
+
+def _check_together(cfg: dict[str, Any]) -> None:
+    """The rules between keys."""
+    chosen = [k for k in LABEL_KEYS if cfg[k] is not None]
     if len(chosen) > 1:
         raise UserError(f"choose one way to pick labels, got {', '.join(chosen)}")
     if cfg["epochs"] is not None and cfg["max_steps"] is not None:
         raise UserError("choose --epochs or --max-steps, not both")
     if cfg["epochs"] is None and cfg["max_steps"] is None:
         raise UserError("set a budget: --epochs E or --max-steps S")
-    if not isinstance(cfg["method_args"], dict):
-        raise UserError(f"method_args must be a mapping, got {cfg['method_args']!r}")
     if cfg["batch_size"] % cfg["accumulate"]:
         raise UserError(
             f"batch_size {cfg['batch_size']} must be divisible by accumulate {cfg['accumulate']} "
             "(the batch is split into that many micro-batches)"
         )
-    cfg["logger"] = check_loggers(cfg["logger"])
-    if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool) or cfg["seed"] < 0:
-        raise UserError(f"seed must be an integer >= 0, got {cfg['seed']!r}")
-    milestones = cfg["lr_milestones"]
-    if not isinstance(milestones, list) or not all(_number(m) and 0 < m < 1 for m in milestones):
-        raise UserError(
-            f"lr_milestones must be a list of fractions of training in (0, 1), e.g. [0.6, 0.8]; "
-            f"got {milestones!r}"
-        )
     if cfg["optimizer"] == "sgd" and cfg["nesterov"] and cfg["sgd_momentum"] == 0:
         raise UserError("nesterov needs sgd_momentum > 0; set nesterov=false or a momentum such as 0.9")
-    if not (_number(cfg["lars_eta"]) and cfg["lars_eta"] > 0):
-        raise UserError(f"lars_eta must be a positive number, got {cfg['lars_eta']!r}")
     for key in ("lr", "weight_decay"):
         if cfg[key] > 1e6:
             raise UserError(f"{key} {cfg[key]!r} is far too large (above 1e6): check the value")
 
 
-def dump_config(cfg: dict[str, Any]) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
-
-
-#: Keys added after runs were first written: a config.yaml without one held its default.
-ADDED_KEYS: dict[str, Any] = {"accumulate": 1}
-
-
-def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a config that must match for ``--resume`` (not where or how it runs)."""
-    # evaluation along training reads the networks and changes no weight
-    ignored = {
-        "out", "device", "num_workers", "log_every", "logger", "compile", "preset", "eval_every",
-        "eval_light_size",
-    }
-    # a key added after the run was written counts as its default (old runs stay resumable)
-    return {k: v for k, v in {**DEFAULTS, **cfg}.items() if k not in ignored}
-
-
 def check_loggers(value: Any) -> str:
     """``--logger`` as a normalised comma list of known loggers (``""``: none)."""
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list | tuple):
         value = ",".join(str(v) for v in value)
     if value is None or value is False:
         value = ""
@@ -359,5 +446,45 @@ def check_loggers(value: Any) -> str:
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in LOGGERS]
     if unknown:
-        raise UserError(f"unknown logger {unknown[0]!r}; allowed: {', '.join(LOGGERS)} (a comma list)")
+        raise UserError(
+            f"unknown logger {unknown[0]!r}{suggestion(unknown[0], LOGGERS)}; "
+            f"allowed: {', '.join(LOGGERS)} (a comma list)"
+        )
     return ",".join(dict.fromkeys(names))
+
+
+# -- writing and comparing -------------------------------------------------------------------------
+def dump_config(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that must match for ``--resume``: the keys that can change the trained
+    weights (``affects_weights`` in the schema). A key added after a run was written counts as its
+    default, and a key a later version dropped is not compared, so old runs stay resumable."""
+    full = {**DEFAULTS, **cfg}
+    return {k: full[k] for k in DEFAULTS if k not in NOT_AFFECTING_WEIGHTS}
+
+
+__all__ = [
+    "BACKBONES",
+    "CHOICES",
+    "DEFAULTS",
+    "FIELDS",
+    "LOGGERS",
+    "METHODS",
+    "NORMS",
+    "SEMI_SUPERVISED",
+    "Bounds",
+    "Flag",
+    "TrainConfig",
+    "check_loggers",
+    "comparable",
+    "dump_config",
+    "load_config_source",
+    "parse_key_value",
+    "parse_value",
+    "preset_names",
+    "resolve_config",
+    "validate_config",
+]

@@ -1,4 +1,6 @@
-"""One trainer per run directory: an OS lock (``flock``) held for the run's whole life.
+"""One trainer per run directory: an OS lock (``flock``) held for the run's whole life, and the
+refusals of a directory a command must not write to (torch-free: ``emanorm train`` answers them
+before it imports torch).
 
 The kernel releases the lock when its holder dies, however it dies, so a lock left by a killed
 trainer is simply taken over by the next one.
@@ -11,8 +13,12 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from emanorm.errors import UserError
+from emanorm.train.config import comparable
 
 try:
     import fcntl
@@ -20,6 +26,8 @@ except ImportError:  # not POSIX: no lock
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
+#: ``checkpoint.CHECKPOINT_NAME`` (named here too: this module imports no torch).
+CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
 
 
 class RunBusyError(UserError):
@@ -84,6 +92,45 @@ def run_directory(run_dir: Path) -> Iterator[Path]:
             yield run_dir
     except BaseException:
         # nothing to resume in it (no checkpoint yet): a directory this command made goes again
-        if created and not (run_dir / "checkpoints" / "last.pt").exists():
+        if created and not (run_dir / CHECKPOINT_FILE).exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def default_run_dir(cfg: dict[str, Any]) -> str:
+    return f"runs/{cfg['method']}-{cfg['norm']}-{cfg['dataset']}-s{cfg['seed']}"
+
+
+def check_run_dir(cfg: dict[str, Any], resume: bool, force: bool) -> Path:
+    """Refuse a run directory that this command must not write to; changes nothing on disk."""
+    run_dir = Path(cfg["out"])
+    config_file = run_dir / "config.yaml"
+    finished = (run_dir / "summary.json").exists()
+    started = (run_dir / CHECKPOINT_FILE).exists() or config_file.exists()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} exists and is not a directory")
+    if resume and config_file.exists() and not force:
+        try:
+            previous = yaml.safe_load(config_file.read_text()) or {}
+        except yaml.YAMLError:
+            raise UserError(f"{config_file} is not valid YAML; use --force to start over") from None
+        old, new = comparable(previous), comparable(cfg)
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if differ:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
+            raise UserError(f"--resume with a different config ({details}); use --force to override")
+    elif not resume and (finished or started) and not force:
+        state = "a finished run" if finished else "an unfinished run"
+        raise UserError(f"{run_dir} already holds {state}; use --resume to continue or --force to overwrite")
+    return run_dir
+
+
+def check_run_dir_early(cfg: dict[str, Any], resume: bool, force: bool) -> None:
+    """:func:`check_run_dir` and a busy lock, before anything is loaded (the trainer checks both
+    again under its lock). Creates nothing: a directory that does not exist has nothing to refuse."""
+    run_dir = Path(cfg["out"] or default_run_dir(cfg))
+    if not run_dir.is_dir():
+        check_run_dir({**cfg, "out": str(run_dir)}, resume, force)
+        return
+    with run_lock(run_dir / LOCK_NAME, what=f"the run in {run_dir}", remove=True):
+        check_run_dir({**cfg, "out": str(run_dir)}, resume, force)

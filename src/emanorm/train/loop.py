@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
@@ -42,7 +41,9 @@ from emanorm.train.distributed import (
     init_distributed,
     peer_failure_message,
 )
-from emanorm.train.lock import run_directory
+
+# torch-free, so the command line refuses a busy, started or finished --out before torch loads
+from emanorm.train.lock import check_run_dir, default_run_dir, run_directory
 from emanorm.train.preemption import RESUMABLE_EXIT, Preempted, StopSignals
 from emanorm.train.recipe import Run, build_run, load_method
 
@@ -173,34 +174,6 @@ def accumulate_gradients(
 
 
 # -- the run directory ----------------------------------------------------------------------------
-def default_run_dir(cfg: dict[str, Any]) -> str:
-    return f"runs/{cfg['method']}-{cfg['norm']}-{cfg['dataset']}-s{cfg['seed']}"
-
-
-def check_run_dir(cfg: dict[str, Any], resume: bool, force: bool) -> Path:
-    """Refuse a run directory that this command must not write to; changes nothing on disk."""
-    run_dir = Path(cfg["out"])
-    config_file = run_dir / "config.yaml"
-    finished = (run_dir / "summary.json").exists()
-    started = (run_dir / "checkpoints" / ckpt.CHECKPOINT_NAME).exists() or config_file.exists()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} exists and is not a directory")
-    if resume and config_file.exists() and not force:
-        try:
-            previous = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError:
-            raise UserError(f"{config_file} is not valid YAML; use --force to start over") from None
-        old, new = comparable(previous), comparable(cfg)
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if differ:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
-            raise UserError(f"--resume with a different config ({details}); use --force to override")
-    elif not resume and (finished or started) and not force:
-        state = "a finished run" if finished else "an unfinished run"
-        raise UserError(f"{run_dir} already holds {state}; use --resume to continue or --force to overwrite")
-    return run_dir
-
-
 class RunFinished(Exception):
     """``--resume`` of a run whose summary.json exists: nothing to train (carries that summary)."""
 

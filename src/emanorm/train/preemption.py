@@ -18,16 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-#: The exit status of a run stopped by a signal after writing its checkpoint (sysexits' EX_TEMPFAIL:
-#: "try again"): a job script can requeue on it.
-RESUMABLE_EXIT = 75
+# torch-free, so the command line catches a Preempted without importing torch
+from emanorm.errors import RESUMABLE_EXIT, Preempted  # noqa: F401 (re-exported)
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(Exception):
-    """The run stopped on a signal after checkpointing; rerun with ``--resume`` to continue."""
-
-    exit_code = RESUMABLE_EXIT
 
 
 class StopSignals:

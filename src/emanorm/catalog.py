@@ -1,0 +1,136 @@
+"""The names emanorm knows, in one torch-free table: methods, norm plans, teacher modes, backbones,
+datasets, loggers, augmentation options and the evaluation defaults the CLI shows.
+
+The command line lists these choices in ``--help`` and checks a config against them before it
+imports torch (``emanorm --help`` and a mistyped ``--norm`` answer at once). The registries that
+build things stay beside the code that builds them (``emanorm.methods.METHODS``,
+``emanorm.models.BACKBONES``, ``emanorm.data.DATASETS``, ...); ``tests/test_catalog.py`` checks
+that every table here equals its registry, so a new method, backbone or dataset is one line here
+beside its registry entry, and a forgotten line fails that test. This module imports nothing from
+emanorm and nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# -- methods -------------------------------------------------------------------------------------
+#: Every ``--method``, in the registry's order (``emanorm.methods.METHODS``).
+METHOD_NAMES: tuple[str, ...] = ("fixmatch", "moco", "byol", "meanteacher", "supervised", "dino")
+#: The methods trained with labels and judged by test accuracy (each class's ``semi_supervised``).
+SEMI_SUPERVISED: tuple[str, ...] = ("fixmatch", "meanteacher", "supervised")
+
+
+# -- teacher modes and norm plans --------------------------------------------------------------
+@dataclass(frozen=True)
+class TeacherMode:
+    """What a teacher mode does with BatchNorm statistics.
+
+    In every mode the parameters and the floating-point buffers other than BN statistics are
+    averaged with the momentum ``m`` (Eq. 1), integer buffers (``num_batches_tracked``) are
+    copied, and every layer but BatchNorm is in eval mode (no dropout, no drop-path).
+
+    Attributes:
+        statistics: where the BN running statistics come from: ``"average"`` (EMA of the
+            student's, Eq. 9), ``"copy"`` (the student's, at every update), ``"batch"`` (BN's own
+            update from the batches the teacher normalises) or ``"previous"`` (normalise with
+            the statistics before this batch, then fold the batch in, Eq. 4).
+        batch_statistics: BN normalises with the batch when the teacher is in training mode.
+    """
+
+    statistics: str
+    batch_statistics: bool
+
+    @property
+    def collects(self) -> bool:
+        """The teacher gathers its statistics itself from its inputs (``bn_momentum`` applies)."""
+        return self.statistics in ("batch", "previous")
+
+    @property
+    def update_rule(self) -> str:
+        """What an update does with the statistics: an ``ema_update_`` ``statistics`` rule."""
+        return "keep" if self.collects else self.statistics
+
+
+#: The teacher modes: EMAN (Eq. 8, 9) and the baselines of the paper's Tables 1 and 8.
+TEACHER_MODES: dict[str, TeacherMode] = {
+    "eman": TeacherMode(statistics="average", batch_statistics=False),
+    "bn": TeacherMode(statistics="batch", batch_statistics=True),
+    "student_pn": TeacherMode(statistics="copy", batch_statistics=False),
+    "teacher_pn": TeacherMode(statistics="previous", batch_statistics=False),
+}
+
+
+@dataclass(frozen=True)
+class NormChoice:
+    """What one ``--norm`` value builds (before a method resolves ``default`` to its own choice).
+
+    Attributes:
+        layer_kind: the norm layers of the backbone: ``bn``, ``sync_bn``, ``gn`` or ``in``.
+        teacher_mode: the key of :data:`TEACHER_MODES` the EMA teacher runs in; ``None`` for
+            ``default`` (FixMatch's own form has no teacher; other methods resolve it first).
+        shuffle: the teacher's input is shuffled across the batch (ShuffleBN).
+    """
+
+    layer_kind: str
+    teacher_mode: str | None
+    shuffle: bool = False
+
+
+#: Every ``--norm`` value, in the order of the paper's Tables 1 and 8.
+NORM_PLANS: dict[str, NormChoice] = {
+    "default": NormChoice("bn", None),
+    "bn": NormChoice("bn", "bn"),
+    "sync_bn": NormChoice("sync_bn", "bn"),
+    "shuffle_bn": NormChoice("bn", "bn", shuffle=True),
+    "gn": NormChoice("gn", "bn"),
+    "in": NormChoice("in", "bn"),
+    "eman": NormChoice("bn", "eman"),
+    "teacher_pn": NormChoice("bn", "teacher_pn"),
+    "student_pn": NormChoice("bn", "student_pn"),
+}
+
+# The older names, derived from the two tables above (kept: tests, docs and users import them).
+#: Every ``--norm`` value.
+ALL_NORMS: tuple[str, ...] = tuple(NORM_PLANS)
+#: Norms whose teacher normalises with running statistics (the EMATeacher modes of the same name).
+TEACHER_NORMS: tuple[str, ...] = tuple(
+    name for name, plan in NORM_PLANS.items()
+    if plan.teacher_mode is not None and not TEACHER_MODES[plan.teacher_mode].batch_statistics
+)
+#: The :class:`EMATeacher` modes.
+NORM_MODES: tuple[str, ...] = tuple(TEACHER_MODES)
+#: The norm layer kinds a backbone can be built with.
+NORM_KINDS: tuple[str, ...] = tuple(dict.fromkeys(plan.layer_kind for plan in NORM_PLANS.values()))
+
+
+# -- models and data -----------------------------------------------------------------------------
+#: ``--backbone`` (``emanorm.models.BACKBONES``); ``timm:`` / ``torchvision:`` take a model name.
+BACKBONES: tuple[str, ...] = (
+    "small", "resnet18", "resnet34", "resnet50", "resnet50x2", "resnet18_cifar", "resnet34_cifar",
+    "resnet50_cifar", "wrn28_2", "timm:<name>", "torchvision:<name>",
+)
+#: ``--dataset`` (``emanorm.data.DATASETS``).
+DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder", "voc2007")
+#: The config's ``augment_options``: ``build_augmentation``'s keyword options and their type
+#: (``pair``: a ``[low, high]`` range, checked where it is used).
+AUGMENT_OPTIONS: dict[str, str] = {
+    "blur": "bool", "cutout": "float", "global_scale": "pair", "local_scale": "pair", "local_size": "int",
+}
+
+
+# -- running and evaluation ------------------------------------------------------------------------
+#: What ``--logger`` may list (``emanorm.train.tracking``).
+LOGGERS: tuple[str, ...] = ("jsonl", "tensorboard", "mlflow", "wandb")
+#: ``emanorm eval PROTOCOL`` and ``--which`` (``emanorm.evaluation.context``).
+EVAL_PROTOCOLS: tuple[str, ...] = ("knn", "linear", "finetune", "retrieval", "lowshot")
+EVAL_NETWORKS: tuple[str, ...] = ("teacher", "student")
+#: ``emanorm export --format`` (``emanorm.evaluation.export``).
+EXPORT_FORMATS: tuple[str, ...] = ("torchvision", "safetensors")
+#: The linear probe's learning-rate grid: covers the paper's MoCo grid {15, 30, 60} scale and its
+#: BYOL grid {0.2, 0.4, 0.8} scale coarsely.
+DEFAULT_LINEAR_LRS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+#: The paper's fine-tuning backbone-lr grid (Sec. 5.2).
+DEFAULT_BACKBONE_LRS: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+#: Images per class of the low-shot SVM evaluation.
+DEFAULT_SHOTS: tuple[int, ...] = (1, 2, 4, 8, 16)
