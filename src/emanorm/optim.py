@@ -70,7 +70,8 @@ class LARS(torch.optim.Optimizer):
                 if not exclude and group["trust_of_update"]:
                     grad = grad.add(p, alpha=wd) if wd else grad
                     w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), eta * w_norm / u_norm, torch.ones_like(w_norm))
+                    ratio = eta * w_norm / u_norm
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
                     grad = grad.mul(trust)
                 elif not exclude:
                     w_norm = torch.linalg.vector_norm(p)

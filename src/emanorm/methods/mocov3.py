@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -68,8 +67,11 @@ def zero_init_residual_(backbone: nn.Module) -> int:
     which MoCo v3's ResNet uses). Returns the number of blocks changed."""
     count = 0
     for block in backbone.modules():
-        last = block.bn3 if isinstance(block, Bottleneck) else block.bn2 if isinstance(block, BasicBlock) else None
-        if last is not None and getattr(last, "weight", None) is not None:
+        if isinstance(block, Bottleneck | BasicBlock):
+            last = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+        else:
+            continue
+        if getattr(last, "weight", None) is not None:
             nn.init.zeros_(last.weight)
             count += 1
     return count
@@ -114,8 +116,10 @@ class MoCoV3(Method):
         if o["freeze_patch_embed"]:
             freeze_patch_projection(backbone)
         if o["zero_init_residual"] and not zero_init_residual_(backbone):
-            raise ValueError("zero_init_residual needs a torchvision ResNet backbone (resnet18 ... resnet50x2)")
-        projector = mocov3_mlp(backbone.feature_dim, o["hidden_dim"], o["dim"], o["projector_layers"], True)
+            raise ValueError("zero_init_residual needs a torchvision ResNet backbone, e.g. resnet50")
+        projector = mocov3_mlp(
+            backbone.feature_dim, o["hidden_dim"], o["dim"], o["projector_layers"], last_batch_norm=True
+        )
         predictor = mocov3_mlp(o["dim"], o["hidden_dim"], o["dim"], o["predictor_layers"],
                                o["predictor_last_batch_norm"])
         online = self.prepare_student(nn.ModuleDict(
