@@ -77,7 +77,7 @@ def steps(method: MoCoV3, n: int = 2, total: int = 10) -> list[float]:
     losses = []
     for step in range(n):
         loss, logs = method(batch(step), step)
-        assert math.isfinite(loss.item()) and set(logs) == {"loss", "acc", "momentum"}
+        assert math.isfinite(loss.item()) and set(logs) == {"loss", "acc", "momentum", "output_std"}
         opt.zero_grad()
         loss.backward()
         opt.step()

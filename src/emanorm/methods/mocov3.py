@@ -31,7 +31,15 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from emanorm.losses import in_batch_info_nce
-from emanorm.methods.base import Method, Projected, batch_get, check_range, concat_all_gather, to_floats
+from emanorm.methods.base import (
+    Method,
+    Projected,
+    batch_get,
+    check_range,
+    concat_all_gather,
+    output_spread,
+    to_floats,
+)
 from emanorm.models import MLPHead
 from emanorm.norms import is_distributed
 from emanorm.teacher import cosine_momentum
@@ -144,14 +152,21 @@ class MoCoV3(Method):
         view1 = batch_get(batch, "view1", self.name)
         view2 = batch_get(batch, "view2", self.name)
         # One forward per view, as MoCo v3: each view's BN statistics are its own.
-        q1 = self.predictor(self.student(view1))
+        z1 = self.student(view1)
+        q1 = self.predictor(z1)
         q2 = self.predictor(self.student(view2))
         k1 = self.teacher_forward(view1)
         k2 = self.teacher_forward(view2)
         loss_12, acc_12 = self.contrastive_loss(q1, k2)
         loss_21, acc_21 = self.contrastive_loss(q2, k1)
         loss = loss_12 + loss_21
-        return loss, to_floats(loss=loss, acc=(acc_12 + acc_21) / 2, momentum=self.current_momentum)
+        return loss, to_floats(
+            loss=loss, acc=(acc_12 + acc_21) / 2, momentum=self.current_momentum, output_std=output_spread(z1)
+        )
+
+    def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """One forward per view, as in training."""
+        return [batch_get(batch, "view1", self.name), batch_get(batch, "view2", self.name)]
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Move the teacher with the momentum of the next step (see the module docstring)."""
