@@ -78,7 +78,7 @@ def test_split_batchnorm_calibrates_to_the_mean_of_its_splits():
 
 
 TEACHER_METHODS = [("moco", "eman"), ("byol", "eman"), ("fixmatch", "eman"), ("fixmatch", "default"),
-                   ("meanteacher", "teacher_pn"), ("dino", "student_pn"), ("moco", "bn")]
+                   ("meanteacher", "teacher_pn"), ("dino", "student_pn"), ("moco", "bn"), ("mocov3", "eman")]
 
 
 def method_batch(name: str, method) -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ CASES = {
     "moco": {"norm": "eman", "method_args": {"queue_size": 64, "dim": 16}},
     "byol": {"norm": "eman", "method_args": {"hidden_dim": 32, "proj_dim": 16}},
     "dino": {"norm": "eman", "method_args": {"out_dim": 32, "hidden_dim": 16, "local_crops": 2}},
+    "mocov3": {"norm": "eman", "method_args": {"dim": 16, "hidden_dim": 32}},
 }
 
 

@@ -29,6 +29,7 @@ METHOD_ARGS = {
     "fixmatch": {},
     "meanteacher": {},
     "supervised": {},
+    "mocov3": {"dim": 16, "hidden_dim": 32},
 }
 
 

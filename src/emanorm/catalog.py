@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 # -- methods -------------------------------------------------------------------------------------
 #: Every ``--method``, in the registry's order (``emanorm.methods.METHODS``).
-METHOD_NAMES: tuple[str, ...] = ("fixmatch", "moco", "byol", "meanteacher", "supervised", "dino")
+METHOD_NAMES: tuple[str, ...] = ("fixmatch", "moco", "byol", "meanteacher", "supervised", "dino", "mocov3")
 #: The methods trained with labels and judged by test accuracy (each class's ``semi_supervised``).
 SEMI_SUPERVISED: tuple[str, ...] = ("fixmatch", "meanteacher", "supervised")
 
@@ -116,6 +116,7 @@ DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "stl10", "i
 #: (``pair``: a ``[low, high]`` range, checked where it is used).
 AUGMENT_OPTIONS: dict[str, str] = {
     "blur": "bool", "cutout": "float", "global_scale": "pair", "local_scale": "pair", "local_size": "int",
+    "crop_scale": "pair",
 }
 
 

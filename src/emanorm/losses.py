@@ -24,6 +24,22 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tuple[T
     return F.cross_entropy(logits, labels), accuracy(logits, labels)
 
 
+def in_batch_info_nce(
+    q: Tensor, keys: Tensor, temperature: float, offset: int = 0
+) -> tuple[Tensor, Tensor]:
+    """MoCo v3's contrastive loss: query ``i`` against every key, its positive is key ``offset + i``.
+
+    ``keys`` are the momentum encoder's outputs of the global batch (every rank's, in rank order);
+    ``offset`` is where this rank's keys start (rank x per-rank batch). Both sides are
+    L2-normalised here. The cross-entropy is multiplied by ``2 * temperature``, as MoCo v3 does
+    (it keeps the gradient's scale independent of the temperature). Returns the loss and the
+    top-1 accuracy of the positive.
+    """
+    logits = F.normalize(q, dim=1) @ F.normalize(keys, dim=1).t() / temperature
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    return F.cross_entropy(logits, labels) * (2 * temperature), accuracy(logits, labels)
+
+
 def regression_loss(p: Tensor, z: Tensor) -> Tensor:
     """BYOL's ``2 - 2 cos(p, z)``, averaged over the batch (no gradient into the target ``z``)."""
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()

@@ -31,7 +31,8 @@ class LARS(torch.optim.Optimizer):
     ``update = (g + wd * w) * eta * ||w|| / (||g|| + wd * ||w||)`` (trust ratio 1 when either norm
     is 0), then ``buf = momentum * buf + update`` and ``w -= lr * buf`` (Nesterov optional).
     A param group with ``lars_exclude=True`` (biases, norm layers) gets neither weight decay nor
-    the trust ratio: it is plain momentum SGD.
+    the trust ratio: it is plain momentum SGD. A group with ``trust_of_update=True`` divides by
+    the norm of the decayed gradient instead, ``eta * ||w|| / ||g + wd * w||`` (MoCo v3's LARS).
     """
 
     def __init__(
@@ -50,7 +51,7 @@ class LARS(torch.optim.Optimizer):
         if weight_decay < 0 or eta <= 0:
             raise ValueError(f"weight_decay must be >= 0 and eta > 0, got {weight_decay} and {eta}")
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta,
-                    "nesterov": nesterov, "lars_exclude": False}
+                    "nesterov": nesterov, "lars_exclude": False, "trust_of_update": False}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -66,7 +67,13 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad
-                if not exclude:
+                if not exclude and group["trust_of_update"]:
+                    grad = grad.add(p, alpha=wd) if wd else grad
+                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    ratio = eta * w_norm / u_norm
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
+                    grad = grad.mul(trust)
+                elif not exclude:
                     w_norm = torch.linalg.vector_norm(p)
                     g_norm = torch.linalg.vector_norm(grad)
                     ratio = eta * w_norm / (g_norm + wd * w_norm)

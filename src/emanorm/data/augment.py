@@ -127,7 +127,8 @@ def _scale_option(name: str, value: object) -> tuple[float, float]:
 
 def build_augmentation(preset: str, info: DatasetInfo, *, blur: bool | None = None,
                        cutout: float | None = None, global_scale: object = DINO_GLOBAL_SCALE,
-                       local_scale: object = DINO_LOCAL_SCALE, local_size: int | None = None) -> BatchAugment:
+                       local_scale: object = DINO_LOCAL_SCALE, local_size: int | None = None,
+                       crop_scale: object = None) -> BatchAugment:
     """The named preset (one of ``AUGMENTATIONS``) for a dataset's size and channels.
 
     ``blur`` overrides whether MoCo/BYOL/DINO presets blur (default: only above 32 px, as the CIFAR
@@ -135,13 +136,16 @@ def build_augmentation(preset: str, info: DatasetInfo, *, blur: bool | None = No
     ``strong`` preset's Cutout (default 0.5 up to 96 px, none at larger sizes; 0 turns it off).
     ``global_scale`` / ``local_scale`` are the RandomResizedCrop scale ranges of DINO's global
     (``dino_global1``/``2``) and local (``dino_local``) views, ``local_size`` the local views' side
-    (default :func:`dino_local_size`; global views keep the dataset's size).
+    (default :func:`dino_local_size`; global views keep the dataset's size). ``crop_scale``
+    replaces the RandomResizedCrop scale range of ``moco``, ``byol1`` and ``byol2`` (MoCo v3's
+    ``--crop-min``; default: 0.2-1 for ``moco``, 0.08-1 for the BYOL pair).
     """
     if preset not in AUGMENTATIONS:
         raise DataError(f"unknown augmentation {preset!r}; choose one of {', '.join(AUGMENTATIONS)}")
     size, channels = info.image_size, info.channels
     global_scale = _scale_option("global_scale", global_scale)
     local_scale = _scale_option("local_scale", local_scale)
+    ssl_scale = None if crop_scale is None else _scale_option("crop_scale", crop_scale)
     if local_size is None:
         local_size = dino_local_size(size)
     elif isinstance(local_size, bool) or not isinstance(local_size, int) or local_size < 1:
@@ -175,11 +179,11 @@ def build_augmentation(preset: str, info: DatasetInfo, *, blur: bool | None = No
     elif preset == "strong":
         ops = [*weak, RandAugment(2, 10)] + ([Cutout(cutout)] if cutout > 0 else [])
     elif preset == "moco":
-        ops = ssl((0.2, 1.0), 0.4, 0.5, 0.0)
+        ops = ssl(ssl_scale or (0.2, 1.0), 0.4, 0.5, 0.0)
     elif preset == "byol1":
-        ops = ssl((0.08, 1.0), 0.2, 1.0, 0.0)
+        ops = ssl(ssl_scale or (0.08, 1.0), 0.2, 1.0, 0.0)
     elif preset == "byol2":
-        ops = ssl((0.08, 1.0), 0.2, 0.1, 0.2)
+        ops = ssl(ssl_scale or (0.08, 1.0), 0.2, 0.1, 0.2)
     # DINO's DataAugmentationDINO: BYOL's photometric pair on the two global crops, and on every
     # local crop the same jitter and grey with a blur of probability 0.5 (no solarization).
     elif preset == "dino_global1":

@@ -13,13 +13,14 @@ from emanorm.methods.dino import DINO
 from emanorm.methods.fixmatch import FixMatch
 from emanorm.methods.meanteacher import MeanTeacher
 from emanorm.methods.moco import MoCo
+from emanorm.methods.mocov3 import MoCoV3
 from emanorm.methods.supervised import Supervised
 from emanorm.models import Classifier
 
 #: Method name -> class: the one registry (the CLI's choices, the config's checks and ``compare``
 #: derive from it; a new method is one file plus one line here).
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FixMatch, MoCo, BYOL, MeanTeacher, Supervised, DINO)
+    cls.name: cls for cls in (FixMatch, MoCo, BYOL, MeanTeacher, Supervised, DINO, MoCoV3)
 }
 #: The methods trained with labels (judged by test accuracy), from each class's ``semi_supervised``.
 SEMI_SUPERVISED: tuple[str, ...] = tuple(name for name, cls in METHODS.items() if cls.semi_supervised)
@@ -68,6 +69,7 @@ __all__ = [
     "MeanTeacher",
     "Method",
     "MoCo",
+    "MoCoV3",
     "NormPlan",
     "Projected",
     "Supervised",

@@ -260,12 +260,16 @@ class Method(nn.Module):
         self.bn_momentum = float(bn_momentum)
         self.backbone_factory = backbone_factory
         self.plan = plan_norm(
-            self.name, norm, allowed=self.NORMS, default=self.DEFAULT_NORM,
+            self.name, norm, allowed=self.NORMS, default=self.default_norm(),
             num_splits=self.options.get("num_splits", 1), bn_splits=int(bn_splits),
         )
         self.teacher: EMATeacher | None = None
         #: The momentum of the latest teacher update (``nan`` before the first one).
         self.current_momentum = float("nan")
+
+    def default_norm(self) -> str:
+        """What ``--norm default`` resolves to here (``DEFAULT_NORM``; a method may depend on DDP)."""
+        return self.DEFAULT_NORM
 
     # -- construction helpers ----------------------------------------------------------------
     def make_backbone(self) -> nn.Module:

@@ -12,8 +12,10 @@ class MLPHead(nn.Module):
 
     ``num_layers=2, batch_norm=False`` is MoCo v2's head (Linear-ReLU-Linear);
     ``batch_norm=True`` is BYOL's projector / predictor (Linear-BN-ReLU-Linear).
-    ``last_batch_norm`` adds a BatchNorm1d after the output layer (SimSiam-style projectors).
-    A Linear followed by BN has no bias: the normalisation would cancel it.
+    ``last_batch_norm`` adds a BatchNorm1d after the output layer (SimSiam-style projectors);
+    ``last_affine=False`` leaves that BatchNorm without scale and shift (MoCo v3's heads).
+    A Linear followed by BN has no bias: the normalisation would cancel it; ``last_bias=False``
+    drops the output layer's bias without a BN after it too (MoCo v3's heads have no bias at all).
     """
 
     def __init__(
@@ -24,6 +26,9 @@ class MLPHead(nn.Module):
         num_layers: int = 2,
         batch_norm: bool = True,
         last_batch_norm: bool = False,
+        *,
+        last_affine: bool = True,
+        last_bias: bool | None = None,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -38,9 +43,10 @@ class MLPHead(nn.Module):
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.ReLU(inplace=True))
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
+        bias = not last_batch_norm if last_bias is None else last_bias
+        layers.append(nn.Linear(dim, out_dim, bias=bias))
         if last_batch_norm:
-            layers.append(nn.BatchNorm1d(out_dim))
+            layers.append(nn.BatchNorm1d(out_dim, affine=last_affine))
         self.net = nn.Sequential(*layers)
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
 

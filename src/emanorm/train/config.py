@@ -92,7 +92,9 @@ class TrainConfig:
     # what to train
     method: str = option("fixmatch", "the method", choices=METHODS, flag=Flag(WHAT))
     norm: str = option(
-        "eman", "the normalization plan of student and teacher (docs/methods.md)", choices=NORMS,
+        "eman", "the normalization plan of student and teacher (docs/methods.md); eman, teacher_pn and "
+        "student_pn change only BatchNorm: on a BatchNorm-free backbone (ViT) they act on the heads' "
+        "BatchNorm only (byol, mocov3)", choices=NORMS,
         flag=Flag(WHAT),
     )
     dataset: str = option("fashion_mnist", "the dataset", choices=DATASETS, flag=Flag(WHAT))
