@@ -83,3 +83,25 @@ def test_method_registries_have_one_source():
     assert CHOICES["norm"] == NORMS
     assert set(SEMI_SUPERVISED) == {name for name, cls in CLASSES.items() if cls.semi_supervised}
     assert set(NORMS) >= {norm for cls in CLASSES.values() for norm in cls.NORMS}
+
+
+#: The trainer reads in one sitting: the loop file and every function of train/ stay short.
+LOOP_MAX_LINES = 250
+TRAIN_FUNCTION_MAX_LINES = 60
+
+
+def test_the_training_loop_stays_one_short_file():
+    loop = PACKAGE / "train" / "loop.py"
+    lines = len(loop.read_text().splitlines())
+    assert lines <= LOOP_MAX_LINES, f"train/loop.py has {lines} lines (at most {LOOP_MAX_LINES})"
+
+
+def test_no_function_of_the_trainer_is_long():
+    long = []
+    for path in sorted((PACKAGE / "train").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > TRAIN_FUNCTION_MAX_LINES:
+                    long.append(f"train/{path.name}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, f"functions over {TRAIN_FUNCTION_MAX_LINES} lines: {long}"

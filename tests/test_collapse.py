@@ -93,7 +93,7 @@ def test_the_trainer_says_it_in_one_line_keeps_it_in_metrics_and_summary(
     # every logged spread counts as collapsed and the window is one log interval: the alarm must
     # sound at the second log, once
     monkeypatch.setattr(collapse, "OUTPUT_STD_LIMIT", 1e9)
-    monkeypatch.setattr("emanorm.train.loop.CollapseWatch", functools.partial(CollapseWatch, window_steps=1))
+    monkeypatch.setattr("emanorm.train.hooks.CollapseWatch", functools.partial(CollapseWatch, window_steps=1))
     out = tmp_path / "run"
     summary = train(tiny_cfg(tiny_fashion_mnist_dir, out, max_steps=4, log_every=1), progress=False)
     assert summary["collapse"]["metric"] == "output_std"

@@ -14,3 +14,7 @@ class Preempted(Exception):
     """The run stopped on a signal after checkpointing; rerun with ``--resume`` to continue."""
 
     exit_code = RESUMABLE_EXIT
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

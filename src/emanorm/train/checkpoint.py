@@ -1,4 +1,6 @@
-"""Checkpoint files: atomic writes, safe loads (never unpickle code), RNG state, strict loading.
+"""Checkpoint files: atomic writes, safe loads (never unpickle code), RNG state, strict loading,
+and a training run's checkpoint: what it holds (:func:`save_checkpoint`) and how ``--resume``
+puts it back (:func:`restore_checkpoint`).
 
 Rebuilding a run's method or backbone from a checkpoint is the recipe's job
 (``emanorm.train.recipe.load_backbone``).
@@ -6,18 +8,28 @@ Rebuilding a run's method or backbone from a checkpoint is the recipe's job
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import pickle
 import random
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from emanorm.errors import UserError
+from emanorm.errors import NonFiniteLossError, UserError
+from emanorm.train.config import config_changes
+
+if TYPE_CHECKING:  # the recipe imports this module
+    from emanorm.train.recipe import Run
+
+log = logging.getLogger("emanorm")
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -154,3 +166,85 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) 
     if mismatch:
         raise UserError(f"{what} does not match this model: {mismatch}")
     module.load_state_dict(state, strict=True)
+
+
+# -- a training run's checkpoint --------------------------------------------------------------------
+def os_error_reason(err: BaseException) -> str:
+    """An OSError / torch write error in a few words ("no space left on device", ...)."""
+    text = str(err).strip()
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text:
+        return "no space left on device"
+    return getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
+
+
+def write_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Atomic write; a full disk or a vanished directory is a clear error and the old file stays."""
+    try:
+        atomic_save(state, path)
+    except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError
+        raise UserError(
+            f"could not write checkpoint {path}: {os_error_reason(err)}; the previous checkpoint is intact"
+        ) from None
+
+
+def save_checkpoint(run: Run, path: Path, position: dict[str, int], elapsed: float) -> None:
+    """Every rank's RNG state gathered; rank 0 writes the weights, optimizer, schedule and position."""
+    rngs = [rng_state()]
+    if run.dist.distributed:
+        gathered: list[Any] = [None] * run.dist.world_size
+        dist.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    if not run.dist.is_main:
+        return
+    method_state = run.method.state_dict()
+    bad = [k for k, v in method_state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:  # never replace the last good checkpoint with one that cannot be evaluated
+        raise NonFiniteLossError(
+            f"{len(bad)} tensors are non-finite (e.g. {', '.join(bad[:3])}); not checkpointed"
+        )
+    state = {
+        "format": 1,
+        "config": run.cfg,
+        "dataset_info": asdict(run.info),
+        "method": method_state,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        **position,  # epoch, step_in_epoch, global_step
+        "elapsed": elapsed,
+        "rng": rngs,
+        "labeled_indices": run.labeled.cpu(),
+    }
+    write_checkpoint(state, path)
+
+
+def restore_checkpoint(run: Run, path: Path, force: bool = False) -> tuple[dict[str, int], float]:
+    """Load a checkpoint into the run; returns its position and elapsed seconds.
+
+    A config that differs from the checkpoint's own (what matters for ``--resume``) is refused
+    unless ``force``: the run would otherwise go on under one schedule and report another.
+    """
+    state = safe_load(path, map_location=run.device)
+    if not isinstance(state.get("config"), dict) or not all(
+        isinstance(state.get(k), int) and state[k] >= 0 for k in ("epoch", "step_in_epoch", "global_step")
+    ):
+        raise UserError(f"{path} is not an emanorm training checkpoint (no config or position)")
+    details = config_changes(state["config"], run.cfg)
+    if details and not force:
+        raise UserError(f"--resume with a config that differs from the checkpoint's ({details}); "
+                        "use --force to override")
+    load_matching(run.method, state["method"], f"checkpoint {path}")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    set_rng_state(rngs[run.dist.rank] if run.dist.rank < len(rngs) else rngs[0])
+    if not torch.equal(state["labeled_indices"].cpu(), run.labeled.cpu()):
+        raise UserError(
+            f"the labeled split differs from the checkpoint's {path}: the dataset files, the seed or "
+            "the label flags changed since it was written"
+        )
+    position = {k: state[k] for k in ("epoch", "step_in_epoch", "global_step")}
+    log.info("resumed from %s at step %d (epoch %d)", path, position["global_step"], position["epoch"])
+    return position, state.get("elapsed", 0.0)

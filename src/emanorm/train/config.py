@@ -468,6 +468,17 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: full[k] for k in DEFAULTS if k not in NOT_AFFECTING_WEIGHTS}
 
 
+def config_changes(old_cfg: dict[str, Any], new_cfg: dict[str, Any]) -> str | None:
+    """What ``--resume`` refuses without ``--force``: ``"key: old -> new"`` for (up to 5 of) the
+    keys whose change alters the run (:func:`comparable`); None when nothing does. The one diff
+    behind both refusals: the run directory's config.yaml and the checkpoint's own config."""
+    old, new = comparable(old_cfg), comparable(new_cfg)
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not differ:
+        return None
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
+
+
 __all__ = [
     "BACKBONES",
     "CHOICES",
@@ -482,6 +493,7 @@ __all__ = [
     "TrainConfig",
     "check_loggers",
     "comparable",
+    "config_changes",
     "dump_config",
     "load_config_source",
     "parse_key_value",

@@ -1,9 +1,11 @@
-"""torchrun / torch.distributed set-up, and the one collective the trainer adds."""
+"""torchrun / torch.distributed set-up, the one collective the trainer adds, rank 0's checks that
+stop every rank, and the diagnosis of a lost peer."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -89,6 +91,25 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_main_first(dist_info: DistInfo, step: Callable[[], None]) -> None:
+    """Run ``step`` on rank 0; its UserError stops every rank (none waits at a barrier for it)."""
+    error: str | None = None
+    failure: UserError | None = None
+    if dist_info.is_main:
+        try:
+            step()
+        except UserError as err:
+            error, failure = str(err), err
+    if dist_info.distributed:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise UserError(error)
 
 
 def single_process(device_preference: str = "auto") -> DistInfo:

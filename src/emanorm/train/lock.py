@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from emanorm.errors import UserError
-from emanorm.train.config import comparable
+from emanorm.train.config import config_changes
 
 try:
     import fcntl
@@ -114,10 +114,8 @@ def check_run_dir(cfg: dict[str, Any], resume: bool, force: bool) -> Path:
             previous = yaml.safe_load(config_file.read_text()) or {}
         except yaml.YAMLError:
             raise UserError(f"{config_file} is not valid YAML; use --force to start over") from None
-        old, new = comparable(previous), comparable(cfg)
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if differ:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
+        details = config_changes(previous, cfg)
+        if details:
             raise UserError(f"--resume with a different config ({details}); use --force to override")
     elif not resume and (finished or started) and not force:
         state = "a finished run" if finished else "an unfinished run"

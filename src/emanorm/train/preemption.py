@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -22,6 +23,13 @@ import torch.distributed as dist
 from emanorm.errors import RESUMABLE_EXIT, Preempted  # noqa: F401 (re-exported)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def stopped_message(received: str | None, step: int, checkpoint_file: Path) -> str:
+    return (
+        f"stopped by {received} after step {step}; checkpoint kept at {checkpoint_file}; "
+        f"continue with --resume (exit status {RESUMABLE_EXIT}: resumable)"
+    )
 
 
 class StopSignals:

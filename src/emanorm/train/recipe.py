@@ -379,6 +379,46 @@ def build_run(
     """
     dist_info = dist_info or single_process(cfg["device"])
     device = dist_info.device
+    check_batch_size(cfg, dist_info)
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg["seed"])  # the order below is the order of random draws: keep it
+    train_ds = train_ds if train_ds is not None else load_run_dataset(cfg, "train")
+    test_ds = test_ds if test_ds is not None else load_run_dataset(cfg, "test")
+    labeled, split_digest = labeled_split(cfg, train_ds, test_ds, dist_info)
+    method, build_warnings = build_run_method(cfg, train_ds.info, dist_info, resuming)
+    stream = batch_stream(cfg, method, train_ds, labeled, dist_info)
+    steps_per_epoch = stream.steps_per_epoch
+    if steps_per_epoch < 1:
+        raise UserError(f"the dataset is too small for batch size {cfg['batch_size']}: zero steps per epoch")
+    total_steps = planned_steps(cfg, steps_per_epoch)
+    if cfg.get("calibrate_bn_batches", 0) and not resuming:  # a resumed run has its statistics
+        calibrate_start(method, stream, cfg["calibrate_bn_batches"])
+    optimizer, scheduler = optimisation(cfg, method, total_steps, int(cfg["warmup_epochs"] * steps_per_epoch))
+    amp, scaler = amp_context(device, cfg["amp"])
+    return Run(
+        cfg=cfg,
+        dist=dist_info,
+        train_ds=train_ds,
+        test_ds=test_ds,
+        info=train_ds.info,
+        labeled=labeled,
+        split_digest=split_digest,
+        method=method,
+        step_fn=step_function(cfg, method, dist_info),
+        stream=stream,
+        total_steps=total_steps,
+        total_epochs=math.ceil(total_steps / steps_per_epoch),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        amp=amp,
+        scaler=scaler,
+        warnings=build_warnings,
+    )
+
+
+def check_batch_size(cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
+    """The global batch must split evenly over the processes (and each share over ``accumulate``)."""
     if cfg["batch_size"] % dist_info.world_size:
         raise UserError(
             f"batch_size {cfg['batch_size']} must be divisible by the process count {dist_info.world_size}"
@@ -389,13 +429,12 @@ def build_run(
             f"batch_size {cfg['batch_size']} must be divisible by processes x accumulate "
             f"({dist_info.world_size} x {accumulate})"
         )
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(cfg["seed"])
 
-    # data
-    train_ds = train_ds if train_ds is not None else load_run_dataset(cfg, "train")
-    test_ds = test_ds if test_ds is not None else load_run_dataset(cfg, "test")
+
+def labeled_split(
+    cfg: Mapping[str, Any], train_ds: ImageDataset, test_ds: ImageDataset, dist_info: DistInfo
+) -> tuple[torch.Tensor, str]:
+    """The labeled indices (all labeled images without a split) and their digest, equal on every rank."""
     info = train_ds.info
     labeled = labeled_indices(cfg, train_ds)
     split_digest = _split_digest(labeled, dist_info)
@@ -404,8 +443,15 @@ def build_run(
         cfg["dataset"], cfg["data_dir"] or "the default location", len(train_ds), len(test_ds), len(labeled),
         info.num_classes, info.channels, info.image_size,
     )
+    return labeled, split_digest
 
-    # method
+
+def build_run_method(
+    cfg: Mapping[str, Any], info: DatasetInfo, dist_info: DistInfo, resuming: bool
+) -> tuple[Method, list[str]]:
+    """The method on its device and in its memory format, initialised ``--init-from`` a checkpoint
+    unless ``resuming``; with what building it warned about (each message once)."""
+    device = dist_info.device
     with warnings.catch_warnings(record=True) as caught:  # e.g. EMAN on a model without BatchNorm
         warnings.simplefilter("always", UserWarning)
         method = make_method(cfg, info, dist_info.distributed, device.type).to(device)
@@ -422,8 +468,13 @@ def build_run(
     if cfg["init_from"] and not resuming:
         target = {"backbone": cfg["backbone"], "channels": info.channels, "image_size": info.image_size}
         initialise_from(method, cfg["init_from"], cfg["init_which"], target=target)
+    return method, build_warnings
 
-    # the batches: labeled and/or unlabeled views, as the method declares them
+
+def batch_stream(
+    cfg: Mapping[str, Any], method: Method, train_ds: ImageDataset, labeled: torch.Tensor, dist_info: DistInfo
+) -> BatchStream:
+    """This rank's batches: labeled and/or unlabeled views, as the method declares them."""
     per_rank = cfg["batch_size"] // dist_info.world_size
     has_labeled, has_unlabeled = bool(method.labeled_views), bool(method.unlabeled_views)
     if not has_labeled and not has_unlabeled:
@@ -431,7 +482,7 @@ def build_run(
     unlabeled_ds = train_ds  # STL-10 adds its 100k unlabeled images to the unlabeled side
     if has_unlabeled and pretrain_split(cfg["dataset"]) != "train":
         unlabeled_ds = load_run_dataset(cfg, pretrain_split(cfg["dataset"]))
-    stream = BatchStream(
+    return BatchStream(
         labeled=train_ds if has_labeled else None,
         labeled_indices=labeled if has_labeled else None,
         unlabeled=unlabeled_ds if has_unlabeled else None,
@@ -443,20 +494,17 @@ def build_run(
         seed=cfg["seed"],
         rank=dist_info.rank,
         world_size=dist_info.world_size,
-        device=device,
+        device=dist_info.device,
         num_workers=cfg["num_workers"],
         augment_options=cfg["augment_options"],
         loader_timeout=cfg["loader_timeout"],
     )
-    steps_per_epoch = stream.steps_per_epoch
-    if steps_per_epoch < 1:
-        raise UserError(f"the dataset is too small for batch size {cfg['batch_size']}: zero steps per epoch")
-    total_steps = planned_steps(cfg, steps_per_epoch)
-    if cfg.get("calibrate_bn_batches", 0) and not resuming:  # a resumed run has its statistics
-        calibrate_start(method, stream, cfg["calibrate_bn_batches"])
-    warmup_steps = int(cfg["warmup_epochs"] * steps_per_epoch)
 
-    # optimisation
+
+def optimisation(
+    cfg: Mapping[str, Any], method: Method, total_steps: int, warmup_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer over the method's parameter groups and its learning-rate schedule."""
     optimizer = build_optimizer(
         method.parameter_groups(cfg["weight_decay"]),
         cfg["optimizer"],
@@ -470,31 +518,17 @@ def build_run(
         optimizer,
         lambda s: lr_factor(s, total_steps, warmup_steps, cfg["schedule"], cfg["lr_milestones"]),
     )
-    amp, scaler = amp_context(device, cfg["amp"])
+    return optimizer, scheduler
 
+
+def step_function(cfg: Mapping[str, Any], method: Method, dist_info: DistInfo) -> Callable[..., Any]:
+    """What a step calls: the method, its DDP wrapper under torchrun, compiled with ``compile``."""
     model: nn.Module = method
     if dist_info.distributed:
+        device = dist_info.device
         model = nn.parallel.DistributedDataParallel(
             method,
             device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False,  # never overwrite the teacher's statistics with rank 0's
         )
-    return Run(
-        cfg=cfg,
-        dist=dist_info,
-        train_ds=train_ds,
-        test_ds=test_ds,
-        info=info,
-        labeled=labeled,
-        split_digest=split_digest,
-        method=method,
-        step_fn=torch.compile(model) if cfg["compile"] else model,
-        stream=stream,
-        total_steps=total_steps,
-        total_epochs=math.ceil(total_steps / steps_per_epoch),
-        optimizer=optimizer,
-        scheduler=scheduler,
-        amp=amp,
-        scaler=scaler,
-        warnings=build_warnings,
-    )
+    return torch.compile(model) if cfg["compile"] else model

@@ -1,0 +1,141 @@
+"""What a run shows and records as it trains: metrics.jsonl and the trackers (:class:`RunLogger`),
+the progress bar or progress lines and the throughput of the train records (:class:`Progress`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from emanorm.errors import UserError
+from emanorm.train import tracking
+from emanorm.train.checkpoint import os_error_reason
+
+log = logging.getLogger("emanorm")
+
+
+class RunLogger:
+    """metrics.jsonl (one record per line, always) and the trackers ``loggers`` lists
+    (TensorBoard by default; MLflow, W&B: ``emanorm.train.tracking``), on the main process."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        resume_step: int,
+        *,
+        loggers: str = "jsonl,tensorboard",
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self.trackers: list[tracking.Tracker] = []
+        if not enabled:
+            return
+        if resume_step > 0 and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in kept if json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        self.trackers = tracking.open_trackers(loggers, run_dir, config or {}, resume_step)
+
+    def record(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if self.trackers:
+                kind = record.get("kind", "train")
+                scalars = {
+                    f"{kind}/{key}": value
+                    for key, value in record.items()
+                    if key not in ("step", "epoch", "kind")
+                    and isinstance(value, (int, float)) and not isinstance(value, bool)
+                }
+                for tracker in self.trackers:
+                    tracker.log(scalars, record["step"])
+        except OSError as err:
+            raise UserError(
+                f"could not write the run's metrics ({self.path.parent}): {os_error_reason(err)}"
+            ) from None
+
+    def close(self, status: str = "finished") -> None:
+        """End the trackers' runs (``finished``, ``stopped`` or ``failed``), with the run's files."""
+        artifacts = [self.run_dir / name for name in ("summary.json", "metrics.jsonl", "config.yaml")]
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            try:
+                tracker.finish(artifacts, status)
+            except OSError as err:
+                where = self.run_dir
+                raise UserError(
+                    f"could not write the run's tracker files in {where}: {os_error_reason(err)}"
+                ) from None
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """``knn_teacher 80.46, ..., knn_k 20, knn_bank 10000``: floats with 2 decimals, counts as integers."""
+    return ", ".join(
+        f"{k} {v}" if isinstance(v, int) or not isinstance(v, float) else f"{k} {v:.2f}"
+        for k, v in results.items()
+    )
+
+
+class Progress:
+    """The progress bar on the main process (``bar``), or without one a line at every tenth of the
+    steps and one per evaluation; and the images per second of the train records."""
+
+    def __init__(self, name: str, total_steps: int, initial_step: int, *, bar: bool, is_main: bool) -> None:
+        self.name = name
+        self.total_steps = total_steps
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc=name, unit="step",
+                        disable=not (bar and is_main))
+        self.report_every = 0 if bar or not is_main else max(1, total_steps // 10)
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def count_images(self, batch: dict[str, torch.Tensor]) -> None:
+        self.window_images += sum(v.shape[0] for v in batch.values() if v.dim() == 4)
+
+    def images_per_second(self) -> float:
+        """Images per second since the last train record (and start a new window)."""
+        seconds = max(time.perf_counter() - self.window_start, 1e-9)
+        rate = self.window_images / seconds
+        self.window_start, self.window_images = time.perf_counter(), 0
+        return rate
+
+    def show_record(self, record: dict[str, Any]) -> None:
+        shown = {"loss": f"{record['loss']:.3f}", "img/s": f"{record['img_per_s']:.0f}"}
+        if "mask" in record:
+            shown["mask"] = f"{record['mask']:.2f}"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, step: int, loss: torch.Tensor) -> None:
+        """One step done: the bar moves, or a progress line at every tenth of the steps."""
+        self.bar.update(1)
+        if self.report_every and (step % self.report_every == 0 or step == self.total_steps):
+            log.info("step %d/%d, loss %.4f", step, self.total_steps, float(loss.detach()))
+
+    def evaluation_starts(self, step: int, kind: str) -> None:
+        if self.bar.disable:
+            log.info("step %d/%d: %s ...", step, self.total_steps, kind)
+        else:
+            self.bar.set_description_str(f"{self.name} [{kind}]", refresh=True)
+
+    def evaluation_ends(self) -> None:
+        if not self.bar.disable:
+            self.bar.unpause()  # the evaluation's time is charged neither to the elapsed time nor to the rate
+            self.bar.set_description_str(self.name, refresh=False)
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
