@@ -57,7 +57,8 @@ def fixmatch_config(out: Path, **extra) -> dict:
     )
 
 
-def test_fixmatch_eman_starts_from_the_moco_eman_teacher(moco_run, tmp_path, monkeypatch, tiny_fashion_mnist_dir):
+def test_fixmatch_eman_starts_from_the_moco_eman_teacher(moco_run, tmp_path, monkeypatch,
+                                                         tiny_fashion_mnist_dir):
     teacher = source_backbone(moco_run, "teacher")
     student = source_backbone(moco_run, "student")
     # The source is not trivial: trained statistics, and a teacher that differs from the student.

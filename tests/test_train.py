@@ -76,7 +76,8 @@ def test_the_fast_pairs_cover_every_method_and_every_norm():
     assert all(n in METHODS[m].NORMS for m, n in FAST_PAIRS)
 
 
-def check_run_directory(run: Path, method: str, norm: str, trained: torch.nn.Module, test_images: int) -> dict:
+def check_run_directory(run: Path, method: str, norm: str, trained: torch.nn.Module,
+                        test_images: int) -> dict:
     """Everything a 2-step run writes; returns its final evaluation (over ``test_images`` images)."""
     saved = json.loads((run / "summary.json").read_text())
     assert saved["steps"] == 2 and saved["method"] == method and saved["norm"] == norm
@@ -160,7 +161,8 @@ def test_eman_teacher_statistics_follow_the_student(tmp_path, tiny_fashion_mnist
         assert t.abs().sum() > 0 and not torch.equal(t, s), key
         # an EMA of a sequence of student values lies nearer the student's last value than the default
         assert (t - s).norm() < s.norm(), key
-    assert all(teacher[k].item() == student[k].item() == 3 for k in teacher if k.endswith("num_batches_tracked"))
+    counts = [k for k in teacher if k.endswith("num_batches_tracked")]
+    assert all(teacher[k].item() == student[k].item() == 3 for k in counts)
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
