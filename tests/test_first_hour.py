@@ -97,6 +97,7 @@ def test_print_config_shows_the_resolved_config_and_trains_nothing(tmp_path, cap
     assert not out.exists()
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~6 CPU-seconds
 def test_presets_into_a_closed_pipe_is_quiet():
     """`emanorm presets | head -1`: no BrokenPipeError traceback."""
     proc = subprocess.run(

@@ -558,6 +558,7 @@ def _ddp_worker(rank: int, world: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: ~9 CPU-seconds
 @pytest.mark.distributed
 def test_two_ranks_share_queue_and_prior_and_shuffle_across_ranks():
     import socket
@@ -577,6 +578,7 @@ def test_two_ranks_share_queue_and_prior_and_shuffle_across_ranks():
     assert int(moco["queue_ptr"]) == 2 * 2 * B  # 2 steps x 2 ranks x B keys
 
 
+@pytest.mark.slow  # compiling: ~5 CPU-seconds
 def test_moco_trains_under_torch_compile_like_eager():
     """The compiled step must not read a buffer it writes: MoCo enqueues in after_step (#7)."""
     torch.manual_seed(0)

@@ -238,6 +238,8 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: ~9 CPU-seconds
+@pytest.mark.distributed
 def test_shuffle_unshuffle_distributed(tmp_path) -> None:
     world = 2
     mp.spawn(_distributed_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world)
