@@ -208,7 +208,6 @@ def test_compare_progress_counts_the_steps_of_running_runs(tmp_path):
 # -- training: feedback, environment, finished runs ----------------------------------------------------
 
 
-@pytest.mark.slow
 def test_a_run_reports_units_protocol_environment_and_curves(tiny_fashion_mnist_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(tiny_flags(tiny_fashion_mnist_dir, run)) == 0
@@ -229,7 +228,6 @@ def test_a_run_reports_units_protocol_environment_and_curves(tiny_fashion_mnist_
     assert evals[-1]["knn_teacher"] == final["knn_teacher"] and evals[-1]["light"] is False
 
 
-@pytest.mark.slow
 def test_resume_of_a_finished_run_changes_nothing(tiny_fashion_mnist_dir, tmp_path, capsys, caplog):
     run = tmp_path / "run"
     flags = tiny_flags(tiny_fashion_mnist_dir, run)
@@ -249,14 +247,12 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_fashion_mnist_dir, tmp_pa
     assert (run / "metrics.jsonl").read_bytes() == before[run / "metrics.jsonl"]
 
 
-@pytest.mark.slow
 def test_fresh_run_with_resume_says_nothing_about_resuming(tiny_fashion_mnist_dir, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="emanorm"):
         train(tiny(tiny_fashion_mnist_dir, tmp_path / "run"), resume=True, progress=False)
     assert not [r for r in caplog.records if "--resume" in r.getMessage() and r.levelno >= logging.INFO]
 
 
-@pytest.mark.slow
 def test_a_failed_run_leaves_no_empty_run_directory(tiny_fashion_mnist_dir, tmp_path, monkeypatch):
     import emanorm.train.loop as loop
 
@@ -279,7 +275,6 @@ def test_a_failed_run_leaves_no_empty_run_directory(tiny_fashion_mnist_dir, tmp_
     assert (out / "checkpoints" / "last.pt").exists()
 
 
-@pytest.mark.slow
 def test_evaluations_along_training_change_no_weight_and_report_progress(
     tiny_fashion_mnist_dir, tmp_path, caplog
 ):
