@@ -327,6 +327,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow  # two fresh interpreters and a 3 s wait: ~6 CPU-seconds, ~10 s
 @pytest.mark.skipif(os.uname().sysname != "Linux", reason="PR_SET_PDEATHSIG is Linux only")
 def test_a_training_child_dies_when_compare_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)

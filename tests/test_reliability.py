@@ -139,6 +139,7 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~6 CPU-seconds or more
 def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
@@ -194,6 +195,7 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, mo
     assert path.read_bytes() == before
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~6 CPU-seconds or more
 def test_unwritable_output_directory_is_a_clear_error(tmp_path, tiny_fashion_mnist_dir):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -275,6 +277,7 @@ def test_init_from_an_incompatible_run_is_a_clear_error(tmp_path):
 
 
 # -- bad data ------------------------------------------------------------
+@pytest.mark.slow  # a fresh interpreter importing torch: ~6 CPU-seconds or more
 @pytest.mark.parametrize(
     ("dataset", "layout", "message"),
     [
@@ -307,6 +310,7 @@ def test_missing_empty_or_malformed_data_directories(dataset, layout, message, t
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~6 CPU-seconds or more
 def test_a_corrupt_image_names_the_file(tmp_path, corrupt_folder_dir):
     result = run(
         "train",
