@@ -326,6 +326,7 @@ def test_verbose_logs_the_set_up(tiny_fashion_mnist_dir, tmp_path, caplog):
     assert "CPU thread(s)" in text and torch.__version__ in text
 
 
+@pytest.mark.slow  # fresh interpreters importing torch: ~6 CPU-seconds
 def test_the_command_makes_openmp_threads_wait_passively_and_the_library_leaves_it_alone():
     import os
 
