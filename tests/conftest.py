@@ -26,6 +26,14 @@ from emanorm.data.datasets import FASHION_MNIST_SYSTEM_DIR
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every ``distributed`` test (torchrun or spawned ranks) belongs to the slow layer."""
+    for item in items:
+        if item.get_closest_marker("distributed") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 def torchrun_command(nproc: int, *target: str, dist_timeout_s: int) -> tuple[list[str], dict[str, str]]:
     """``python -m torch.distributed.run`` with ``nproc`` CPU ranks on this machine, one thread each.
 

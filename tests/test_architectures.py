@@ -1,6 +1,7 @@
 """torchvision:NAME / timm:NAME backbones, their one-line errors, and exports that load strict=True."""
 
 import argparse
+import copy
 import importlib.util
 import sys
 import warnings
@@ -37,7 +38,10 @@ def test_torchvision_backbones_give_pooled_features(name):
     assert model.feature_dim == dim
     model.train()
     out = model(torch.randn(2, 1, size, size))
-    assert out.shape == (2, dim)
+    assert out.shape == (2, dim) and torch.isfinite(out).all() and not torch.allclose(out[0], out[1])
+    out.square().mean().backward()  # the features train the whole network, stem included
+    stem = next(p for p in model.parameters() if p.ndim == 4)
+    assert stem.shape[1] == 1 and stem.grad is not None and stem.grad.abs().sum() > 0
 
 
 def test_one_channel_stem_is_the_grey_image_repeated():
@@ -149,9 +153,17 @@ def test_export_command_prints_the_recipe(tmp_path, monkeypatch, capsys):
 
 
 def test_split_and_sync_batch_norm_on_torchvision_models():
-    model = convert_to_split_bn(build_backbone("torchvision:regnet_x_400mf", image_size=32), 2)
+    torch.manual_seed(0)
+    plain = build_backbone("torchvision:regnet_x_400mf", image_size=32)
+    model = convert_to_split_bn(copy.deepcopy(plain), 2)
     assert any(isinstance(m, SplitBatchNorm2d) for m in model.modules())
-    assert model.train()(torch.randn(4, 3, 32, 32)).shape == (4, 400)
+    x = torch.randn(4, 3, 32, 32)
+    x[2:] = x[2:] * 2 + 1  # halves with different statistics
+    with torch.no_grad():
+        # eval mode is the plain model; training mode normalises each half by its own statistics
+        torch.testing.assert_close(model.eval()(x), plain.eval()(x))
+        out = model.train()(x)
+        assert out.shape == (4, 400) and not torch.allclose(out, plain.train()(x), atol=1e-4)
     synced = build_backbone("torchvision:mobilenet_v3_small", image_size=32, norm="sync_bn")
     assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
 

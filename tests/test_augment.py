@@ -61,8 +61,11 @@ def test_preset_shape_dtype_range(preset: str, channels: int, size: int) -> None
 def test_preset_large_sizes(preset: str, size: int) -> None:
     info = _info(3, size)
     aug = build_augmentation(preset, info)
-    y = aug(_images(2, 3, size))
+    x = _images(2, 3, size)
+    y = aug(x)
     assert y.shape == (2, 3, size, size) and torch.isfinite(y).all()
+    z = _denorm(y, info)
+    assert z.min() >= -1e-4 and z.max() <= 1 + 1e-4 and not torch.allclose(z, x.float() / 255, atol=1e-2)
     if preset == "weak":  # FixMatch's ImageNet weak view is RandomResizedCrop + flip
         assert isinstance(aug.ops[0], RandomResizedCropFlip)
     if preset in ("moco", "byol1"):
@@ -156,7 +159,9 @@ def test_colour_jitter_grey_input_skips_colour() -> None:
     op = ColorJitter(0.4, 0.4, 0.4, 0.1, p=1.0, channels=1)
     assert op.saturation == 0 and op.hue == 0
     x = _images(8, 1, 8).float() / 255
-    assert op(x, torch.Generator().manual_seed(0)).shape == x.shape
+    y = op(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert not torch.allclose(y, x)  # brightness and contrast still apply
 
 
 def test_blur_matches_torchvision_per_sample_sigma() -> None:

@@ -19,7 +19,14 @@ from emanorm.train import train
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+
+
+def needs_data(test):
+    """The benchmark scripts read the system Fashion-MNIST: the slow layer, skipped without it."""
+    missing = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+    return pytest.mark.slow(missing(test))
+
+
 sys.path.insert(0, str(BENCH))  # benchmarks/_common.py is imported by path, as the scripts do
 
 
@@ -69,24 +76,23 @@ def test_unknown_method_is_refused(capsys):
     assert "simclr" in capsys.readouterr().err
 
 
-def tiny_cfg(method: str, out: Path) -> dict:
+def tiny_cfg(method: str, out: Path, data_dir: Path) -> dict:
     from _common import bench_config
 
     extra = {"max_steps": 3, "batch_size": 16, "knn_bank_size": 32, "monitor_test_size": 32,
-             "log_every": 1, "out": str(out)}
+             "log_every": 1, "out": str(out), "data_dir": str(data_dir)}
     if method == "fixmatch":
         extra["unlabeled_ratio"] = 2
     return bench_config(method, "cpu", extra)
 
 
-@needs_data
 @pytest.mark.parametrize("method", ["fixmatch", "moco"])
-def test_emanorm_path_is_the_trainers_step(method, tmp_path):
+def test_emanorm_path_is_the_trainers_step(method, tmp_path, tiny_fashion_mnist_dir):
     """Two steps of the benchmark's EmanormPath leave the method exactly as `emanorm train` does."""
     load("step_throughput")
     from _common import EmanormPath
 
-    cfg = tiny_cfg(method, tmp_path / "run")
+    cfg = tiny_cfg(method, tmp_path / "run", tiny_fashion_mnist_dir)
     cfg["max_steps"] = 2
     _, trained = train(dict(cfg), monitor=knn_monitor, progress=False, return_method=True)
     path = EmanormPath(dict(cfg))
@@ -154,12 +160,11 @@ def test_alternate_times_every_path_per_block_and_summarise_pairs_rounds():
     assert s["speedup"] == pytest.approx(2.0) and s["a"]["median"] == 6.0
 
 
-@needs_data
-def test_memory_probe_reports_peaks():
+def test_memory_probe_reports_peaks(tiny_fashion_mnist_dir):
     pytest.importorskip("psutil")
     from _common import EmanormPath, measure_memory
 
-    cfg = tiny_cfg("moco", Path("unused"))
+    cfg = tiny_cfg("moco", Path("unused"), tiny_fashion_mnist_dir)
     path = EmanormPath(cfg)
     mem = measure_memory(path, 2)
     assert mem["peak_pss_tree_mib"] > 50 and mem["peak_rss_main_mib"] > 50
@@ -183,7 +188,9 @@ def test_time_to_accuracy_records_curves_and_ends_with_the_ratio_line(capsys):
     for name in ("emanorm", "reference"):
         curve = result["curves"][name]
         assert [c["step"] for c in curve] == [1, 2]
-        assert curve[0]["seconds"] <= curve[1]["seconds"] and 0 <= curve[1]["accuracy"] <= 100
+        assert curve[0]["seconds"] <= curve[1]["seconds"]
+        # a count of the 64 test images (2 steps leave the classifier near chance: nothing more to say)
+        assert all((c["accuracy"] * 64 / 100).is_integer() for c in curve), curve
     assert result["target"] == min(max(c["accuracy"] for c in cv) for cv in result["curves"].values())
 
 

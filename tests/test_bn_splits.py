@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,8 +11,6 @@ from emanorm.models import build_backbone
 from emanorm.norms import SplitBatchNorm1d, SplitBatchNorm2d
 from emanorm.train import build_run, resolve_config
 from emanorm.train.config import comparable
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
 def method(name: str, norm: str, bn_splits: int, **options):
@@ -86,10 +82,10 @@ def test_bn_splits_where_it_cannot_apply_is_refused(name, norm, message):
         method(name, norm, 8, **({"queue_size": 64, "dim": 16} if name == "moco" else {}))
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
-def test_a_batch_the_splits_do_not_divide_is_refused_before_training():
+def test_a_batch_the_splits_do_not_divide_is_refused_before_training(tiny_fashion_mnist_dir):
     cfg = resolve_config(None, {"method": "fixmatch", "norm": "bn", "bn_splits": 8, "batch_size": 12,
-                                "labels_per_class": 4, "max_steps": 1, "device": "cpu"})  # fmt: skip
+                                "labels_per_class": 4, "max_steps": 1, "device": "cpu",
+                                "data_dir": str(tiny_fashion_mnist_dir)})  # fmt: skip
     with pytest.raises(UserError, match="batch size 12 is not divisible by the 8 BN splits"):
         build_run(cfg)
 

@@ -196,6 +196,7 @@ def _rank(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed  # two spawned ranks: ~10 CPU-seconds, the slow layer
 def test_ranks_average_their_calibrated_statistics():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,20 +18,18 @@ from emanorm.train import resolve_config, train
 from emanorm.train.checkpoint import safe_load
 from emanorm.train.recipe import initialise_from, make_method
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
-
 TINY = {"knn_bank_size": 64, "monitor_test_size": 64, "log_every": 1, "device": "cpu", "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
-def moco_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MoCo-EMAN, 2 steps on Fashion-MNIST; momentum 0.5 so the teacher differs from the student."""
+def moco_run(tmp_path_factory: pytest.TempPathFactory, tiny_fashion_mnist_dir: Path) -> Path:
+    """MoCo-EMAN, 2 steps on the stand-in Fashion-MNIST; momentum 0.5 so the teacher differs from
+    the student."""
     out = tmp_path_factory.mktemp("chain") / "moco"
     cfg = resolve_config(
         None,
         {**TINY, "method": "moco", "norm": "eman", "max_steps": 2, "ema_momentum": 0.5, "out": str(out),
-         "method_args": {"queue_size": 64, "dim": 16}},
+         "data_dir": str(tiny_fashion_mnist_dir), "method_args": {"queue_size": 64, "dim": 16}},
     )
     train(cfg, monitor=knn_monitor, progress=False)
     return out
@@ -59,7 +57,8 @@ def fixmatch_config(out: Path, **extra) -> dict:
     )
 
 
-def test_fixmatch_eman_starts_from_the_moco_eman_teacher(moco_run, tmp_path, monkeypatch):
+def test_fixmatch_eman_starts_from_the_moco_eman_teacher(moco_run, tmp_path, monkeypatch,
+                                                         tiny_fashion_mnist_dir):
     teacher = source_backbone(moco_run, "teacher")
     student = source_backbone(moco_run, "student")
     # The source is not trivial: trained statistics, and a teacher that differs from the student.
@@ -78,7 +77,8 @@ def test_fixmatch_eman_starts_from_the_moco_eman_teacher(moco_run, tmp_path, mon
 
     monkeypatch.setattr(init_module, "initialise_from", spy)
     out = tmp_path / "fixmatch"
-    summary, method = train(fixmatch_config(out, init_from=str(moco_run)), progress=False, return_method=True)
+    cfg = fixmatch_config(out, init_from=str(moco_run), data_dir=str(tiny_fashion_mnist_dir))
+    summary, method = train(cfg, progress=False, return_method=True)
 
     for which in ("student", "teacher"):  # parameters AND BN statistics (running_*, num_batches_tracked)
         assert seen[which].keys() == teacher.keys()
@@ -177,7 +177,7 @@ class NotATensor:  # pickled into a checkpoint: safe loading must refuse it with
     pass
 
 
-def test_cli_errors_are_one_line(moco_run, tmp_path, capsys, cifar10_dir):
+def test_cli_errors_are_one_line(moco_run, tmp_path, capsys, cifar10_dir, tiny_fashion_mnist_dir):
     common = "--method fixmatch --norm eman --max-steps 1 --batch-size 16 --device cpu --no-progress"
     out = tmp_path / "rgb"
     rc = cli.main(
@@ -190,6 +190,7 @@ def test_cli_errors_are_one_line(moco_run, tmp_path, capsys, cifar10_dir):
 
     bad = tmp_path / "bad.pt"
     torch.save({"method": NotATensor()}, bad)
+    common += f" --data-dir {tiny_fashion_mnist_dir}"
     rc = cli.main(f"train {common} --labels-per-class 2 --init-from {bad} --out {tmp_path / 'x'}".split())
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "refusing to load" in err and len(err.splitlines()) == 1, err

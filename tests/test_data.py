@@ -24,6 +24,7 @@ from emanorm.errors import UserError
 # -- datasets ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the real data: skipped without `apt-get install dataset-fashion-mnist`
 def test_fashion_mnist_real(fashion_mnist_dir: Path) -> None:
     train = load_dataset("fashion_mnist", "train")
     test = load_dataset("fashion_mnist", "test", fashion_mnist_dir)

@@ -26,7 +26,6 @@ from emanorm.models import DINOHead
 B = 4  # images per view (divisible by num_splits=2)
 GLOBAL, LOCAL = 8, 4
 SMALL = {"out_dim": 16, "hidden_dim": 8, "bottleneck_dim": 4, "local_crops": 2, "num_splits": 2}
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
 # The tiny backbone of the other methods' tests: conv + norm + ReLU + global pool, any input size.
@@ -76,7 +75,8 @@ def test_every_norm_trains_with_finite_loss_and_no_teacher_gradient(norm):
     assert method.encoder("teacher") is method.teacher.module.backbone
     assert method.classifier("teacher") is None
     features = method.encoder("teacher").eval()(torch.randn(2, 1, GLOBAL, GLOBAL))
-    assert features.shape == (2, TinyBackbone.feature_dim)
+    assert features.shape == (2, TinyBackbone.feature_dim) and torch.isfinite(features).all()
+    assert not torch.allclose(features[0], features[1])
     assert method.teacher.norm == (norm if norm in ("eman", "teacher_pn", "student_pn") else "bn")
 
 
@@ -363,18 +363,17 @@ def test_two_gloo_ranks_match_one_process_with_batch_independent_norms(tmp_path)
     assert reference["center"].abs().sum() > 0
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
-def test_small_dino_preset_trains_and_writes_the_run_directory(tmp_path):
+def test_small_dino_preset_trains_and_writes_the_run_directory(tmp_path, tiny_fashion_mnist_dir):
     from emanorm.evaluation import knn_monitor
     from emanorm.train import resolve_config, train
 
     cfg = resolve_config("small-dino", {
         "max_steps": 2, "batch_size": 16, "knn_bank_size": 64, "monitor_test_size": 64, "log_every": 1,
-        "device": "cpu", "out": str(tmp_path / "run"),
+        "device": "cpu", "out": str(tmp_path / "run"), "data_dir": str(tiny_fashion_mnist_dir),
         "method_args": {"out_dim": 32, "hidden_dim": 16, "local_crops": 2},
     })
     summary = train(cfg, monitor=knn_monitor, progress=False)
     assert summary["method"] == "dino" and summary["steps"] == 2
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert saved["method"] == "dino" and 0.0 <= saved["final"]["knn_teacher"] <= 100.0
+    # the stand-in's grey level encodes the label: far above chance (10%) even after 2 steps
+    assert saved["method"] == "dino" and saved["final"]["knn_teacher"] >= 25.0, saved["final"]  # measured 40

@@ -30,14 +30,13 @@ from emanorm.train.lock import RunBusyError, run_directory
 from emanorm.train.loop import NonFiniteLossError, RunLogger, claim_run_dir, write_checkpoint
 from emanorm.train.recipe import check_checkpoint
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
 
-
-def tiny(out: Path, **extra) -> dict:
+def tiny(out: Path, data_dir: Path | None = None, **extra) -> dict:
+    """A 2-step FixMatch config; ``data_dir``: the stand-in Fashion-MNIST of conftest."""
     overrides = {"method": "fixmatch", "max_steps": 2, "batch_size": 8, "unlabeled_ratio": 1,
                  "labels_per_class": 2, "knn_bank_size": 32, "monitor_test_size": 32,
-                 "device": "cpu", "out": str(out), "eval_every": 0}  # fmt: skip
+                 "device": "cpu", "out": str(out), "eval_every": 0,
+                 "data_dir": None if data_dir is None else str(data_dir)}  # fmt: skip
     overrides.update(extra)
     return resolve_config(None, overrides)
 
@@ -90,10 +89,11 @@ def test_a_label_flag_replaces_the_presets_choice_and_set_null_clears_it(tmp_pat
     assert not_given["labels_per_class"] == 10
 
 
-@needs_fmnist
-def test_a_setting_the_method_cannot_train_fails_before_a_file_is_written(tmp_path, capsys):
+def test_a_setting_the_method_cannot_train_fails_before_a_file_is_written(tmp_path, capsys,
+                                                                          tiny_fashion_mnist_dir):
     out = tmp_path / "run"
     assert main(["train", "--method", "moco", "--batch-size", "100", "--max-steps", "1",
+                 "--data-dir", str(tiny_fashion_mnist_dir),
                  "--device", "cpu", "--out", str(out), "--no-progress"]) == 2  # fmt: skip
     assert "queue_size 4096 must be a multiple of the global key batch 100" in capsys.readouterr().err
     assert not out.exists()
@@ -127,10 +127,9 @@ def test_a_run_directory_made_for_a_failed_run_is_removed(tmp_path):
 
 
 # -- nothing non-finite is kept (H-3) -----------------------------------------------------------------
-@needs_fmnist
 @pytest.mark.parametrize("where", ["parameter", "bn statistic", "teacher statistic"])
-def test_a_step_or_checkpoint_with_non_finite_tensors_is_refused(where, tmp_path):
-    run = build_run(tiny(tmp_path / "run", norm="eman"))
+def test_a_step_or_checkpoint_with_non_finite_tensors_is_refused(where, tmp_path, tiny_fashion_mnist_dir):
+    run = build_run(tiny(tmp_path / "run", tiny_fashion_mnist_dir, norm="eman"))
     batch = next(iter(run.stream))
     state = run.method.state_dict()
     target = {
@@ -188,7 +187,6 @@ def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
     assert not stale.exists() and (folder / ckpt.CHECKPOINT_NAME).read_bytes() == b"kept"
 
 
-@needs_fmnist
 def test_force_with_a_broken_new_command_keeps_the_old_run(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
@@ -243,10 +241,9 @@ def test_files_that_are_not_checkpoints_are_named_for_what_they_are(content, mes
         ckpt.safe_load(path)
 
 
-@needs_fmnist
-def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, capsys):
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, capsys, tiny_fashion_mnist_dir):
     run = tmp_path / "run"
-    train(tiny(run), progress=False)
+    train(tiny(run, tiny_fashion_mnist_dir), progress=False)
     (tmp_path / "adir").mkdir()
     cases = [
         (["export", str(run), "--out", str(tmp_path / "adir")], "is a directory"),
@@ -267,15 +264,15 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, ca
             run.chmod(0o755)
 
 
-@needs_fmnist
-def test_resume_compares_with_the_checkpoints_config_when_config_yaml_is_gone(tmp_path, capsys):
+def test_resume_compares_with_the_checkpoints_config_when_config_yaml_is_gone(tmp_path, capsys,
+                                                                              tiny_fashion_mnist_dir):
     out = tmp_path / "run"
-    train(tiny(out, checkpoint_every_steps=1, max_steps=1))
+    train(tiny(out, tiny_fashion_mnist_dir, checkpoint_every_steps=1, max_steps=1))
     (out / "summary.json").unlink()
     (out / "config.yaml").unlink()
     rc = main(["train", "--method", "fixmatch", "--max-steps", "1", "--batch-size", "8",
                "--unlabeled-ratio", "1", "--labels-per-class", "2", "--device", "cpu", "--out", str(out),
-               "--no-progress",
+               "--no-progress", "--data-dir", str(tiny_fashion_mnist_dir),
                "--set", "knn_bank_size=32", "--set", "monitor_test_size=32", "--set", "eval_every=0",
                "--resume", "--lr", "0.5"])  # fmt: skip
     err = capsys.readouterr().err
@@ -292,16 +289,15 @@ def test_compare_out_that_is_a_file_is_one_line(tmp_path, capsys):
     assert target.read_text() == "mine"
 
 
-def test_summary_json_of_a_tiny_run_is_valid(tmp_path):
-    if not FMNIST.exists():
-        pytest.skip("apt-get install dataset-fashion-mnist")
-    summary = train(tiny(tmp_path / "run"))
+def test_summary_json_of_a_tiny_run_is_valid(tmp_path, tiny_fashion_mnist_dir):
+    summary = train(tiny(tmp_path / "run", tiny_fashion_mnist_dir))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == summary["steps"] == 2
 
 
 # -- a crash at the end-of-epoch evaluation loses nothing (L-3, L-10) --------------------------------------
-@needs_fmnist
-def test_a_crash_in_the_final_evaluation_keeps_the_epoch_and_the_resume_logs_its_evaluation(tmp_path):
+def test_a_crash_in_the_final_evaluation_keeps_the_epoch_and_the_resume_logs_its_evaluation(
+    tmp_path, tiny_fashion_mnist_dir
+):
     out = tmp_path / "run"
     calls = []
 
@@ -310,9 +306,10 @@ def test_a_crash_in_the_final_evaluation_keeps_the_epoch_and_the_resume_logs_its
         raise KeyboardInterrupt  # killed while evaluating
 
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(out), monitor=crashing_monitor)
+        train(tiny(out, tiny_fashion_mnist_dir), monitor=crashing_monitor)
     assert ckpt.safe_load(out)["global_step"] == 2  # the checkpoint was written before the evaluation
-    summary = train(tiny(out), monitor=lambda method, run: {"knn_teacher": 50.0}, resume=True)
+    summary = train(tiny(out, tiny_fashion_mnist_dir), monitor=lambda method, run: {"knn_teacher": 50.0},
+                    resume=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [2]
     assert summary["final"] == {"knn_teacher": 50.0} and summary["steps"] == 2
@@ -330,6 +327,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow  # two fresh interpreters and a 3 s wait: ~6 CPU-seconds, ~10 s
 @pytest.mark.skipif(os.uname().sysname != "Linux", reason="PR_SET_PDEATHSIG is Linux only")
 def test_a_training_child_dies_when_compare_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)

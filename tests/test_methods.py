@@ -105,11 +105,16 @@ INVALID = [(name, norm) for name, cls in METHODS.items() for norm in ALL_NORMS i
 def test_every_valid_pair_trains(name, norm):
     torch.manual_seed(0)
     method = make(name, norm)
+    before = {k: v.clone() for k, v in method.student.state_dict().items()}
     logs = train(method)
     assert "loss" in logs[-1]
+    after = method.student.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("conv.weight"))
+    x = torch.randn(2, *IMAGE)
     for which in ("teacher", "student"):
-        features = method.encoder(which).eval()(torch.randn(2, *IMAGE))
-        assert features.shape == (2, TinyBackbone.feature_dim)
+        features = method.encoder(which).eval()(x)
+        assert features.shape == (2, TinyBackbone.feature_dim) and torch.isfinite(features).all()
+        assert not torch.allclose(features[0], features[1])
         clf = method.classifier(which)
         if not METHODS[name].semi_supervised:
             assert clf is None
@@ -324,7 +329,8 @@ def test_gradient_never_reaches_the_teacher(name, norm):
     for teacher in (method.teacher, getattr(method, "eval_ema", None)):
         if teacher is not None:
             assert not trainable & {id(p) for p in teacher.parameters()}
-    assert any(p.grad is not None for p in method.student.parameters())
+    grads = [p.grad for p in method.student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 @pytest.mark.parametrize("name", ["byol", "fixmatch", "meanteacher"])
@@ -553,6 +559,7 @@ def _ddp_worker(rank: int, world: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: ~9 CPU-seconds
 @pytest.mark.distributed
 def test_two_ranks_share_queue_and_prior_and_shuffle_across_ranks():
     import socket
@@ -572,6 +579,7 @@ def test_two_ranks_share_queue_and_prior_and_shuffle_across_ranks():
     assert int(moco["queue_ptr"]) == 2 * 2 * B  # 2 steps x 2 ranks x B keys
 
 
+@pytest.mark.slow  # compiling: ~5 CPU-seconds
 def test_moco_trains_under_torch_compile_like_eager():
     """The compiled step must not read a buffer it writes: MoCo enqueues in after_step (#7)."""
     torch.manual_seed(0)

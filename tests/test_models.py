@@ -43,18 +43,30 @@ def test_backbone_forward(name: str, in_channels: int) -> None:
     model = build_backbone(name, in_channels=in_channels, image_size=size)
     assert model.feature_dim == dim
     model.eval()  # batch 2 at 1x1 spatial size is fine in eval mode for every net
+    x = torch.randn(2, in_channels, size, size)
     with torch.no_grad():
-        out = model(torch.randn(2, in_channels, size, size))
+        out = model(x)
+        alone = model(x[1:])
     assert out.shape == (2, dim)
     assert torch.isfinite(out).all()
+    # features of the image, not of the batch (eval mode), and different images give different ones
+    torch.testing.assert_close(alone, out[1:], rtol=1e-4, atol=1e-5 * float(out.abs().max()))
+    assert not torch.allclose(out[0], out[1])
 
 
 def test_small_backbone_trains_one_step() -> None:
+    torch.manual_seed(0)
     model = build_backbone("small", in_channels=1, image_size=28)
     model.train()
-    out = model(torch.randn(8, 1, 28, 28))
-    out.square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    x = torch.randn(8, 1, 28, 28)
+    loss = model(x).square().mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    with torch.no_grad():  # a small step against the gradient lowers the loss
+        for p in model.parameters():
+            p -= 1e-3 * p.grad
+    assert model(x).square().mean() < loss
 
 
 @pytest.mark.parametrize(("name", "expected"), [("wrn28_2", 1.47e6), ("resnet50x2", 94e6), ("small", 0.31e6)])
@@ -130,8 +142,12 @@ def test_timm_missing_names_the_extra(monkeypatch) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 def test_timm_backbone() -> None:
     model = build_backbone("timm:resnet18", in_channels=1, image_size=32).eval()
+    import timm
+
+    assert model.feature_dim == timm.create_model("resnet18", num_classes=0).num_features == 512
     with torch.no_grad():
-        assert model(torch.randn(2, 1, 32, 32)).shape == (2, model.feature_dim)
+        out = model(torch.randn(2, 1, 32, 32))
+    assert out.shape == (2, 512) and torch.isfinite(out).all() and not torch.allclose(out[0], out[1])
 
 
 def test_classifier_keeps_backbone_separable() -> None:
@@ -139,7 +155,10 @@ def test_classifier_keeps_backbone_separable() -> None:
     clf = build_classifier(backbone, 10)
     assert clf.backbone is backbone
     assert isinstance(clf.fc, nn.Linear) and clf.fc.in_features == 128
-    assert clf(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+    x = torch.randn(4, 1, 28, 28)
+    clf.eval()
+    torch.testing.assert_close(clf(x), clf.fc(backbone(x)))  # logits = fc(features)
+    assert clf(x).shape == (4, 10)
     assert {k.split(".")[0] for k in clf.state_dict()} == {"backbone", "fc"}
     with pytest.raises(ValueError, match="num_classes"):
         build_classifier(backbone, 0)

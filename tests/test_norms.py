@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -82,9 +83,11 @@ def test_convert_sync_bn_and_back_keeps_types_and_statistics() -> None:
     net(torch.randn(4, 3, 8, 8))  # non-default running statistics
     types = [type(m) for m in net.modules() if isinstance(m, _BatchNorm)]
     state = {k: v.clone() for k, v in net.state_dict().items()}
+    plain = copy.deepcopy(net)
     sync = convert_norm(net, "sync_bn")
     assert all(type(m) is nn.SyncBatchNorm for m in sync.modules() if isinstance(m, _BatchNorm))
-    assert sync(torch.randn(4, 3, 8, 8)).shape == (4, 8)  # one process: plain BN statistics
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(sync(x), plain(x))  # one process: plain BN statistics
     sync.load_state_dict(state)
     back = convert_norm(sync, "bn")
     assert [type(m) for m in back.modules() if isinstance(m, _BatchNorm)] == types
@@ -131,9 +134,17 @@ def test_split_batch_norm_equals_bn_per_chunk() -> None:
     torch.testing.assert_close(split.running_var, stats["var"])
     assert int(split.num_batches_tracked) == 1
     assert not torch.allclose(out, nn.functional.batch_norm(x, None, None, split.weight, split.bias, True))
-    # Gradients flow to the input and the affine parameters.
-    out.square().sum().backward()
-    assert split.weight.grad is not None and torch.isfinite(split.weight.grad).all()
+    # Gradients flow to the input and the affine parameters: those of BN applied chunk by chunk.
+    x.requires_grad_(True)
+    split(x).square().sum().backward()
+    weight, bias = (p.detach().clone().requires_grad_() for p in (split.weight, split.bias))
+    x_ref = x.detach().clone().requires_grad_(True)
+    chunks = [nn.functional.batch_norm(c, None, None, weight, bias, True) for c in x_ref.chunk(4)]
+    torch.cat(chunks).square().sum().backward()
+    for got, want in ((split.weight.grad, weight.grad), (split.bias.grad, bias.grad), (x.grad, x_ref.grad)):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want)
+    x = x.detach()
     # Eval mode is plain BN with the running statistics.
     split.eval()
     plain = nn.BatchNorm2d(5).eval()
@@ -163,14 +174,26 @@ def test_split_batch_norm_1d_equals_bn_per_chunk(shape) -> None:
     torch.testing.assert_close(split(x), plain(x))
 
 
+def assert_split_is_per_chunk_bn(split: nn.Module, reference: nn.Module) -> None:
+    """Same weights as ``reference``: equal in eval mode (running statistics); in training mode
+    each half of the batch is normalised by its own statistics, so the outputs differ."""
+    x = torch.randn(4, 3, 8, 8)
+    x[2:] = x[2:] * 3 + 1  # halves with different statistics
+    split.eval(), reference.eval()
+    torch.testing.assert_close(split(x), reference(x))
+    split.train(), reference.train()
+    assert not torch.allclose(split(x), reference(x), atol=1e-3)
+
+
 def test_convert_to_split_bn_one_d_splits_the_heads_and_converts_back() -> None:
     net = _net()
     state = {k: v.clone() for k, v in net.state_dict().items()}
+    reference = copy.deepcopy(net)
     split = convert_to_split_bn(net, 2, one_d=True)
     assert sum(isinstance(m, SplitBatchNorm2d) for m in split.modules()) == 2
     assert sum(isinstance(m, SplitBatchNorm1d) for m in split.modules()) == 2
     assert split.state_dict().keys() == state.keys()
-    assert split(torch.randn(4, 3, 8, 8)).shape == (4, 8)
+    assert_split_is_per_chunk_bn(split, reference)
     plain = convert_norm(split, "bn")
     assert {type(m) for m in plain.modules() if isinstance(m, _BatchNorm)} == {nn.BatchNorm1d, nn.BatchNorm2d}
 
@@ -183,11 +206,12 @@ def test_split_batch_norm_rejects_indivisible_batch() -> None:
 def test_convert_to_split_bn() -> None:
     net = _net()
     state = {k: v.clone() for k, v in net.state_dict().items()}
+    reference = copy.deepcopy(net)
     split = convert_to_split_bn(net, 2)
     assert sum(isinstance(m, SplitBatchNorm2d) for m in split.modules()) == 2
     assert sum(type(m) is nn.BatchNorm1d for m in split.modules()) == 2  # heads untouched
     assert split.state_dict().keys() == state.keys()
-    assert split(torch.randn(4, 3, 8, 8)).shape == (4, 8)
+    assert_split_is_per_chunk_bn(split, reference)
     with pytest.raises(ValueError, match="num_splits"):
         convert_to_split_bn(net, 0)
 
@@ -214,6 +238,8 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: ~9 CPU-seconds
+@pytest.mark.distributed
 def test_shuffle_unshuffle_distributed(tmp_path) -> None:
     world = 2
     mp.spawn(_distributed_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world)

@@ -139,6 +139,7 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~6 CPU-seconds or more
 def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
@@ -194,8 +195,8 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, mo
     assert path.read_bytes() == before
 
 
-@needs_fmnist
-def test_unwritable_output_directory_is_a_clear_error(tmp_path):
+@pytest.mark.slow  # a fresh interpreter importing torch: ~6 CPU-seconds or more
+def test_unwritable_output_directory_is_a_clear_error(tmp_path, tiny_fashion_mnist_dir):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -203,15 +204,15 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path):
         if os.access(locked, os.W_OK):  # root ignores permissions: simulate with a file in the way
             locked.chmod(0o700)
             (locked / "run").write_text("not a directory")
-        result = run("train", "--max-steps", "1", *TINY, "--out", str(locked / "run"))
+        result = run("train", "--max-steps", "1", *TINY, "--data-dir", str(tiny_fashion_mnist_dir),
+                     "--out", str(locked / "run"))
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert str(locked / "run") in result.stderr
     finally:
         locked.chmod(0o700)
 
 
-@needs_fmnist
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_fashion_mnist_dir):
     out = tmp_path / "run"
     cfg = resolve_config(
         None,
@@ -228,6 +229,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             "monitor_test_size": 32,
             "method": "supervised",
             "norm": "bn",
+            "data_dir": str(tiny_fashion_mnist_dir),
         },
     )
     # the loss turns nan/inf, or (a finite loss with a huge lr) the update makes the weights or the
@@ -275,6 +277,7 @@ def test_init_from_an_incompatible_run_is_a_clear_error(tmp_path):
 
 
 # -- bad data ------------------------------------------------------------
+@pytest.mark.slow  # a fresh interpreter importing torch: ~6 CPU-seconds or more
 @pytest.mark.parametrize(
     ("dataset", "layout", "message"),
     [
@@ -307,6 +310,7 @@ def test_missing_empty_or_malformed_data_directories(dataset, layout, message, t
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~6 CPU-seconds or more
 def test_a_corrupt_image_names_the_file(tmp_path, corrupt_folder_dir):
     result = run(
         "train",

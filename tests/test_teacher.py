@@ -193,9 +193,16 @@ def test_teacher_pn_normalizes_with_previous_stats_then_updates():
 def test_models_without_batchnorm_work_in_every_mode(norm, layer):
     student = make_student(layer)
     teacher = EMATeacher(student, norm=norm, momentum=0.5)
+    start = [p.detach().clone() for p in student.parameters()]
     train_student_steps(student)
     teacher.update(student)
-    assert teacher(torch.randn(2, 3, 6, 6)).shape == (2, 3)
+    # no statistics to treat: every mode is the plain EMA of the weights, teacher = 0.5 start + 0.5 student
+    for begun, now, averaged in zip(start, student.parameters(), teacher.module.parameters(), strict=True):
+        assert not torch.equal(begun, now)
+        torch.testing.assert_close(averaged, 0.5 * begun + 0.5 * now.detach())
+    x = torch.randn(2, 3, 6, 6)
+    assert teacher(x).shape == (2, 3)
+    torch.testing.assert_close(teacher(x[:1]), teacher(x)[:1])  # no batch statistics anywhere
 
 
 def test_unknown_mode_and_bad_momentum_raise():

@@ -7,17 +7,15 @@ import logging
 import pytest
 
 from emanorm.train import train
-from test_train import FMNIST, tiny_config
+from test_train import tiny_config
 
-pytestmark = [
-    pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist"),
-    pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed"),
-]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 
 
-def test_eman_without_batch_norm_warns_once_and_records_it(tmp_path, caplog):
+def test_eman_without_batch_norm_warns_once_and_records_it(tmp_path, caplog, tiny_fashion_mnist_dir):
     run = tmp_path / "run"
-    cfg = tiny_config("fixmatch", "eman", run, backbone="timm:test_efficientnet_ln")  # LayerNorm, 0.1M
+    cfg = tiny_config("fixmatch", "eman", run, tiny_fashion_mnist_dir,
+                      backbone="timm:test_efficientnet_ln")  # LayerNorm, 0.1M
     with caplog.at_level(logging.WARNING, logger="emanorm"):
         train(cfg, progress=False)
     shown = [r.getMessage() for r in caplog.records if "no BatchNorm" in r.getMessage()]
