@@ -62,7 +62,7 @@ def tiny_config(method: str, norm: str, out: Path, data_dir: Path | str | None =
 FAST_PAIRS = {
     ("fixmatch", "eman"), ("moco", "shuffle_bn"), ("byol", "bn"), ("meanteacher", "teacher_pn"),
     ("supervised", "sync_bn"), ("dino", "gn"), ("fixmatch", "student_pn"), ("moco", "default"),
-    ("byol", "in"),
+    ("byol", "in"), ("mocov3", "eman"),
 }  # fmt: skip
 VALID = [
     pytest.param(m, n, marks=() if (m, n) in FAST_PAIRS else pytest.mark.slow, id=f"{m}-{n}")
