@@ -308,4 +308,42 @@ def setup_unfinished_run_without_config(tmp: Path) -> Path:
     return run
 
 
+
+# -- issue 30: doctor, checkpoint digests, run files, trackers, merges --------------------------------
+def _timm_style(tmp: Path, edit) -> Path:
+    """A timm ModelEma-style checkpoint (state_dict / state_dict_ema), after edit(student, teacher)."""
+    import torch
+
+    student = {"conv.weight": torch.linspace(-1, 1, 24).reshape(3, 2, 2, 2), "bn.running_mean": torch.ones(3),
+               "bn.running_var": torch.full((3,), 2.0), "bn.num_batches_tracked": torch.tensor(5)}
+    teacher = {k: v.clone() if not v.is_floating_point() else v * 0.99 for k, v in student.items()}
+    edit(student, teacher)
+    path = tmp / "timm.pth"
+    torch.save({"state_dict": student, "state_dict_ema": teacher}, path)
+    return path
+
+
+def setup_timm_nan_teacher(tmp: Path) -> Path:
+    """A teacher that is all NaN (was: "no problems found", lag nan, exit 0)."""
+    return _timm_style(tmp, lambda s, t: [v.fill_(float("nan")) for v in t.values() if v.is_floating_point()])
+
+
+def setup_timm_inf_teacher(tmp: Path) -> Path:
+    return _timm_style(tmp, lambda s, t: t["conv.weight"].fill_(float("inf")))
+
+
+def setup_timm_integer_only(tmp: Path) -> Path:
+    """Student and teacher hold integer tensors only (was: "no problems found ... 0 tensors compared")."""
+    def keep_integers(s: dict, t: dict) -> None:
+        for state in (s, t):
+            for key in [k for k, v in state.items() if v.is_floating_point()]:
+                state[key] = state[key].long()
+    return _timm_style(tmp, keep_integers)
+
+
+def setup_timm_far_teacher(tmp: Path) -> Path:
+    """A teacher 1000 times the student: a lag no EMA produces."""
+    return _timm_style(tmp, lambda s, t: t["conv.weight"].mul_(1000))
+
+
 SETUPS = {name[len("setup_"):]: fn for name, fn in list(globals().items()) if name.startswith("setup_")}
