@@ -346,4 +346,33 @@ def setup_timm_far_teacher(tmp: Path) -> Path:
     return _timm_style(tmp, lambda s, t: t["conv.weight"].mul_(1000))
 
 
+
+def _damaged_copy(tmp: Path, count: int = 2000) -> Path:
+    """A copy of the shared trained run whose checkpoint has ``count`` bytes flipped in the middle."""
+    run = setup_trained_run(tmp)
+    path = run / "checkpoints" / "last.pt"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return run
+
+
+def setup_damaged_run(tmp: Path) -> Path:
+    """A trained run whose last.pt has 2,000 flipped bytes in the middle (was: accepted)."""
+    return _damaged_copy(tmp)
+
+
+def setup_damaged_unfinished_run(tmp: Path) -> Path:
+    """The damaged run without its summary.json: ``--resume`` has to read the checkpoint."""
+    run = _damaged_copy(tmp)
+    (run / "summary.json").unlink()
+    return run
+
+
+def setup_damaged_checkpoint(tmp: Path) -> Path:
+    return _damaged_copy(tmp) / "checkpoints" / "last.pt"
+
+
 SETUPS = {name[len("setup_"):]: fn for name, fn in list(globals().items()) if name.startswith("setup_")}

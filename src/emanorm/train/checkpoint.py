@@ -14,6 +14,8 @@ import os
 import pickle
 import random
 import tempfile
+import zipfile
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +78,32 @@ def _looks_like_text(head: bytes) -> bool:
     return all(ch.isprintable() or ch in "\t\n\r" for ch in text)
 
 
+def verify_checkpoint_integrity(path: Path) -> None:
+    """Refuse a damaged checkpoint: every member of torch's zip archive is read once, in 1 MiB
+    chunks, and checked against the CRC-32 ``torch.save`` stored with it (``torch.load`` checks
+    none, so flipped bytes would otherwise load as weights). About 1 s per GB.
+
+    Every checkpoint of the zip format carries these CRCs, those written before this check
+    included; members stored with a CRC of 0 (``torch.serialization.set_crc32_options(False)``)
+    cannot be checked and are skipped. Old pickle-format files hold no checksum.
+    """
+    damaged = "is damaged (not the file that was written): "
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.CRC == 0 and member.file_size > 0:
+                    continue  # written without checksums
+                with archive.open(member) as handle:
+                    while handle.read(1 << 20):
+                        pass
+    except zipfile.BadZipFile as err:
+        raise UserError(f"checkpoint {path} {damaged}{err}") from None
+    except (zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error) as err:
+        raise UserError(f"checkpoint {path} {damaged}{type(err).__name__}: {err}") from None
+    except OSError as err:
+        raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+
+
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``torch.load(weights_only=True)``: a file that carries pickled code fails without running it."""
     path = resolve_checkpoint_path(path)
@@ -88,6 +116,8 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         what = "empty" if not head else ("text" if _looks_like_text(head) else "neither a zip nor a pickle")
         raise UserError(f"{path} is not a PyTorch checkpoint (the file is {what})")
+    if head.startswith(b"PK\x03\x04"):
+        verify_checkpoint_integrity(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

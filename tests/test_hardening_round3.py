@@ -1,0 +1,49 @@
+"""Issue 30 (hardening, round three), the cases the catalogue (docs/failures.md) cannot hold as rows:
+checkpoints of other writers, run files damaged in many ways, trackers, read-only directories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emanorm.errors import UserError
+from emanorm.train import checkpoint as ckpt
+
+
+def _flip(path, count=64):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_and_intact_ones_of_any_writer_load(tmp_path):
+    state = {"w": torch.randn(64, 64), "step": 3}
+    path = tmp_path / "a.pt"
+    torch.save(state, path)
+    assert torch.equal(ckpt.safe_load(path)["w"], state["w"])
+    _flip(path)
+    with pytest.raises(UserError, match=r"a\.pt is damaged \(not the file that was written\).*CRC"):
+        ckpt.safe_load(path)
+    # older files: the legacy pickle format carries no checksum, and neither does a zip written
+    # with CRCs turned off: both still load
+    legacy = tmp_path / "legacy.pt"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(ckpt.safe_load(legacy)["w"], state["w"])
+    unchecked = tmp_path / "nocrc.pt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, unchecked)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(ckpt.safe_load(unchecked)["w"], state["w"])
+
+
+def test_a_damaged_zip_directory_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "a.pt"
+    torch.save({"w": torch.randn(8)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-30])  # the end of the central directory is gone
+    with pytest.raises(UserError, match=r"a\.pt"):
+        ckpt.safe_load(path)
