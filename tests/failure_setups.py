@@ -375,4 +375,40 @@ def setup_damaged_checkpoint(tmp: Path) -> Path:
     return _damaged_copy(tmp) / "checkpoints" / "last.pt"
 
 
+
+def _unfinished_run_with_metrics(tmp: Path, content: bytes) -> Path:
+    """The shared trained run without summary.json (so ``--resume`` resumes it) and this metrics.jsonl."""
+    run = setup_trained_run(tmp)
+    (run / "summary.json").unlink()
+    (run / "metrics.jsonl").write_bytes(content)
+    return run
+
+
+_GOOD_RECORD = b'{"kind": "train", "step": 1, "epoch": 0, "loss": 1.5}\n'
+
+
+def setup_metrics_torn(tmp: Path) -> Path:
+    """metrics.jsonl whose last line was cut mid-write (was: JSONDecodeError on --resume)."""
+    return _unfinished_run_with_metrics(tmp, _GOOD_RECORD + b'{"kind": "train", "st')
+
+
+def setup_metrics_binary(tmp: Path) -> Path:
+    return _unfinished_run_with_metrics(tmp, _GOOD_RECORD + b"\xff\xfe\x00garbage\n")
+
+
+def setup_metrics_list(tmp: Path) -> Path:
+    return _unfinished_run_with_metrics(tmp, _GOOD_RECORD + b"[1, 2, 3]\n")
+
+
+def setup_metrics_string_step(tmp: Path) -> Path:
+    return _unfinished_run_with_metrics(tmp, _GOOD_RECORD + b'{"step": "one"}\n')
+
+
+def setup_trackers_json_damaged(tmp: Path) -> Path:
+    """An unfinished run whose trackers.json is ``{bad`` (was: a traceback)."""
+    run = _unfinished_run_with_metrics(tmp, _GOOD_RECORD)
+    (run / "trackers.json").write_text("{bad")
+    return run
+
+
 SETUPS = {name[len("setup_"):]: fn for name, fn in list(globals().items()) if name.startswith("setup_")}

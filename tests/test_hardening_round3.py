@@ -8,6 +8,7 @@ import torch
 
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
+from emanorm.train.run_records import keep_metrics_until, read_tracker_ids
 
 
 def _flip(path, count=64):
@@ -47,3 +48,25 @@ def test_a_damaged_zip_directory_is_refused_in_one_line(tmp_path):
     path.write_bytes(data[:-30])  # the end of the central directory is gone
     with pytest.raises(UserError, match=r"a\.pt"):
         ckpt.safe_load(path)
+
+
+@pytest.mark.parametrize("damage", [b'{"step": 2, "lo', b"\xff\xfe\x00\n", b"[1, 2]\n", b'{"step": "3"}\n',
+                                    b'"text"\n', b'{"step": true}\n'])
+def test_damaged_metrics_keep_their_valid_records_up_to_the_resume_step(tmp_path, damage, caplog):
+    path = tmp_path / "metrics.jsonl"
+    good = [b'{"kind": "train", "step": 1, "loss": 2.0}', b'{"kind": "eval", "step": 2, "knn": 10.0}',
+            b'{"kind": "train", "step": 3, "loss": 1.0}']
+    path.write_bytes(good[0] + b"\n" + damage + b"\n" + good[1] + b"\n" + good[2] + b"\n")
+    keep_metrics_until(path, 2)
+    assert path.read_bytes() == good[0] + b"\n" + good[1] + b"\n"
+    assert "dropped 1 damaged line(s) (the first is line 2); kept 2 valid records up to step 2" in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"{bad", b"\xff", b"[1]", b'{"mlflow": 5}', b""])
+def test_unreadable_tracker_ids_start_new_runs(tmp_path, content, caplog):
+    path = tmp_path / "trackers.json"
+    path.write_bytes(content)
+    assert read_tracker_ids(path) == {}
+    assert "the trackers start new runs" in caplog.text
+    path.write_text('{"mlflow": "abc"}')
+    assert read_tracker_ids(path) == {"mlflow": "abc"}

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from torch.utils.tensorboard import SummaryWriter
 
 from emanorm.errors import UserError
+from emanorm.train.run_records import read_tracker_ids
 
 IDS_FILE = "trackers.json"
 #: MLflow's limit on a parameter value's length.
@@ -142,7 +143,7 @@ def open_trackers(names: str, run_dir: Path, cfg: dict[str, Any], resume_step: i
     """The trackers ``names`` lists (``jsonl`` is ``RunLogger``'s own file, always written)."""
     chosen = [name for name in names.split(",") if name]
     ids_file = run_dir / IDS_FILE
-    ids = json.loads(ids_file.read_text()) if resume_step > 0 and ids_file.exists() else {}
+    ids = read_tracker_ids(ids_file) if resume_step > 0 and ids_file.exists() else {}
     trackers: list[Tracker] = []
     if "tensorboard" in chosen:
         trackers.append(TensorBoardTracker(run_dir, resume_step))
