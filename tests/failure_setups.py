@@ -411,4 +411,22 @@ def setup_trackers_json_damaged(tmp: Path) -> Path:
     return run
 
 
+
+def setup_closed_port(tmp: Path) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released): an unreachable server
+    that answers at once, so no row ever waits on or contacts the network."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def setup_unfinished_run(tmp: Path) -> Path:
+    """The shared trained run without its summary.json: ``--resume`` continues it."""
+    run = setup_trained_run(tmp)
+    (run / "summary.json").unlink()
+    return run
+
+
 SETUPS = {name[len("setup_"):]: fn for name, fn in list(globals().items()) if name.startswith("setup_")}

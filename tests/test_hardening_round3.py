@@ -3,11 +3,16 @@ checkpoints of other writers, run files damaged in many ways, trackers, read-onl
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
+from emanorm.train import tracking
 from emanorm.train.run_records import keep_metrics_until, read_tracker_ids
 
 
@@ -70,3 +75,62 @@ def test_unreadable_tracker_ids_start_new_runs(tmp_path, content, caplog):
     assert "the trackers start new runs" in caplog.text
     path.write_text('{"mlflow": "abc"}')
     assert read_tracker_ids(path) == {"mlflow": "abc"}
+
+
+# -- trackers: every exception at start, log and finish is one UserError naming tracker and setting ------
+class _Broken:
+    def __init__(self, *args, **kwargs):
+        raise ConnectionError("\x1b[31mserver said no\x1b[0m\nsecond line")
+
+
+def test_a_tracker_that_fails_to_start_log_or_finish_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    monkeypatch.setattr(tracking, "MLflowTracker", _Broken)
+    with pytest.raises(UserError) as caught:
+        tracking.open_trackers("mlflow", tmp_path, {}, 0)
+    assert str(caught.value) == ("--logger mlflow failed to start (MLFLOW_TRACKING_URI=http://127.0.0.1:1): "
+                                 "ConnectionError: server said no")
+
+    class Flaky:
+        def log(self, scalars, step):
+            raise RuntimeError("HTTP 503")
+
+        def finish(self, artifacts, status):
+            raise ValueError("bad artifact")
+
+    guarded = tracking.GuardedTracker("wandb", "WANDB_MODE=online, WANDB_PROJECT=p", Flaky())
+    with pytest.raises(UserError, match=r"^--logger wandb failed to log step 7 \(WANDB_MODE=online, "
+                                        r"WANDB_PROJECT=p\): RuntimeError: HTTP 503$"):
+        guarded.log({"train/loss": 1.0}, 7)
+    with pytest.raises(UserError, match=r"failed to finish its run .*ValueError: bad artifact"):
+        guarded.finish([], "finished")
+
+
+def test_a_read_only_mlflow_store_is_refused_before_training(tmp_path, monkeypatch):
+    # root ignores file modes, so the store's folder is reported read-only by os.access
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    real_access = os.access
+    def access(path, mode):
+        return False if Path(path) == store else real_access(path, mode)
+
+    monkeypatch.setattr(tracking.os, "access", access)
+    with pytest.raises(UserError, match=rf"MLFLOW_TRACKING_URI={store.as_uri()}: {store} is not writable"):
+        tracking.check_trackers("jsonl,mlflow")
+    monkeypatch.setattr(tracking.os, "access", real_access)
+    tracking.check_trackers("jsonl,mlflow")  # writable: accepted
+
+
+def test_an_mlflow_run_missing_from_the_store_starts_a_new_run(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    (tmp_path / "trackers.json").write_text('{"mlflow": "0123456789abcdef0123456789abcdef"}')
+    trackers = tracking.open_trackers("mlflow", tmp_path, {"lr": 0.1}, resume_step=3)
+    assert "not in the file store" in caplog.text and "starting a new run" in caplog.text
+    new_id = trackers[0].tracker.run_id
+    assert new_id != "0123456789abcdef0123456789abcdef"
+    assert json.loads((tmp_path / "trackers.json").read_text()) == {"mlflow": new_id}
+    trackers[0].finish([], "finished")
