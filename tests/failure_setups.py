@@ -429,4 +429,45 @@ def setup_unfinished_run(tmp: Path) -> Path:
     return run
 
 
+
+def _merge_file(tmp: Path, name: str, **changes) -> Path:
+    """A results.json of ``compare`` holding one finished run, with ``changes`` to its entry (raw JSON text
+    values allowed through ``json.dumps``: NaN and Infinity are what Python's json writes)."""
+    import json
+
+    entry = {"name": "fixmatch-eman-s0", "status": "ok", "variant": "eman", "method": "fixmatch", "seed": 0,
+             "norm": "eman", "primary": 50.0, "metrics": {"test_acc": 50.0, "knn": 45.0},
+             "curve": [[1, 40.0], [2, 45.0]], "wall_clock_s": 12.0, **changes}
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps({"which": "teacher", "runs": [entry]}))
+    return path
+
+
+def setup_merge_bad_curve(tmp: Path) -> Path:
+    """A malformed curve (was: a crash after results.json and results.md were written)."""
+    return _merge_file(tmp, "bad_curve", curve=[["a"], 3])
+
+
+def setup_merge_metrics_list(tmp: Path) -> Path:
+    """``"metrics": [1, 2]`` (was: AttributeError, an empty grid folder left)."""
+    return _merge_file(tmp, "metrics_list", metrics=[1, 2])
+
+
+def setup_merge_score_12345(tmp: Path) -> Path:
+    return _merge_file(tmp, "score_12345", primary=12345, metrics={"test_acc": 12345})
+
+
+def setup_merge_score_negative(tmp: Path) -> Path:
+    return _merge_file(tmp, "score_negative", primary=-50.0, metrics={"test_acc": -50.0})
+
+
+def setup_merge_score_nan(tmp: Path) -> Path:
+    """NaN (was: shown as "–" but counted as merged)."""
+    return _merge_file(tmp, "score_nan", primary=float("nan"), metrics={"test_acc": float("nan")})
+
+
+def setup_merge_knn_inf(tmp: Path) -> Path:
+    return _merge_file(tmp, "knn_inf", metrics={"test_acc": 50.0, "knn": float("inf")})
+
+
 SETUPS = {name[len("setup_"):]: fn for name, fn in list(globals().items()) if name.startswith("setup_")}
