@@ -3,6 +3,7 @@ checkpoints of other writers, run files damaged in many ways, trackers, read-onl
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from emanorm.cli import main
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
 from emanorm.train import tracking
@@ -134,3 +136,58 @@ def test_an_mlflow_run_missing_from_the_store_starts_a_new_run(tmp_path, monkeyp
     assert new_id != "0123456789abcdef0123456789abcdef"
     assert json.loads((tmp_path / "trackers.json").read_text()) == {"mlflow": new_id}
     trackers[0].finish([], "finished")
+
+
+# -- read-only run directories: root ignores file modes, so the refusal of the file system is simulated
+# in-process (os.open / tempfile raise EROFS, as a read-only mount does; checked by hand on a real
+# read-only bind mount too) ---------------------------------------------------------------------------
+def _fingerprint(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _read_only_lock(monkeypatch):
+    from emanorm.train import lock
+
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if str(path).endswith(lock.LOCK_NAME):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(lock.os, "open", refusing_open)
+
+
+@pytest.mark.parametrize("flags", [["--resume"], ["--resume", "auto"], ["--force"]])
+def test_a_read_only_run_directory_is_one_line(tmp_path, monkeypatch, capsys, flags):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("method: fixmatch\n")
+    (run / "checkpoints" / "last.pt").write_text("weights")
+    before = _fingerprint(run)
+    _read_only_lock(monkeypatch)
+    code = main(["train", *flags, "--out", str(run), "--max-steps", "1", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"cannot write to {run}: Read-only file system (its lock file .lock cannot be created)" in err
+    assert _fingerprint(run) == before
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_compare_out_read_only_is_one_line_before_anything_trains(tmp_path, monkeypatch, capsys, exists):
+    from emanorm.train import lock
+
+    out = tmp_path / "grid"
+    if exists:
+        out.mkdir()
+
+    def refusing_temporary(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(lock.tempfile, "TemporaryFile", refusing_temporary)
+    code = main(["compare", "--methods", "fixmatch", "--norms", "eman", "--seeds", "1", "--max-steps", "1",
+                 "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    where = out if exists else tmp_path
+    assert code == 2 and f"--out {out} is not writable: {where}: Read-only file system" in err
+    assert not (out / "logs").exists() and out.exists() == exists
