@@ -191,3 +191,62 @@ def test_compare_out_read_only_is_one_line_before_anything_trains(tmp_path, monk
     where = out if exists else tmp_path
     assert code == 2 and f"--out {out} is not writable: {where}: Read-only file system" in err
     assert not (out / "logs").exists() and out.exists() == exists
+
+
+def test_the_first_checkpoint_on_a_full_disk_says_none_was_written(tmp_path, monkeypatch):
+    from emanorm.train.loop import write_checkpoint
+
+    def short_write(obj, handle, *args, **kwargs):  # what torch's zip writer says on a full tmpfs
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    path = tmp_path / "checkpoints" / "last.pt"
+    with pytest.raises(UserError) as caught:
+        write_checkpoint({"step": torch.tensor(1)}, path)
+    assert str(caught.value) == (f"could not write checkpoint {path}: no space left on device; "
+                                 "no checkpoint had been written yet")
+    assert not path.exists()
+
+
+def test_checkpoint_paths_that_are_not_files_are_named(tmp_path):
+    folder = tmp_path / "last.pt"
+    folder.mkdir()
+    with pytest.raises(UserError, match=r"last\.pt is a directory, not a checkpoint file \(nor a run"):
+        ckpt.safe_load(folder)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "last.pt").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"run/checkpoints/last\.pt is a directory, not a checkpoint file$"):
+        ckpt.safe_load(run)
+    with pytest.raises(UserError, match="/dev/null is a character device, not a checkpoint file"):
+        ckpt.safe_load("/dev/null")
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match=r"pipe\.pt is a FIFO \(named pipe\), not a checkpoint file"):
+        ckpt.safe_load(fifo)
+
+
+def test_a_refused_pickled_global_is_named_without_torch_advice(tmp_path):
+    import datetime
+
+    path = tmp_path / "odd.pt"
+    torch.save({"when": datetime.datetime(2020, 1, 1)}, path)
+    with pytest.raises(UserError) as caught:
+        ckpt.safe_load(path)
+    message = str(caught.value)
+    assert "(the global datetime.datetime)" in message
+    assert "\x1b[" not in message and "two options" not in message and "\n" not in message
+
+
+def test_label_index_csv_that_is_a_folder_a_fifo_or_has_two_index_columns(tmp_path):
+    from emanorm.data.splits import read_split_csv
+
+    with pytest.raises(UserError, match=r"split CSV .* is a directory; give a CSV file"):
+        read_split_csv(tmp_path)
+    fifo = tmp_path / "labels.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match=r"is not a regular file \(a FIFO, device or socket\)"):
+        read_split_csv(fifo)
+    twice = tmp_path / "twice.csv"
+    twice.write_text("Index,Index\n1,2\n")
+    with pytest.raises(UserError, match="2 columns named 'Index'; keep one"):
+        read_split_csv(twice)

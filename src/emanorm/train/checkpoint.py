@@ -13,6 +13,8 @@ import logging
 import os
 import pickle
 import random
+import re
+import stat
 import tempfile
 import zipfile
 import zlib
@@ -62,12 +64,29 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         candidate = path / "checkpoints" / CHECKPOINT_NAME
+        if path.suffix in (".pt", ".pth", ".ckpt", ".tar") and not candidate.exists():
+            raise UserError(f"{path} is a directory, not a checkpoint file (nor a run directory)")
+        if candidate.exists() and not candidate.is_file():
+            raise UserError(f"{candidate} is {file_kind(candidate)}, not a checkpoint file")
         if not candidate.is_file():
             raise UserError(f"no checkpoint in run directory {path} (expected {candidate})")
         return candidate
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is {file_kind(path)}, not a checkpoint file or run directory")
     if not path.is_file():
         raise UserError(f"checkpoint or run directory not found: {path}")
     return path
+
+
+def file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words ("a directory", "a FIFO", ...)."""
+    mode = path.stat().st_mode
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -104,6 +123,17 @@ def verify_checkpoint_integrity(path: Path) -> None:
         raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
 
 
+def refused_global(err: Exception) -> str:
+    """What torch's weights-only unpickler refused, in a few words: ``the global posix.system``
+    (its message is paragraphs of advice with terminal colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(err))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"the global {found.group(1)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "unsupported content"
+
+
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``torch.load(weights_only=True)``: a file that carries pickled code fails without running it."""
     path = resolve_checkpoint_path(path)
@@ -121,10 +151,9 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
         raise UserError(
-            f"refusing to load {path}: it holds more than tensors and plain values ({first_line}); "
-            "only load checkpoints you trust with other tools"
+            f"refusing to load {path}: it holds more than tensors and plain values ({refused_global(err)}); "
+            "nothing of it was run; only load checkpoints you trust with other tools"
         ) from None
     except Exception as err:  # any other failure to parse: truncated, garbage, or an unknown format
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -202,19 +231,21 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) 
 def os_error_reason(err: BaseException) -> str:
     """An OSError / torch write error in a few words ("no space left on device", ...)."""
     text = str(err).strip()
-    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text:
+    # torch's zip writer reports a short write as "file write failed" or "unexpected pos N vs M"
+    short_write = ("No space left", "file write failed", "unexpected pos")
+    if getattr(err, "errno", None) == errno.ENOSPC or any(words in text for words in short_write):
         return "no space left on device"
     return getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
 
 
 def write_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Atomic write; a full disk or a vanished directory is a clear error and the old file stays."""
+    had_one = path.exists()
     try:
         atomic_save(state, path)
     except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError
-        raise UserError(
-            f"could not write checkpoint {path}: {os_error_reason(err)}; the previous checkpoint is intact"
-        ) from None
+        kept = "the previous checkpoint is intact" if had_one else "no checkpoint had been written yet"
+        raise UserError(f"could not write checkpoint {path}: {os_error_reason(err)}; {kept}") from None
 
 
 def save_checkpoint(run: Run, path: Path, position: dict[str, int], elapsed: float) -> None:
