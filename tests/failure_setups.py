@@ -470,4 +470,35 @@ def setup_merge_knn_inf(tmp: Path) -> Path:
     return _merge_file(tmp, "knn_inf", metrics={"test_acc": 50.0, "knn": float("inf")})
 
 
+
+def setup_checkpoint_dir(tmp: Path) -> Path:
+    """A directory named last.pt (was: ".../last.pt/checkpoints/last.pt" not found)."""
+    folder = tmp / "last.pt"
+    folder.mkdir()
+    return folder
+
+
+def setup_index_csv_two_index_columns(tmp: Path) -> Path:
+    """Header ``Index,Index`` (was: the second column used silently)."""
+    return _index_csv(tmp, b"Index,Index\n0,1\n2,3\n")
+
+
+def setup_index_csv_fifo(tmp: Path) -> Path:
+    """A FIFO as the label CSV (was: "not found"; reading it would block)."""
+    path = tmp / "labels.csv"
+    os.mkfifo(path)
+    return path
+
+
+def setup_checkpoint_with_global(tmp: Path) -> Path:
+    """A checkpoint holding a pickled ``datetime`` (was: torch's advice with colour codes quoted)."""
+    import datetime
+
+    import torch
+
+    path = tmp / "odd.pt"
+    torch.save({"when": datetime.datetime(2020, 1, 1)}, path)
+    return path
+
+
 SETUPS = {name[len("setup_"):]: fn for name, fn in list(globals().items()) if name.startswith("setup_")}

@@ -250,3 +250,26 @@ def test_label_index_csv_that_is_a_folder_a_fifo_or_has_two_index_columns(tmp_pa
     twice.write_text("Index,Index\n1,2\n")
     with pytest.raises(UserError, match="2 columns named 'Index'; keep one"):
         read_split_csv(twice)
+
+
+def test_an_output_on_a_full_disk_leaves_no_empty_file(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.os, "fsync", full)
+    with pytest.raises(OSError):
+        ckpt.atomic_write_text(tmp_path / "knn.json", "{}\n")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "knn.json").write_text("old\n")
+    with pytest.raises(OSError):
+        ckpt.atomic_write_text(tmp_path / "knn.json", "{}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["knn.json"]
+    assert (tmp_path / "knn.json").read_text() == "old\n"
+
+
+def test_an_undecodable_image_is_named_by_its_path_not_a_buffer():
+    from emanorm.data.datasets import open_image_file
+
+    with pytest.raises(UserError) as caught:
+        open_image_file("/data/cat.jpg", data=bytearray(b"not an image" * 8))
+    assert str(caught.value) == "cannot decode image file /data/cat.jpg: cannot identify image file"

@@ -59,6 +59,22 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename: a full disk leaves no empty or
+    partial file (and an existing one as it was); the temporary is removed on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """A run directory or a checkpoint file -> the checkpoint file."""
     path = Path(path)
