@@ -149,11 +149,17 @@ def _compare_states(
     report.findings.extend(_damage_findings(student, teacher, report))
 
 
-def _non_finite(state: Mapping[str, Tensor], side: str) -> list[str]:
+def non_finite_names(state: Mapping[str, object]) -> list[str]:
+    """The names of the floating (or complex) tensors of ``state`` that hold NaN or inf, sorted."""
     return [
-        f"{side} {k}" for k, v in sorted(state.items())
-        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v.detach()).all())
+        str(k) for k, v in sorted(state.items(), key=lambda item: str(item[0]))
+        if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())
+        and not bool(torch.isfinite(v.detach()).all())
     ]
+
+
+def _non_finite(state: Mapping[str, Tensor], side: str) -> list[str]:
+    return [f"{side} {name}" for name in non_finite_names(state)]
 
 
 def _damage_findings(
@@ -322,5 +328,6 @@ __all__ = [
     "TeacherReport",
     "find_teacher_pair",
     "inspect_teacher",
+    "non_finite_names",
     "split_by_prefix",
 ]

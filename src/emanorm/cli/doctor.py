@@ -55,13 +55,27 @@ def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_doctor(args: argparse.Namespace) -> int:
     """The ``doctor`` handler: print the teacher report; 1 when it found problems."""
     # imported here: `emanorm doctor --help` answers without torch
-    from emanorm.teacher_check import find_teacher_pair, inspect_teacher
+    from emanorm.teacher_check import (
+        Finding,
+        TeacherReport,
+        find_teacher_pair,
+        inspect_teacher,
+        non_finite_names,
+    )
     from emanorm.train.checkpoint import safe_load
     from emanorm.train.recipe import method_from_checkpoint
 
     data = safe_load(args.path)
     layout = (args.student_key, args.teacher_key, args.student_prefix, args.teacher_prefix)
-    if not any(layout) and all(k in data for k in ("config", "method", "dataset_info")):
+    emanorm_run = not any(layout) and all(k in data for k in ("config", "method", "dataset_info"))
+    weights = data.get("method") if emanorm_run else None
+    bad = non_finite_names(weights) if isinstance(weights, dict) else []
+    if bad:  # a problem to report (exit 1), not a file to refuse: the run is not rebuilt
+        finding = Finding("non_finite", f"{len(bad)} tensor(s) hold NaN or inf", tuple(bad))
+        report = TeacherReport(findings=[finding])
+        where = "emanorm run (not rebuilt: its weights hold NaN or inf)"
+        collapse = None
+    elif emanorm_run:
         method = method_from_checkpoint(data, args.path)
         if method.teacher is None:
             cfg = data["config"]
