@@ -186,14 +186,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def refuse_resume_of_nothing(cfg: dict[str, Any], resume: bool | str) -> None:
-    """Plain ``--resume`` continues a run: a run directory with no checkpoint and no summary (a typo,
+    """Plain ``--resume`` continues a run: a run directory with no trace of one (a typo,
     another machine's path) is refused instead of trained from scratch; ``--resume auto`` (job
     scripts) still starts a fresh run there."""
     if resume is not True:
         return
     run_dir = Path(cfg["out"] or default_run_dir(cfg))
-    if not (run_dir / CHECKPOINT_FILE).exists() and not (run_dir / "summary.json").exists():
-        what = "does not exist" if not run_dir.exists() else "holds no checkpoint"
+    traces = (CHECKPOINT_FILE, Path("summary.json"), Path("config.yaml"))  # what a started run leaves
+    if not any((run_dir / trace).exists() for trace in traces):
+        what = "does not exist" if not run_dir.exists() else "holds no run (no checkpoint, config or summary)"
         raise UserError(
             f"--resume: {run_dir} {what}, so there is no run to continue; leave out --resume to start it, "
             "or use --resume auto (resume when there is a checkpoint, start fresh otherwise)"
