@@ -308,4 +308,197 @@ def setup_unfinished_run_without_config(tmp: Path) -> Path:
     return run
 
 
+
+# -- issue 30: doctor, checkpoint digests, run files, trackers, merges --------------------------------
+def _timm_style(tmp: Path, edit) -> Path:
+    """A timm ModelEma-style checkpoint (state_dict / state_dict_ema), after edit(student, teacher)."""
+    import torch
+
+    student = {"conv.weight": torch.linspace(-1, 1, 24).reshape(3, 2, 2, 2), "bn.running_mean": torch.ones(3),
+               "bn.running_var": torch.full((3,), 2.0), "bn.num_batches_tracked": torch.tensor(5)}
+    teacher = {k: v.clone() if not v.is_floating_point() else v * 0.99 for k, v in student.items()}
+    edit(student, teacher)
+    path = tmp / "timm.pth"
+    torch.save({"state_dict": student, "state_dict_ema": teacher}, path)
+    return path
+
+
+def setup_timm_nan_teacher(tmp: Path) -> Path:
+    """A teacher that is all NaN (was: "no problems found", lag nan, exit 0)."""
+    return _timm_style(tmp, lambda s, t: [v.fill_(float("nan")) for v in t.values() if v.is_floating_point()])
+
+
+def setup_timm_inf_teacher(tmp: Path) -> Path:
+    return _timm_style(tmp, lambda s, t: t["conv.weight"].fill_(float("inf")))
+
+
+def setup_timm_integer_only(tmp: Path) -> Path:
+    """Student and teacher hold integer tensors only (was: "no problems found ... 0 tensors compared")."""
+    def keep_integers(s: dict, t: dict) -> None:
+        for state in (s, t):
+            for key in [k for k, v in state.items() if v.is_floating_point()]:
+                state[key] = state[key].long()
+    return _timm_style(tmp, keep_integers)
+
+
+def setup_timm_far_teacher(tmp: Path) -> Path:
+    """A teacher 1000 times the student: a lag no EMA produces."""
+    return _timm_style(tmp, lambda s, t: t["conv.weight"].mul_(1000))
+
+
+
+def _damaged_copy(tmp: Path, count: int = 2000) -> Path:
+    """A copy of the shared trained run whose checkpoint has ``count`` bytes flipped in the middle."""
+    run = setup_trained_run(tmp)
+    path = run / "checkpoints" / "last.pt"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return run
+
+
+def setup_damaged_run(tmp: Path) -> Path:
+    """A trained run whose last.pt has 2,000 flipped bytes in the middle (was: accepted)."""
+    return _damaged_copy(tmp)
+
+
+def setup_damaged_unfinished_run(tmp: Path) -> Path:
+    """The damaged run without its summary.json: ``--resume`` has to read the checkpoint."""
+    run = _damaged_copy(tmp)
+    (run / "summary.json").unlink()
+    return run
+
+
+def setup_damaged_checkpoint(tmp: Path) -> Path:
+    return _damaged_copy(tmp) / "checkpoints" / "last.pt"
+
+
+
+def _unfinished_run_with_metrics(tmp: Path, content: bytes) -> Path:
+    """The shared trained run without summary.json (so ``--resume`` resumes it) and this metrics.jsonl."""
+    run = setup_trained_run(tmp)
+    (run / "summary.json").unlink()
+    (run / "metrics.jsonl").write_bytes(content)
+    return run
+
+
+_GOOD_RECORD = b'{"kind": "train", "step": 1, "epoch": 0, "loss": 1.5}\n'
+
+
+def setup_metrics_torn(tmp: Path) -> Path:
+    """metrics.jsonl whose last line was cut mid-write (was: JSONDecodeError on --resume)."""
+    return _unfinished_run_with_metrics(tmp, _GOOD_RECORD + b'{"kind": "train", "st')
+
+
+def setup_metrics_binary(tmp: Path) -> Path:
+    return _unfinished_run_with_metrics(tmp, _GOOD_RECORD + b"\xff\xfe\x00garbage\n")
+
+
+def setup_metrics_list(tmp: Path) -> Path:
+    return _unfinished_run_with_metrics(tmp, _GOOD_RECORD + b"[1, 2, 3]\n")
+
+
+def setup_metrics_string_step(tmp: Path) -> Path:
+    return _unfinished_run_with_metrics(tmp, _GOOD_RECORD + b'{"step": "one"}\n')
+
+
+def setup_trackers_json_damaged(tmp: Path) -> Path:
+    """An unfinished run whose trackers.json is ``{bad`` (was: a traceback)."""
+    run = _unfinished_run_with_metrics(tmp, _GOOD_RECORD)
+    (run / "trackers.json").write_text("{bad")
+    return run
+
+
+
+def setup_closed_port(tmp: Path) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released): an unreachable server
+    that answers at once, so no row ever waits on or contacts the network."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def setup_unfinished_run(tmp: Path) -> Path:
+    """The shared trained run without its summary.json: ``--resume`` continues it."""
+    run = setup_trained_run(tmp)
+    (run / "summary.json").unlink()
+    return run
+
+
+
+def _merge_file(tmp: Path, name: str, **changes) -> Path:
+    """A results.json of ``compare`` holding one finished run, with ``changes`` to its entry (raw JSON text
+    values allowed through ``json.dumps``: NaN and Infinity are what Python's json writes)."""
+    import json
+
+    entry = {"name": "fixmatch-eman-s0", "status": "ok", "variant": "eman", "method": "fixmatch", "seed": 0,
+             "norm": "eman", "primary": 50.0, "metrics": {"test_acc": 50.0, "knn": 45.0},
+             "curve": [[1, 40.0], [2, 45.0]], "wall_clock_s": 12.0, **changes}
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps({"which": "teacher", "runs": [entry]}))
+    return path
+
+
+def setup_merge_bad_curve(tmp: Path) -> Path:
+    """A malformed curve (was: a crash after results.json and results.md were written)."""
+    return _merge_file(tmp, "bad_curve", curve=[["a"], 3])
+
+
+def setup_merge_metrics_list(tmp: Path) -> Path:
+    """``"metrics": [1, 2]`` (was: AttributeError, an empty grid folder left)."""
+    return _merge_file(tmp, "metrics_list", metrics=[1, 2])
+
+
+def setup_merge_score_12345(tmp: Path) -> Path:
+    return _merge_file(tmp, "score_12345", primary=12345, metrics={"test_acc": 12345})
+
+
+def setup_merge_score_negative(tmp: Path) -> Path:
+    return _merge_file(tmp, "score_negative", primary=-50.0, metrics={"test_acc": -50.0})
+
+
+def setup_merge_score_nan(tmp: Path) -> Path:
+    """NaN (was: shown as "–" but counted as merged)."""
+    return _merge_file(tmp, "score_nan", primary=float("nan"), metrics={"test_acc": float("nan")})
+
+
+def setup_merge_knn_inf(tmp: Path) -> Path:
+    return _merge_file(tmp, "knn_inf", metrics={"test_acc": 50.0, "knn": float("inf")})
+
+
+
+def setup_checkpoint_dir(tmp: Path) -> Path:
+    """A directory named last.pt (was: ".../last.pt/checkpoints/last.pt" not found)."""
+    folder = tmp / "last.pt"
+    folder.mkdir()
+    return folder
+
+
+def setup_index_csv_two_index_columns(tmp: Path) -> Path:
+    """Header ``Index,Index`` (was: the second column used silently)."""
+    return _index_csv(tmp, b"Index,Index\n0,1\n2,3\n")
+
+
+def setup_index_csv_fifo(tmp: Path) -> Path:
+    """A FIFO as the label CSV (was: "not found"; reading it would block)."""
+    path = tmp / "labels.csv"
+    os.mkfifo(path)
+    return path
+
+
+def setup_checkpoint_with_global(tmp: Path) -> Path:
+    """A checkpoint holding a pickled ``datetime`` (was: torch's advice with colour codes quoted)."""
+    import datetime
+
+    import torch
+
+    path = tmp / "odd.pt"
+    torch.save({"when": datetime.datetime(2020, 1, 1)}, path)
+    return path
+
+
 SETUPS = {name[len("setup_"):]: fn for name, fn in list(globals().items()) if name.startswith("setup_")}

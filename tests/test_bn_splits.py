@@ -83,10 +83,13 @@ def test_bn_splits_where_it_cannot_apply_is_refused(name, norm, message):
 
 
 def test_a_batch_the_splits_do_not_divide_is_refused_before_training(tiny_fashion_mnist_dir):
-    cfg = resolve_config(None, {"method": "fixmatch", "norm": "bn", "bn_splits": 8, "batch_size": 12,
-                                "labels_per_class": 4, "max_steps": 1, "device": "cpu",
-                                "data_dir": str(tiny_fashion_mnist_dir)})  # fmt: skip
-    with pytest.raises(UserError, match="batch size 12 is not divisible by the 8 BN splits"):
+    settings = {"method": "fixmatch", "norm": "bn", "bn_splits": 8, "batch_size": 12, "labels_per_class": 4,
+                "max_steps": 1, "device": "cpu", "data_dir": str(tiny_fashion_mnist_dir)}
+    with pytest.raises(UserError, match=r"batch_size 12 must be divisible by .* \(1 x 1 x 8 = 8\)"):
+        resolve_config(None, settings)  # refused with the config, before any data is read
+    cfg = resolve_config(None, {**settings, "batch_size": 16})
+    cfg["batch_size"] = 12  # a config edited after validation still meets the method's own check
+    with pytest.raises(UserError, match="batch_size 12 must be divisible"):
         build_run(cfg)
 
 

@@ -28,6 +28,7 @@ COLUMNS = ["case", "command", "exit", "message contains", "kept"]
 # {F}: the fast training flags, one token in the table, four flags when run.
 FAST_FLAGS = ["--max-steps", "1", "--batch-size", "16", "--device", "cpu", "--no-progress"]
 PLACEHOLDER = re.compile(r"\{([a-z0-9_]+)\}")
+ENV_SETTING = re.compile(r"[A-Z_][A-Z0-9_]*=")
 
 
 @dataclass
@@ -120,6 +121,7 @@ for request in map(json.loads, sys.stdin):
         code = 1
         try:
             os.chdir(request["cwd"])
+            os.environ.update(request.get("env", {}))
             for fd, name in ((1, "stdout"), (2, "stderr")):
                 os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
             sys.argv = ["emanorm", *request["argv"]]
@@ -151,13 +153,13 @@ class Runner:
             self.worker = subprocess.Popen([sys.executable, "-c", source], stdin=subprocess.PIPE,
                                            stdout=subprocess.PIPE, text=True, env=self.env)
 
-    def run(self, argv: list[str], cwd: Path) -> tuple[int, str]:
+    def run(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
         if self.worker is None:
             result = subprocess.run([sys.executable, "-m", "emanorm", *argv], capture_output=True, text=True,
-                                    cwd=cwd, env=self.env, timeout=300)
+                                    cwd=cwd, env={**self.env, **(env or {})}, timeout=300)
             return result.returncode, result.stderr
         out, err = cwd.parent / f"{cwd.name}.stdout", cwd.parent / f"{cwd.name}.stderr"
-        request = {"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        request = {"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "env": env or {}}
         assert self.worker.stdin is not None and self.worker.stdout is not None
         self.worker.stdin.write(json.dumps(request) + "\n")
         self.worker.stdin.flush()
@@ -193,13 +195,19 @@ def test_catalogue_parses() -> None:
 def test_catalogue_row(row: Row, tmp_path: Path, runner: Runner) -> None:
     sub = Substitution(tmp_path)
     argv: list[str] = []
-    for token in row.command:
+    env: dict[str, str] = {}
+    command = list(row.command)
+    while command and ENV_SETTING.match(command[0]):  # NAME=value before the command: its environment
+        name, _, value = command.pop(0).partition("=")
+        env[name] = sub(value)
+    for token in command:
         argv += FAST_FLAGS if token == "{F}" else [sub(token)]
     assert argv[0] != "emanorm", f"docs/failures.md:{row.line}: leave out the leading 'emanorm'"
     kept = [sub(k) for k in row.kept]
     same = {k[len("same "):]: _fingerprint(Path(k[len("same "):])) for k in kept if k.startswith("same ")}
-    code, stderr = runner.run(argv, tmp_path)
-    where = f"docs/failures.md:{row.line} ({row.case}): emanorm {shlex.join(argv)}\n{stderr[-3000:]}"
+    code, stderr = runner.run(argv, tmp_path, env)
+    shown = " ".join(f"{k}={v}" for k, v in env.items())
+    where = f"docs/failures.md:{row.line} ({row.case}): {shown} emanorm {shlex.join(argv)}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, where
     assert code == row.exit, where
     fragments = [sub(m) for m in row.message]

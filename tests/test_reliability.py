@@ -95,7 +95,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(method, tmp_path):
     rng = random.Random(0)
     kills = 0
     for _attempt in range(12):
-        process = cli("train", *common, "--out", str(killed), "--resume")
+        process = cli("train", *common, "--out", str(killed), "--resume", "auto")
         if kills < 3:
             # wait until training has made progress past a checkpoint, then kill at a random moment
             checkpoint = killed / "checkpoints" / "last.pt"

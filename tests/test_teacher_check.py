@@ -127,3 +127,29 @@ def test_doctor_on_an_emanorm_checkpoint(tmp_path, capsys):
     assert main(["doctor", str(path)]) == 1
     out = capsys.readouterr().out
     assert "emanorm fixmatch run, teacher mode 'eman'" in out and "stale_statistics" in out
+
+
+def test_non_finite_tensors_are_problems_named_on_either_side():
+    student, teacher = trained_pair()
+    s_state, t_state = student.state_dict(), copy.deepcopy(teacher.module.state_dict())
+    t_state["0.weight"] = torch.full_like(t_state["0.weight"], float("nan"))
+    report = inspect_teacher(s_state, t_state)
+    assert kinds(report) == ["non_finite"] and report.findings[0].names == ("teacher 0.weight",)
+    bad_student = {**s_state, "1.running_var": torch.full_like(s_state["1.running_var"], float("inf"))}
+    report = inspect_teacher(bad_student, teacher.module.state_dict())
+    assert kinds(report) == ["non_finite"] and report.findings[0].names == ("student 1.running_var",)
+
+
+def test_nothing_compared_is_a_problem():
+    ints = {"a": torch.arange(3), "b": torch.ones(2, dtype=torch.int64)}
+    report = inspect_teacher(ints, {k: v.clone() for k, v in ints.items()})
+    assert kinds(report) == ["nothing_compared"] and report.compared == 0
+    complex_state = {"z": torch.ones(3, dtype=torch.complex64)}
+    assert kinds(inspect_teacher(complex_state, complex_state)) == ["nothing_compared"]
+
+
+def test_a_lag_no_ema_produces_is_flagged():
+    student, teacher = trained_pair()
+    far = {k: v * 50 if k.endswith("weight") else v for k, v in teacher.module.state_dict().items()}
+    report = inspect_teacher(student.state_dict(), far)
+    assert kinds(report) == ["implausible_lag"] and report.parameter_lag > 1

@@ -19,6 +19,12 @@ from dataclasses import dataclass
 METHOD_NAMES: tuple[str, ...] = ("fixmatch", "moco", "byol", "meanteacher", "supervised", "dino", "mocov3")
 #: The methods trained with labels and judged by test accuracy (each class's ``semi_supervised``).
 SEMI_SUPERVISED: tuple[str, ...] = ("fixmatch", "meanteacher", "supervised")
+#: Inclusive bounds of numeric method options (each class's ``OPTION_RANGES``), checked with the
+#: config before anything is built. DINO trains with 2 to 10 local crops; far more only multiplies
+#: the cost of a step (100000: a hang).
+METHOD_OPTION_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "dino": {"local_crops": (0, 64), "center_momentum": (0.0, 1.0)},
+}
 
 
 # -- teacher modes and norm plans --------------------------------------------------------------

@@ -24,6 +24,9 @@ STATISTICS = ("running_mean", "running_var")
 # Stochastic layers known by class name (timm, torchvision), so that neither is imported here.
 _STOCHASTIC_NAMES = ("DropPath", "DropBlock2d", "StochasticDepth")
 _SHOWN = 5
+#: An EMA teacher is a convex combination of past students: its distance to the student stays
+#: well below the student's own norm. A larger lag means damaged weights or a mismatched pair.
+MAX_PLAUSIBLE_LAG = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,9 @@ class TeacherReport:
 
     Attributes:
         findings: the problems, empty for a healthy teacher. Kinds: ``stale_statistics``,
-            ``batch_statistics``, ``requires_grad``, ``dropout``, ``mismatch``.
+            ``batch_statistics``, ``requires_grad``, ``dropout``, ``mismatch``, ``non_finite``
+            (NaN / inf in either network), ``nothing_compared`` (no floating tensor in common),
+            ``implausible_lag`` (parameter lag above :data:`MAX_PLAUSIBLE_LAG`).
         parameter_lag: ``||t - s|| / ||s||`` over the floating tensors other than BN statistics.
         statistics_lag: the same over the BN running statistics (``None`` without BatchNorm).
         compared: how many tensors were compared.
@@ -141,6 +146,43 @@ def _compare_states(
     report.parameter_lag = _relative_distance([p for k, p in labelled if not _is_statistic(k)])
     report.statistics_lag = _relative_distance([p for k, p in labelled if _is_statistic(k)])
     report.compared = len(common)
+    report.findings.extend(_damage_findings(student, teacher, report))
+
+
+def non_finite_names(state: Mapping[str, object]) -> list[str]:
+    """The names of the floating (or complex) tensors of ``state`` that hold NaN or inf, sorted."""
+    return [
+        str(k) for k, v in sorted(state.items(), key=lambda item: str(item[0]))
+        if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())
+        and not bool(torch.isfinite(v.detach()).all())
+    ]
+
+
+def _non_finite(state: Mapping[str, Tensor], side: str) -> list[str]:
+    return [f"{side} {name}" for name in non_finite_names(state)]
+
+
+def _damage_findings(
+    student: Mapping[str, Tensor], teacher: Mapping[str, Tensor], report: TeacherReport
+) -> list[Finding]:
+    """What no healthy pair shows: NaN / inf anywhere, nothing to compare, an impossible lag."""
+    findings = []
+    bad = _non_finite(teacher, "teacher") + _non_finite(student, "student")
+    if bad:
+        findings.append(Finding("non_finite", f"{len(bad)} tensor(s) hold NaN or inf", tuple(bad)))
+    if report.compared == 0:
+        findings.append(Finding(
+            "nothing_compared",
+            "student and teacher share no floating-point tensor of the same shape: nothing was checked",
+        ))
+    lag = report.parameter_lag
+    if not bad and lag is not None and lag > MAX_PLAUSIBLE_LAG:
+        findings.append(Finding(
+            "implausible_lag",
+            f"parameter lag {lag:.4g} is beyond what an EMA of the student produces (at most "
+            f"{MAX_PLAUSIBLE_LAG:g}): the file is likely damaged, or the two are not student and teacher",
+        ))
+    return findings
 
 
 def _is_stochastic(module: nn.Module) -> bool:
@@ -280,10 +322,12 @@ def find_teacher_pair(
 
 __all__ = [
     "ENTRY_PAIRS",
+    "MAX_PLAUSIBLE_LAG",
     "PREFIX_PAIRS",
     "Finding",
     "TeacherReport",
     "find_teacher_pair",
     "inspect_teacher",
+    "non_finite_names",
     "split_by_prefix",
 ]

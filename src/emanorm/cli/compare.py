@@ -287,6 +287,7 @@ def run_compare(args: argparse.Namespace) -> int:
         paired_differences,
         render_markdown,
     )
+    from emanorm.train.lock import check_writable_dir
 
     methods, variants, seeds, specs = plan_from_args(args)
     rows = [v.label for v in variants]
@@ -313,6 +314,7 @@ def run_compare(args: argparse.Namespace) -> int:
         _print_plan(specs, merged, same)
         check_init_sources(to_train)  # what the real run would refuse, the dry run refuses too
         return 0
+    check_writable_dir(out, "--out")  # a read-only folder: refused before anything trains
     outcomes = {}
     if not args.report_only and to_train:
         check_init_sources(to_train)

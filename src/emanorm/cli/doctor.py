@@ -6,17 +6,22 @@ The parser and its handler; the check itself is :func:`emanorm.teacher_check.ins
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emanorm.collapse import collapse_rules, scan_records
 from emanorm.errors import UserError
+
+if TYPE_CHECKING:
+    from emanorm.teacher_check import TeacherReport
 
 DOCTOR_HELP = """\
 Check an EMA teacher against its student: BatchNorm statistics never averaged (the teacher's still
 0 / 1 while the student's moved), teacher BatchNorm in training mode, teacher parameters that
 require gradients, active dropout / drop-path in the teacher, and the parameter and statistics lag
-(||teacher - student|| / ||student||). For a run directory, also the collapse alarm over its
+(||teacher - student|| / ||student||); NaN / inf in either network, nothing to compare, or a lag
+above 1 (a damaged file or a mismatched pair). For a run directory, also the collapse alarm over its
 metrics.jsonl (DINO's loss at ln K or uniform teacher targets, MoCo/BYOL outputs that no longer
 differ across the batch; docs/methods.md). Exit status 0: no problem found; 1: problems found.
 
@@ -50,13 +55,27 @@ def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_doctor(args: argparse.Namespace) -> int:
     """The ``doctor`` handler: print the teacher report; 1 when it found problems."""
     # imported here: `emanorm doctor --help` answers without torch
-    from emanorm.teacher_check import find_teacher_pair, inspect_teacher
+    from emanorm.teacher_check import (
+        Finding,
+        TeacherReport,
+        find_teacher_pair,
+        inspect_teacher,
+        non_finite_names,
+    )
     from emanorm.train.checkpoint import safe_load
     from emanorm.train.recipe import method_from_checkpoint
 
     data = safe_load(args.path)
     layout = (args.student_key, args.teacher_key, args.student_prefix, args.teacher_prefix)
-    if not any(layout) and all(k in data for k in ("config", "method", "dataset_info")):
+    emanorm_run = not any(layout) and all(k in data for k in ("config", "method", "dataset_info"))
+    weights = data.get("method") if emanorm_run else None
+    bad = non_finite_names(weights) if isinstance(weights, dict) else []
+    if bad:  # a problem to report (exit 1), not a file to refuse: the run is not rebuilt
+        finding = Finding("non_finite", f"{len(bad)} tensor(s) hold NaN or inf", tuple(bad))
+        report = TeacherReport(findings=[finding])
+        where = "emanorm run (not rebuilt: its weights hold NaN or inf)"
+        collapse = None
+    elif emanorm_run:
         method = method_from_checkpoint(data, args.path)
         if method.teacher is None:
             cfg = data["config"]
@@ -80,7 +99,19 @@ def run_doctor(args: argparse.Namespace) -> int:
     print(report.format())
     if collapse is not None:
         print(collapse[0])
+    if not report.ok:  # the verdict on stderr too, in one line, for logs and scripts that keep only it
+        print(f"emanorm: doctor: {args.path}: {problems_line(report)}", file=sys.stderr)
     return 0 if report.ok and (collapse is None or collapse[1]) else 1
+
+
+def problems_line(report: TeacherReport) -> str:
+    """``2 problems: non_finite (teacher fc.weight, ...); nothing_compared``."""
+    parts = []
+    for finding in report.findings:
+        names = ", ".join(finding.names[:3]) + (", ..." if len(finding.names) > 3 else "")
+        parts.append(f"{finding.kind} ({names})" if names else finding.kind)
+    count = len(report.findings)
+    return f"{count} problem{'s' * (count != 1)}: " + "; ".join(parts)
 
 
 def collapse_lines(path: Path, method: str, options: dict[str, Any]) -> tuple[str, bool] | None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from emanorm.catalog import BACKBONES
 from emanorm.cli.common import add_command, key_value
+from emanorm.errors import UserError
 from emanorm.train.config import (
     BUDGET,
     DEFAULTS,
@@ -22,7 +24,7 @@ from emanorm.train.config import (
     preset_names,
     resolve_config,
 )
-from emanorm.train.lock import check_run_dir_early
+from emanorm.train.lock import CHECKPOINT_FILE, check_run_dir_early, default_run_dir
 
 TRAIN_HELP = """\
 Train a method with a chosen normalization. Without --config the small preset for the method
@@ -168,6 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    refuse_resume_of_nothing(cfg, args.resume)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # under torchrun, rank 0 checks under the lock
         check_run_dir_early(cfg, bool(args.resume), args.force)
     # torch loads from here on: every argument and config error above was answered without it
@@ -180,6 +183,22 @@ def run_train(args: argparse.Namespace) -> int:
     if summary.get("run_dir"):
         print(format_report(summary))
     return 0
+
+
+def refuse_resume_of_nothing(cfg: dict[str, Any], resume: bool | str) -> None:
+    """Plain ``--resume`` continues a run: a run directory with no trace of one (a typo,
+    another machine's path) is refused instead of trained from scratch; ``--resume auto`` (job
+    scripts) still starts a fresh run there."""
+    if resume is not True:
+        return
+    run_dir = Path(cfg["out"] or default_run_dir(cfg))
+    traces = (CHECKPOINT_FILE, Path("summary.json"), Path("config.yaml"))  # what a started run leaves
+    if not any((run_dir / trace).exists() for trace in traces):
+        what = "does not exist" if not run_dir.exists() else "holds no run (no checkpoint, config or summary)"
+        raise UserError(
+            f"--resume: {run_dir} {what}, so there is no run to continue; leave out --resume to start it, "
+            "or use --resume auto (resume when there is a checkpoint, start fresh otherwise)"
+        )
 
 
 def has_teacher(method: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,15 +61,22 @@ def open_image_file(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE
         try:
             im = _open_unchecked(path if data is None else io.BytesIO(data))
         except Exception as err:
-            raise DataError(f"cannot decode image file {path}: {err}") from err
+            raise DataError(f"cannot decode image file {path}: {_pillow_reason(err)}") from err
     except Exception as err:
-        raise DataError(f"cannot decode image file {path}: {err}") from err
+        raise DataError(f"cannot decode image file {path}: {_pillow_reason(err)}") from err
     width, height = im.size
     if max_pixels is not None and width * height > max_pixels:
         im.close()
         raise DataError(f"image file {path} is {width}x{height} = {width * height} pixels, above the limit "
                         f"max_image_pixels={max_pixels} (a decompression bomb?); raise the limit to read it")
     return im
+
+
+def _pillow_reason(err: Exception) -> str:
+    """Pillow's complaint without the in-memory buffer it names (``<_io.BytesIO object at 0x...>``):
+    the message already names the file."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)).strip()
+    return text or type(err).__name__
 
 
 def _open_unchecked(source: str | io.BytesIO) -> Image.Image:
@@ -124,7 +132,7 @@ def _decode(path: str, im: Image.Image, channels: int, reduction: int = 1,
                 return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=mode), scale
         return _pixels(im, channels), scale
     except Exception as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        message = _pillow_reason(err).splitlines()[0]
         raise DataError(f"cannot decode image file {path}: {message}") from err
 
 

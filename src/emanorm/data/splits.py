@@ -84,6 +84,9 @@ def write_split_csv(indices: Tensor, path: str | Path) -> None:
 def read_split_csv(path: str | Path) -> Tensor:
     """Indices from a CSV with an ``Index`` column (other columns are ignored), in file order."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the reader forever
+        kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, device or socket)"
+        raise DataError(f"split CSV {path} is {kind}; give a CSV file")
     if not path.is_file():
         raise DataNotFoundError(f"split CSV {path} not found")
     try:
@@ -101,6 +104,8 @@ def _read_index_column(reader: csv.DictReader, path: Path) -> Tensor:
     fields = [h.strip() for h in (reader.fieldnames or [])]
     if SPLIT_COLUMN not in fields:
         raise DataError(f"{path}: no {SPLIT_COLUMN!r} column (found {fields or 'no header'})")
+    if fields.count(SPLIT_COLUMN) > 1:  # DictReader would silently keep the last one
+        raise DataError(f"{path}: {fields.count(SPLIT_COLUMN)} columns named {SPLIT_COLUMN!r}; keep one")
     reader.fieldnames = fields
     values = []
     for line, row in enumerate(reader, start=2):

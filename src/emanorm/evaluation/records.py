@@ -16,6 +16,7 @@ from torch import Tensor
 from emanorm.errors import UserError
 from emanorm.evaluation.context import EvalContext, label_setting, run_dir_of
 from emanorm.evaluation.monitor import percent
+from emanorm.train.checkpoint import atomic_write_text
 
 _CONFIG_KEYS = ("method", "norm", "backbone", "dataset", "seed", "steps", "epochs")
 
@@ -142,7 +143,7 @@ def write_json(out: Path, record: dict[str, Any], *, printed: bool = True) -> No
     """Write ``record``; a failed write is a :class:`UserError` (the result is printed already)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(out, json.dumps(record, indent=2) + "\n")  # a full disk: no empty file left
     except OSError as err:
         why = err.strerror or err
         where = "; the result is printed above" if printed else ""

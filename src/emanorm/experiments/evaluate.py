@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -253,6 +254,43 @@ def expected_protocol(method: str, linear: LinearProtocol | None) -> str:
     return "test_acc" if is_semi_supervised(method) else ("linear" if linear else "knn")
 
 
+#: Scores in percent: a merged entry's accuracies must lie in [0, 100].
+PERCENT_METRICS = ("knn", "test_acc", "linear_top1", "linear_top5")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def merged_entry_problem(entry: dict[str, Any]) -> str | None:
+    """What makes a finished entry of a results.json unusable in a report (None: nothing): every
+    field the tables and the curves read, checked before ``compare`` trains or writes anything."""
+    for key in ("variant", "method"):
+        if not isinstance(entry.get(key), str):
+            return f"{key} is {entry.get(key)!r}, not a text"
+    if not isinstance(entry.get("seed"), int) or isinstance(entry.get("seed"), bool):
+        return f"seed is {entry.get('seed')!r}, not an integer"
+    metrics = entry.get("metrics", {})
+    if not isinstance(metrics, dict):
+        return f"metrics is a {type(metrics).__name__}, not a mapping"
+    scores = {"primary": entry.get("primary"), **{f"metrics.{k}": v for k, v in metrics.items()}}
+    for key, value in scores.items():
+        if not _finite(value):
+            return f"{key} is {value!r}, not a finite number"
+        if (key == "primary" or key.removeprefix("metrics.") in PERCENT_METRICS) and not 0 <= value <= 100:
+            return f"{key} is {value!r}: an accuracy in percent lies in [0, 100]"
+    wall = entry.get("wall_clock_s")
+    if wall is not None and not (_finite(wall) and wall >= 0):
+        return f"wall_clock_s is {wall!r}, not a number of seconds >= 0"
+    curve = entry.get("curve")
+    if curve is not None and not (isinstance(curve, list) and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+        and _finite(p[1]) and 0 <= p[1] <= 100 for p in curve
+    )):
+        return "curve is not a list of [step, accuracy in [0, 100]] pairs"
+    return None
+
+
 class MergedResults:
     """Finished runs taken from earlier ``results.json`` files (``compare --merge-results``).
 
@@ -283,9 +321,16 @@ class MergedResults:
                     raise UserError(
                         f"--merge-results {path}: run #{number} has no name; not a compare record"
                     )
-                if entry.get("status") == "ok" and isinstance(entry.get("primary"), (int, float)):
+                if entry.get("status") == "ok" and entry.get("primary") is not None:
+                    problem = merged_entry_problem(entry)
+                    if problem:
+                        raise UserError(
+                            f"--merge-results {path}: run #{number} ({entry['name']}): {problem}; "
+                            "nothing was written"
+                        )
                     self.entries.setdefault(entry["name"], []).append((path, entry))
-                # anything else (failed, missing, unscored) is not finished there: it trains here
+                # anything else (failed, missing, unscored) is not finished there: it trains here;
+                # a finished entry is checked whole, so no bad value reaches a table or a file
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:

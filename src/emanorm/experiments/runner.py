@@ -112,7 +112,7 @@ def _run_subprocess(
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env[PARENT_ENV] = str(os.getpid())  # the child dies with this process (die_with_parent)
-    command = [sys.executable, "-m", "emanorm", "train", "--config", str(config_file), "--resume"]
+    command = [sys.executable, "-m", "emanorm", "train", "--config", str(config_file), "--resume", "auto"]
     command.append("--no-progress")
     try:
         with run_lock(log_file.with_suffix(".lock")) as lock_fd, log_file.open("w") as handle:

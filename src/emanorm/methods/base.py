@@ -10,6 +10,7 @@ loss and a dict of float logs; ``after_step(step, total_steps)`` runs after
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -113,13 +114,14 @@ def _check_option(method: str, name: str, value: Any, default: Any) -> Any:
         if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     elif isinstance(default, str):
         ok = isinstance(value, str)
     if not ok:
         raise ValueError(
-            f"option {name!r} of method {method!r} must be {type(default).__name__}, got {value!r}"
+            f"option {name!r} of method {method!r} must be "
+            f"{'a finite number' if isinstance(default, float) else type(default).__name__}, got {value!r}"
         )
     return value
 
@@ -133,8 +135,8 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
 def check_range(
     name: str, value: float, low: float, high: float = float("inf"), *, low_open: bool = False
 ) -> None:
-    """``ValueError`` unless ``low <= value <= high`` (``low < value`` with ``low_open``)."""
-    if (value <= low if low_open else value < low) or value > high:
+    """``ValueError`` unless ``low <= value <= high`` (``low < value`` with ``low_open``); NaN is refused."""
+    if math.isnan(value) or (value <= low if low_open else value < low) or value > high:
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
 
@@ -220,6 +222,8 @@ class Method(nn.Module):
     NORMS: ClassVar[tuple[str, ...]] = ALL_NORMS
     DEFAULT_NORM: ClassVar[str] = "bn"
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    #: Inclusive bounds of numeric options, checked with the config before anything is built.
+    OPTION_RANGES: ClassVar[dict[str, tuple[float, float]]] = {}
     labeled_views: ClassVar[dict[str, str]] = {}
     unlabeled_views: ClassVar[dict[str, str]] = {}
     #: Trained with labels and judged by test accuracy (FixMatch, Mean Teacher, supervised); the

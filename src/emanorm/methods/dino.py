@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from emanorm.catalog import METHOD_OPTION_RANGES
 from emanorm.errors import UserError
 from emanorm.methods.base import (
     ALL_NORMS,
@@ -120,6 +121,8 @@ class DINO(Method):
         "momentum_warmup": False,
         "exclude_bias_and_norm": True,  # DINO: no weight decay on biases and norm parameters
     }
+    #: ``local_crops`` in [0, 64], ``center_momentum`` in [0, 1] (the catalog's table, torch-free).
+    OPTION_RANGES: ClassVar[dict[str, tuple[float, float]]] = METHOD_OPTION_RANGES["dino"]
     #: Replaced per instance by the global and ``local_crops`` local views.
     unlabeled_views: ClassVar[dict[str, str]] = {"global1": "dino_global1", "global2": "dino_global2"}
     #: Clip and freeze inside backward (post-accumulate-grad hooks), so that a trainer that calls
@@ -136,7 +139,8 @@ class DINO(Method):
             check_range(key, o[key], 0)
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             check_range(key, o[key], 0.0, low_open=True)
-        check_range("center_momentum", o["center_momentum"], 0.0, 1.0)
+        for key, (low, high) in self.OPTION_RANGES.items():
+            check_range(key, o[key], low, high)
         check_range("clip_grad", o["clip_grad"], 0.0)
         backbone = self.make_backbone()
         head = DINOHead(

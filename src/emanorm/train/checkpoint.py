@@ -13,7 +13,11 @@ import logging
 import os
 import pickle
 import random
+import re
+import stat
 import tempfile
+import zipfile
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,17 +59,50 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename: a full disk leaves no empty or
+    partial file (and an existing one as it was); the temporary is removed on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """A run directory or a checkpoint file -> the checkpoint file."""
     path = Path(path)
     if path.is_dir():
         candidate = path / "checkpoints" / CHECKPOINT_NAME
+        if path.suffix in (".pt", ".pth", ".ckpt", ".tar") and not candidate.exists():
+            raise UserError(f"{path} is a directory, not a checkpoint file (nor a run directory)")
+        if candidate.exists() and not candidate.is_file():
+            raise UserError(f"{candidate} is {file_kind(candidate)}, not a checkpoint file")
         if not candidate.is_file():
             raise UserError(f"no checkpoint in run directory {path} (expected {candidate})")
         return candidate
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is {file_kind(path)}, not a checkpoint file or run directory")
     if not path.is_file():
         raise UserError(f"checkpoint or run directory not found: {path}")
     return path
+
+
+def file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words ("a directory", "a FIFO", ...)."""
+    mode = path.stat().st_mode
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -74,6 +111,43 @@ def _looks_like_text(head: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return all(ch.isprintable() or ch in "\t\n\r" for ch in text)
+
+
+def verify_checkpoint_integrity(path: Path) -> None:
+    """Refuse a damaged checkpoint: every member of torch's zip archive is read once, in 1 MiB
+    chunks, and checked against the CRC-32 ``torch.save`` stored with it (``torch.load`` checks
+    none, so flipped bytes would otherwise load as weights). About 1 s per GB.
+
+    Every checkpoint of the zip format carries these CRCs, those written before this check
+    included; members stored with a CRC of 0 (``torch.serialization.set_crc32_options(False)``)
+    cannot be checked and are skipped. Old pickle-format files hold no checksum.
+    """
+    damaged = "is damaged (not the file that was written): "
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.CRC == 0 and member.file_size > 0:
+                    continue  # written without checksums
+                with archive.open(member) as handle:
+                    while handle.read(1 << 20):
+                        pass
+    except zipfile.BadZipFile as err:
+        raise UserError(f"checkpoint {path} {damaged}{err}") from None
+    except (zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error) as err:
+        raise UserError(f"checkpoint {path} {damaged}{type(err).__name__}: {err}") from None
+    except OSError as err:
+        raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+
+
+def refused_global(err: Exception) -> str:
+    """What torch's weights-only unpickler refused, in a few words: ``the global posix.system``
+    (its message is paragraphs of advice with terminal colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(err))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"the global {found.group(1)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "unsupported content"
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -88,13 +162,14 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         what = "empty" if not head else ("text" if _looks_like_text(head) else "neither a zip nor a pickle")
         raise UserError(f"{path} is not a PyTorch checkpoint (the file is {what})")
+    if head.startswith(b"PK\x03\x04"):
+        verify_checkpoint_integrity(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
         raise UserError(
-            f"refusing to load {path}: it holds more than tensors and plain values ({first_line}); "
-            "only load checkpoints you trust with other tools"
+            f"refusing to load {path}: it holds more than tensors and plain values ({refused_global(err)}); "
+            "nothing of it was run; only load checkpoints you trust with other tools"
         ) from None
     except Exception as err:  # any other failure to parse: truncated, garbage, or an unknown format
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -172,19 +247,21 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) 
 def os_error_reason(err: BaseException) -> str:
     """An OSError / torch write error in a few words ("no space left on device", ...)."""
     text = str(err).strip()
-    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text:
+    # torch's zip writer reports a short write as "file write failed" or "unexpected pos N vs M"
+    short_write = ("No space left", "file write failed", "unexpected pos")
+    if getattr(err, "errno", None) == errno.ENOSPC or any(words in text for words in short_write):
         return "no space left on device"
     return getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
 
 
 def write_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Atomic write; a full disk or a vanished directory is a clear error and the old file stays."""
+    had_one = path.exists()
     try:
         atomic_save(state, path)
     except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError
-        raise UserError(
-            f"could not write checkpoint {path}: {os_error_reason(err)}; the previous checkpoint is intact"
-        ) from None
+        kept = "the previous checkpoint is intact" if had_one else "no checkpoint had been written yet"
+        raise UserError(f"could not write checkpoint {path}: {os_error_reason(err)}; {kept}") from None
 
 
 def save_checkpoint(run: Run, path: Path, position: dict[str, int], elapsed: float) -> None:

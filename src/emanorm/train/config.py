@@ -52,6 +52,7 @@ from emanorm.catalog import (
     DATASETS,
     LOGGERS,
     METHOD_NAMES,
+    METHOD_OPTION_RANGES,
 )
 from emanorm.catalog import SEMI_SUPERVISED as SEMI_SUPERVISED_METHODS
 from emanorm.errors import UserError
@@ -391,6 +392,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
     _check_augment_options(cfg["augment_options"])
     _check_lr_milestones(cfg["lr_milestones"])
     _check_together(cfg)
+    check_feasible(cfg)
 
 
 def _check_augment_options(options: dict[str, Any]) -> None:
@@ -435,6 +437,36 @@ def _check_together(cfg: dict[str, Any]) -> None:
     for key in ("lr", "weight_decay"):
         if cfg[key] > 1e6:
             raise UserError(f"{key} {cfg[key]!r} is far too large (above 1e6): check the value")
+
+
+def check_feasible(cfg: dict[str, Any], world_size: int = 1) -> None:
+    """Refuse what the config makes impossible, before anything is built (issue 30, item 5).
+
+    - the batch splits evenly into processes x accumulate micro-batches x bn_splits BN groups
+      (``world_size``: the process count, known to the recipe; 1 while the config is resolved);
+    - every numeric method option is finite and inside its range in
+      :data:`emanorm.catalog.METHOD_OPTION_RANGES` (DINO's ``center_momentum`` in [0, 1],
+      ``local_crops`` in [0, 64]).
+    """
+    accumulate, splits = cfg.get("accumulate", 1), cfg.get("bn_splits", 1)
+    parts = world_size * accumulate * splits
+    if cfg["batch_size"] % parts:
+        raise UserError(
+            f"batch_size {cfg['batch_size']} must be divisible by processes x accumulate x bn_splits "
+            f"({world_size} x {accumulate} x {splits} = {parts}): every micro-batch is split into "
+            "bn_splits equal BatchNorm groups"
+        )
+    ranges = METHOD_OPTION_RANGES.get(cfg["method"], {})
+    for key, value in (cfg.get("method_args") or {}).items():
+        if not number(value):
+            continue  # types and unknown names: the method's own check names them
+        if not math.isfinite(value):
+            raise UserError(f"method_args.{key} of {cfg['method']} must be a finite number, got {value!r}")
+        low, high = ranges.get(key, (-math.inf, math.inf))
+        if not low <= value <= high:
+            raise UserError(
+                f"method_args.{key} of {cfg['method']} must lie in [{low}, {high}], got {value!r}"
+            )
 
 
 def check_loggers(value: Any) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,32 @@ def _holder(lock_file: Path) -> str:
     return ""
 
 
+def open_lock_file(lock_file: Path) -> int:
+    """The lock file's descriptor; a directory that cannot hold it (read-only, full, gone) is one line."""
+    try:
+        return os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(
+            f"cannot write to {lock_file.parent}: {err.strerror or err} (its lock file {lock_file.name} "
+            "cannot be created); make the directory writable or choose another"
+        ) from None
+
+
+def check_writable_dir(directory: Path, what: str) -> None:
+    """Refuse ``directory`` (or, while it does not exist, the folder it would be made in) when no file
+    can be created there; nothing is left behind (an anonymous temporary file)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {directory}: {existing} exists and is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"{what} {directory} is not writable: {existing}: {err.strerror or err}") from None
+
+
 @contextlib.contextmanager
 def run_lock(lock_file: Path, *, what: str = "it", remove: bool = False) -> Iterator[int | None]:
     """Hold an exclusive ``flock`` on ``lock_file``; yields its descriptor (None without fcntl).
@@ -53,7 +80,7 @@ def run_lock(lock_file: Path, *, what: str = "it", remove: bool = False) -> Iter
     if fcntl is None:
         yield None
         return
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(lock_file)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

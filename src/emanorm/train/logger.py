@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from emanorm.errors import UserError
 from emanorm.train import tracking
 from emanorm.train.checkpoint import os_error_reason
+from emanorm.train.run_records import keep_metrics_until
 
 log = logging.getLogger("emanorm")
 
@@ -38,13 +39,12 @@ class RunLogger:
         self.trackers: list[tracking.Tracker] = []
         if not enabled:
             return
+        # the trackers first: one that cannot start leaves the run's metrics as they were
+        self.trackers = tracking.open_trackers(loggers, run_dir, config or {}, resume_step)
         if resume_step > 0 and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in kept if json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            keep_metrics_until(self.path, resume_step)
         elif self.path.exists():
             self.path.unlink()
-        self.trackers = tracking.open_trackers(loggers, run_dir, config or {}, resume_step)
 
     def record(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -37,6 +37,7 @@ from emanorm.methods import METHODS, Method, build_method
 from emanorm.models import build_backbone
 from emanorm.optim import build_optimizer
 from emanorm.train.checkpoint import load_matching, safe_load, state_mismatch
+from emanorm.train.config import check_feasible
 from emanorm.train.distributed import DistInfo, single_process
 
 log = logging.getLogger("emanorm")
@@ -363,6 +364,17 @@ def calibrate_start(method: Method, stream: BatchStream, batches: int) -> int:
     return count
 
 
+def check_micro_batch(method: Method, per_rank: int, accumulate: int) -> None:
+    """Each micro-batch of ``accumulate`` must split into the method's BN groups (``bn_splits`` or
+    a method's own ``num_splits``): a split that fails only at step 0 is refused here."""
+    splits, micro = method.plan.num_splits, per_rank // max(accumulate, 1)
+    if accumulate > 1 and splits > 1 and micro % splits:
+        raise UserError(
+            f"a micro-batch of {micro} (batch {per_rank} per process / accumulate {accumulate}) does not "
+            f"split into the {splits} BatchNorm groups; choose a batch divisible by accumulate x {splits}"
+        )
+
+
 def build_run(
     cfg: dict[str, Any],
     dist_info: DistInfo | None = None,
@@ -423,12 +435,7 @@ def check_batch_size(cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
         raise UserError(
             f"batch_size {cfg['batch_size']} must be divisible by the process count {dist_info.world_size}"
         )
-    accumulate = cfg.get("accumulate", 1)
-    if accumulate > 1 and cfg["batch_size"] % (dist_info.world_size * accumulate):
-        raise UserError(
-            f"batch_size {cfg['batch_size']} must be divisible by processes x accumulate "
-            f"({dist_info.world_size} x {accumulate})"
-        )
+    check_feasible(cfg, dist_info.world_size)
 
 
 def labeled_split(
@@ -462,6 +469,7 @@ def build_run_method(
         method = method.to(memory_format=torch.channels_last)
     try:
         method.check_batch_size(cfg["batch_size"] // dist_info.world_size)
+        check_micro_batch(method, cfg["batch_size"] // dist_info.world_size, cfg.get("accumulate", 1))
     except ValueError as err:
         raise UserError(str(err)) from None
     log_method_setup(method, cfg, dist_info)

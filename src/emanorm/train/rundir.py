@@ -22,6 +22,7 @@ import torch
 
 from emanorm.data import write_split_csv
 from emanorm.errors import UserError
+from emanorm.train import tracking
 from emanorm.train.checkpoint import CHECKPOINT_NAME, os_error_reason, restore_checkpoint
 from emanorm.train.config import dump_config
 from emanorm.train.curves import write_run_curves
@@ -44,6 +45,7 @@ def lock_and_check(held: contextlib.ExitStack, cfg: dict[str, Any], resume: bool
     """Take the run directory's lock (held until ``held`` closes), then :func:`check_run_dir`."""
     held.enter_context(run_directory(Path(cfg["out"])))
     check_run_dir(cfg, resume, force)
+    tracking.check_trackers(cfg.get("logger", "jsonl,tensorboard"))  # before a file of the run changes
 
 
 class RunFinished(Exception):
