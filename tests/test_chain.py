@@ -16,7 +16,7 @@ from emanorm.errors import UserError
 from emanorm.evaluation import knn_monitor
 from emanorm.train import resolve_config, train
 from emanorm.train.checkpoint import safe_load
-from emanorm.train.recipe import initialise_from, make_method
+from emanorm.train.restore import initialise_from, make_method
 
 TINY = {"knn_bank_size": 64, "monitor_test_size": 64, "log_every": 1, "device": "cpu", "batch_size": 16}
 

@@ -681,7 +681,7 @@ def test_commands_end_to_end_on_fashion_mnist(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_commands_on_a_trained_run(tmp_path):
     """A real run directory from the trainer, evaluated and exported through the real CLI and loader."""
-    recipe = pytest.importorskip("emanorm.train.recipe")
+    recipe = pytest.importorskip("emanorm.train.restore")
     cli = pytest.importorskip("emanorm.cli")
     run = tmp_path / "run"
     try:

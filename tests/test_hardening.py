@@ -28,7 +28,7 @@ from emanorm.train import build_run, resolve_config, train, train_step
 from emanorm.train import checkpoint as ckpt
 from emanorm.train.lock import RunBusyError, run_directory
 from emanorm.train.loop import NonFiniteLossError, RunLogger, claim_run_dir, write_checkpoint
-from emanorm.train.recipe import check_checkpoint
+from emanorm.train.restore import check_checkpoint
 
 
 def tiny(out: Path, data_dir: Path | None = None, **extra) -> dict:

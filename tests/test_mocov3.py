@@ -307,7 +307,7 @@ def test_cli_trains_mocov3_with_eman_on_stand_in_data(tiny_fashion_mnist_dir, tm
 
 def test_bad_option_from_the_command_line_is_one_line():
     with pytest.raises(UserError, match="projector_layers"):
-        from emanorm.train.recipe import make_method
+        from emanorm.train.restore import make_method
         cfg = resolve_config(None, {"method": "mocov3", "method_args": {"projector_layers": 0}})
         make_method(cfg, DatasetInfo("t", 10, 1, 28, (0.5,), (0.25,)), distributed=False)
 

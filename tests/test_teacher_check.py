@@ -13,7 +13,7 @@ from emanorm.cli import main
 from emanorm.data import dataset_info
 from emanorm.teacher_check import find_teacher_pair
 from emanorm.train import resolve_config
-from emanorm.train.recipe import make_method
+from emanorm.train.restore import make_method
 from test_teacher import make_student, train_student_steps
 
 

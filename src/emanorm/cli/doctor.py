@@ -63,7 +63,7 @@ def run_doctor(args: argparse.Namespace) -> int:
         non_finite_names,
     )
     from emanorm.train.checkpoint import safe_load
-    from emanorm.train.recipe import method_from_checkpoint
+    from emanorm.train.restore import method_from_checkpoint
 
     data = safe_load(args.path)
     layout = (args.student_key, args.teacher_key, args.student_prefix, args.teacher_prefix)

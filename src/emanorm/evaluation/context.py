@@ -21,7 +21,7 @@ from emanorm.data import DatasetInfo, build_augmentation, load_dataset, select_l
 from emanorm.errors import UserError
 from emanorm.evaluation.features import ImageSource, dataset_batches, extract_features, resolve_device
 from emanorm.evaluation.transfer import adapted_transform, describe_adaptation
-from emanorm.train.recipe import load_backbone
+from emanorm.train.restore import load_backbone
 
 PROTOCOLS = ("knn", "linear", "finetune", "retrieval", "lowshot")
 WHICH = ("teacher", "student")

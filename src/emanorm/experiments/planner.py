@@ -29,7 +29,7 @@ from emanorm.train.config import (
     preset_names,
     resolve_config,
 )
-from emanorm.train.recipe import make_method
+from emanorm.train.restore import make_method
 
 log = logging.getLogger("emanorm")
 

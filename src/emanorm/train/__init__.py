@@ -15,9 +15,9 @@ _WHERE = {
         ("DEFAULTS", "METHODS", "NORMS", "SEMI_SUPERVISED", "resolve_config"), "emanorm.train.config"
     ),
     **dict.fromkeys(("Monitor", "NonFiniteLossError", "train", "train_step"), "emanorm.train.loop"),
+    **dict.fromkeys(("Run", "build_run"), "emanorm.train.recipe"),
     **dict.fromkeys(
-        ("Run", "build_run", "initialise_from", "load_backbone", "load_method", "make_method"),
-        "emanorm.train.recipe",
+        ("initialise_from", "load_backbone", "load_method", "make_method"), "emanorm.train.restore"
     ),
 }
 lazy_package(__name__, _WHERE)
@@ -42,4 +42,5 @@ __all__ = [
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from emanorm.train.config import DEFAULTS, METHODS, NORMS, SEMI_SUPERVISED, resolve_config
     from emanorm.train.loop import Monitor, NonFiniteLossError, train, train_step
-    from emanorm.train.recipe import Run, build_run, initialise_from, load_backbone, load_method, make_method
+    from emanorm.train.recipe import Run, build_run
+    from emanorm.train.restore import initialise_from, load_backbone, load_method, make_method

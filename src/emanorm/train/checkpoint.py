@@ -3,7 +3,7 @@ and a training run's checkpoint: what it holds (:func:`save_checkpoint`) and how
 puts it back (:func:`restore_checkpoint`).
 
 Rebuilding a run's method or backbone from a checkpoint is the recipe's job
-(``emanorm.train.recipe.load_backbone``).
+(``emanorm.train.restore.load_backbone``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from emanorm.train.hooks import Hooks, Monitor, TrainState, collapse_watch, ligh
 from emanorm.train.lock import default_run_dir
 from emanorm.train.logger import Progress, RunLogger
 from emanorm.train.preemption import StopSignals
-from emanorm.train.recipe import Run, load_method
+from emanorm.train.recipe import Run
+from emanorm.train.restore import load_method
 from emanorm.train.rundir import RunFinished, checkpoint_path, claim_run_dir, open_run
 
 # names the trainer has always offered here (tests, docs and loops of your own import them)
