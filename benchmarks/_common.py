@@ -42,8 +42,8 @@ from emanorm.data.augment import blur_kernel_size
 from emanorm.methods import METHODS as METHOD_CLASSES
 from emanorm.models import Classifier, MLPHead, build_backbone
 from emanorm.train import build_run, resolve_config, train_step
-from emanorm.train.config import parse_key_value
 from emanorm.train.distributed import pick_device, single_process
+from emanorm.train.presets import parse_key_value
 from emanorm.train.recipe import labeled_indices, load_run_dataset
 from emanorm.train.recipe import planned_steps as total_steps_of
 

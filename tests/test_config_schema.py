@@ -21,10 +21,9 @@ from emanorm.train.config import (
     NOT_AFFECTING_WEIGHTS,
     TrainConfig,
     comparable,
-    parse_key_value,
-    preset_names,
     resolve_config,
 )
+from emanorm.train.presets import parse_key_value, preset_names
 
 
 # -- the catalog equals the registries -----------------------------------------------------------

@@ -21,7 +21,7 @@ from emanorm.data.safe_pickle import load_data_pickle
 from emanorm.data.voc import parse_annotation
 from emanorm.errors import UserError
 from emanorm.experiments.evaluate import MergedResults
-from emanorm.train.config import load_config_source
+from emanorm.train.presets import load_config_source
 from failure_setups import MARKER, code_pickles, flipped, python2_style_pickle, truncated
 
 # Every file an in-memory loader reads: (dataset, split, path under its data_dir).

@@ -273,7 +273,7 @@ def test_budget_flags_replace_the_presets(tmp_path):
 
 
 def test_presets_all_resolve():
-    from emanorm.train.config import preset_names
+    from emanorm.train.presets import preset_names
 
     names = preset_names()
     assert {

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from emanorm.errors import UserError
-from emanorm.train.config import parse_key_value
+from emanorm.train.presets import parse_key_value
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,7 +18,7 @@ class Parser(argparse.ArgumentParser):
 
 def key_value(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` -> ``(key, YAML value)``; dashes in KEY become underscores
-    (:func:`emanorm.train.config.parse_key_value` as an argparse type)."""
+    (:func:`emanorm.train.presets.parse_key_value` as an argparse type)."""
     try:
         return parse_key_value(text)
     except UserError as err:

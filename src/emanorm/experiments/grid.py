@@ -39,8 +39,8 @@ from emanorm.experiments.runner import (
     steps_done,
     write_run_config,
 )
-from emanorm.train.config import parse_key_value, parse_value  # the one KEY=VALUE parser
 from emanorm.train.lock import RunBusyError, run_lock
+from emanorm.train.presets import parse_key_value, parse_value  # the one KEY=VALUE parser
 
 __all__ = [
     "BN_ONLY_KEYS",
