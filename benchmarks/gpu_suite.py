@@ -455,7 +455,7 @@ def ema_update(s: Suite) -> dict[str, Any]:
 
 
 #: The methods whose steps step_sync checks (each through its small preset).
-SYNC_METHODS = ("fixmatch", "moco", "byol", "meanteacher", "dino", "supervised")
+SYNC_METHODS = ("fixmatch", "moco", "byol", "meanteacher", "dino", "supervised", "mocov3")
 
 
 def step_sync(s: Suite) -> dict[str, Any]:
