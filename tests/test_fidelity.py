@@ -95,9 +95,7 @@ def assert_same_state(got: dict[str, torch.Tensor], reference: dict[str, torch.T
                       rtol: float = 1e-11, atol: float = 1e-12) -> None:
     assert got.keys() == reference.keys()
     for key, value in reference.items():
-        # DINO's centre sums teacher outputs cast to float32 (its loss path): float32 round-off
-        r, a = (1e-6, 1e-9) if key == "center" else (rtol, atol)
-        torch.testing.assert_close(got[key], value, rtol=r, atol=a, msg=f"{key} ({where})")
+        torch.testing.assert_close(got[key], value, rtol=rtol, atol=atol, msg=f"{key} ({where})")
 
 
 @pytest.mark.parametrize("case", ACCUMULATION_EXACT)
@@ -128,13 +126,13 @@ def test_dino_centre_moves_once_with_the_mean_over_every_micro_batch(float64):
     method.training_step(batch, 0)  # a stash of another step: dropped
     with torch.no_grad():
         globals_ = torch.cat([batch["global1"], batch["global2"]])
-        mean = method.teacher(globals_).float().mean(0, keepdim=True)
+        mean = method.teacher(globals_).mean(0, keepdim=True)
     expected = (1 - method.options["center_momentum"]) * mean
     halves = [{k: (v[i::2] if v.dim() else v) for k, v in batch.items()} for i in range(2)]
     for half in halves:
         method.training_step(half, 1)
     method.after_step(1, 10)
-    torch.testing.assert_close(method.center, expected.to(method.center.dtype), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(method.center, expected, rtol=1e-12, atol=1e-15)
 
 
 # -- two gloo ranks against one process --------------------------------------------------------

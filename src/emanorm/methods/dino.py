@@ -81,14 +81,20 @@ def running_statistics_frozen(module: nn.Module) -> Iterator[None]:
             layer.track_running_stats = True
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is in a lower precision (autocast's bf16/fp16); float64 stays float64,
+    so a float64 run (the reference comparisons) computes the loss and the centre in float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def dino_loss(student_out: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
     """Mean over (teacher global view i, student view v != i) of ``H(teacher_i, softmax(student_v / T_s))``.
 
     ``student_out`` lists the student's logits per view with the global views first, in the
     order of ``teacher_probs`` (the teacher's centred, sharpened softmax per global view).
     """
-    log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_out]
-    total, terms = student_out[0].new_zeros((), dtype=torch.float32), 0
+    log_probs = [F.log_softmax(at_least_float32(s) / student_temp, dim=-1) for s in student_out]
+    total, terms = log_probs[0].new_zeros(()), 0
     for i, q in enumerate(teacher_probs):
         for v, log_p in enumerate(log_probs):
             if v == i:  # never the same crop
@@ -206,7 +212,7 @@ class DINO(Method):
         )
         self.current_teacher_temp = temp
         student_out = self._student_outputs(globals_, locals_)
-        teacher_out = self.teacher_forward(torch.cat(globals_)).float()
+        teacher_out = at_least_float32(self.teacher_forward(torch.cat(globals_)))
         probs = F.softmax((teacher_out - self.center) / temp, dim=-1)
         loss = dino_loss(student_out, list(probs.chunk(2)), o["student_temp"])
         # every micro-batch's share of the centre's batch mean waits for after_step
