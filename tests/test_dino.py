@@ -18,6 +18,7 @@ from emanorm import cosine_momentum
 from emanorm.data import BatchStream, DataError, build_augmentation
 from emanorm.data.augment import dino_local_size
 from emanorm.data.datasets import DatasetInfo, TensorImageDataset
+from emanorm.errors import UserError
 from emanorm.methods import ALL_NORMS, DINO, build_method
 from emanorm.methods.dino import dino_loss, teacher_temperature
 from emanorm.models import DINOHead
@@ -405,3 +406,71 @@ def test_small_dino_preset_trains_and_writes_the_run_directory(tmp_path, tiny_fa
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     # the stand-in's grey level encodes the label: far above chance (10%) even after 2 steps
     assert saved["method"] == "dino" and saved["final"]["knn_teacher"] >= 25.0, saved["final"]  # measured 40
+
+
+# -- DINO's schedules: lr warm-up from 0, min_lr, cosine weight decay, 1-D exemption ---------------
+def test_lr_and_weight_decay_schedules_follow_dinos_recipe():
+    import numpy as np
+
+    from emanorm.train.recipe import Schedule, cosine_weight_decay, lr_factor
+
+    base, min_lr, total, warmup, wd, wd_end = 0.5, 1e-3, 20, 5, 0.04, 0.4
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    exempt_params = [*model[1].parameters(), model[0].bias]
+    groups = [{"params": [model[0].weight], "weight_decay": wd},
+              {"params": exempt_params, "weight_decay": 0.0}]
+    opt = torch.optim.SGD(groups, lr=base)
+    sched = Schedule(opt, lambda s: lr_factor(s, total, warmup, "cosine", [], warmup_from_zero=True,
+                                              floor=min_lr / base), cosine_weight_decay(wd, wd_end, total))
+    lrs, decays, exempt = [], [], []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        decays.append(opt.param_groups[0]["weight_decay"])
+        exempt.append(opt.param_groups[1]["weight_decay"])
+        opt.step()
+        sched.step()
+    # DINO's cosine_scheduler, written out: linspace(0, base, W), then min + (base - min)(1 + cos)/2
+    i = np.arange(total - warmup)
+    expected_lr = np.concatenate([np.linspace(0, base, warmup),
+                                  min_lr + 0.5 * (base - min_lr) * (1 + np.cos(np.pi * i / len(i)))])
+    expected_wd = wd_end + 0.5 * (wd - wd_end) * (1 + np.cos(np.pi * np.arange(total) / total))
+    np.testing.assert_allclose(lrs, expected_lr, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(decays, expected_wd, rtol=1e-12)
+    assert exempt == [0.0] * total
+    # the schedule's state saves without its functions (checkpoints load with weights_only)
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(sched.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["last_epoch"] == total
+    # without the options: the old warm-up from lr / W and a cosine to 0
+    assert lr_factor(0, total, warmup, "cosine", []) == 1 / warmup
+    assert lr_factor(total, total, warmup, "cosine", []) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_exclude_1d_params_exempts_every_bias_and_1d_parameter_as_dino():
+    method = make("gn", exclude_bias_and_norm=False, exclude_1d_params=True)
+    decay, no_decay = method.parameter_groups(0.04)
+    assert decay["weight_decay"] == 0.04 and no_decay["weight_decay"] == 0.0
+    named = dict(method.student.named_parameters())
+    exempt = {id(p) for p in no_decay["params"]}
+    for name, p in named.items():
+        if p.requires_grad:
+            assert (id(p) in exempt) == (p.ndim == 1 or name.endswith(".bias")), name
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"min_lr": 1.0, "lr": 0.1}, "min_lr must be a number in"),
+    ({"min_lr": -1e-6}, "min_lr must be a number >= 0"),
+    ({"min_lr": float("nan")}, "min_lr must be a finite number"),
+    ({"weight_decay_end": -0.1}, "weight_decay_end must be a number >= 0"),
+    ({"weight_decay_end": "high"}, "weight_decay_end must be a number >= 0"),
+    ({"weight_decay_end": float("inf")}, "weight_decay_end must be a finite number"),
+    ({"warmup_from_zero": "yes"}, "warmup_from_zero must be true or false"),
+])
+def test_bad_schedule_options_are_one_line_errors(override, message):
+    from emanorm.train import resolve_config
+
+    with pytest.raises(UserError, match=message):
+        resolve_config("small-dino", override)

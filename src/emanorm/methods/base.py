@@ -476,6 +476,7 @@ class Method(nn.Module):
         groups = parameter_groups(
             nn.ModuleList(self.trainable_modules()), weight_decay,
             exclude_bias_and_norm=self.options.get("exclude_bias_and_norm", False),
+            exclude_1d=self.options.get("exclude_1d_params", False),
         )
         for group in groups:  # the teacher is never trained, whatever the groups helper does
             group["params"] = [p for p in group["params"] if p.requires_grad]

@@ -131,7 +131,9 @@ class DINO(Method):
         "local_crop_statistics": False,
         "num_splits": 8,
         "momentum_warmup": False,
-        "exclude_bias_and_norm": True,  # DINO: no weight decay on biases and norm parameters
+        "exclude_bias_and_norm": True,  # no weight decay on biases and norm parameters
+        # DINO's own rule (get_params_groups): no weight decay on any bias or 1-D parameter either
+        "exclude_1d_params": False,
     }
     #: ``local_crops`` in [0, 64], ``center_momentum`` in [0, 1] (the catalog's table, torch-free).
     OPTION_RANGES: ClassVar[dict[str, tuple[float, float]]] = METHOD_OPTION_RANGES["dino"]
