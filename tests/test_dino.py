@@ -359,7 +359,7 @@ for i in range(3):
     full = make_batch(method, seed=i, epoch=i // 2)
     half = {k: (v[rank::world] if v.dim() else v) for k, v in full.items()}
     loss, _ = model(half, i)
-    opt.zero_grad(); loss.backward(); opt.step(); method.after_step(i, 10)
+    opt.zero_grad(); loss.backward(); method.before_optimizer_step(); opt.step(); method.after_step(i, 10)
 if rank == 0:
     torch.save(method.state_dict(), sys.argv[1])
 torch.distributed.destroy_process_group()
