@@ -274,3 +274,31 @@ def test_the_watch_reports_the_first_non_finite_step_with_the_immediate_message(
     train_step(step_fn, model, nan_half, 4, 10, optimizer, scheduler, finite_watch=watch3, accumulate=2)
     with pytest.raises(NonFiniteLossError, match=r"^loss is nan at step 4 \(micro-batch 2\)$"):
         watch3.check()
+
+
+def test_bn_statistics_are_averaged_across_ranks_in_their_own_precision(monkeypatch):
+    """Two ranks with the same statistics (a stand-in all-reduce doubles them): the average is each
+    buffer exactly, float64 ones included (a float32 average would round 1 + 1e-12 to 1)."""
+    import torch.distributed as dist
+
+    from emanorm.train import distributed
+
+    reduced: list[torch.dtype] = []
+
+    def all_reduce(tensor: torch.Tensor) -> None:
+        reduced.append(tensor.dtype)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3).double(), torch.nn.BatchNorm1d(3))
+    fine = torch.tensor([1 + 1e-12, 2 - 3e-13, 0.1], dtype=torch.float64)
+    model[0].running_mean.copy_(fine)
+    model[0].running_var.copy_(fine * 3)
+    model[1].running_mean.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    distributed.average_batchnorm_statistics(model)
+    assert sorted(map(str, reduced)) == ["torch.float32", "torch.float64"]  # one all-reduce per dtype
+    for key, value in model.state_dict().items():
+        assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
