@@ -40,9 +40,11 @@ from torchvision import transforms as T
 from emanorm.data import DatasetInfo, TensorImageDataset, eval_batches
 from emanorm.data.augment import blur_kernel_size
 from emanorm.methods import METHODS as METHOD_CLASSES
+from emanorm.methods.base import logs_to_floats
 from emanorm.models import Classifier, MLPHead, build_backbone
 from emanorm.train import build_run, resolve_config, train_step
 from emanorm.train.distributed import pick_device, single_process
+from emanorm.train.finite import FiniteWatch
 from emanorm.train.presets import parse_key_value
 from emanorm.train.recipe import labeled_indices, load_run_dataset
 from emanorm.train.recipe import planned_steps as total_steps_of
@@ -189,6 +191,7 @@ class EmanormPath(Path_):
         self.images_per_step = run.images_per_step
         self.global_step = 0
         self.last_logs: dict[str, float] = {}
+        self.finite_watch = FiniteWatch()  # the trainer's device-side non-finite record
         self._batches = run.batches()
         run.method.train()
 
@@ -196,11 +199,12 @@ class EmanormPath(Path_):
         batch = next(self._batches)
         loss, logs = train_step(
             self.step_fn, self.method, batch, self.global_step, self.total_steps, self.optimizer,
-            self.scheduler, amp=self.amp, scaler=self.scaler,
+            self.scheduler, amp=self.amp, scaler=self.scaler, finite_watch=self.finite_watch,
         )
         self.global_step += 1
         if self.global_step % self.cfg["log_every"] == 0:  # the loop's log record: one sync per log_every
-            self.last_logs = {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
+            self.finite_watch.check()  # raises NonFiniteLossError, as the trainer does at its log steps
+            self.last_logs = logs_to_floats({"loss": loss, **logs})
 
     def teacher_classifier(self) -> nn.Module | None:
         return self.method.classifier("teacher")

@@ -19,6 +19,10 @@ or does not fit the remaining budget is recorded as such and the suite goes on):
   peer_lightly       peer_lightly.py (skipped when lightly is not installed)
   file_pipeline      benchmarks/file_pipeline.py (skipped until that benchmark exists)
   ema_update         ema_update.py: the fused teacher update against the state_dict loop
+  step_sync          a training step never waits for the host: 20 train_steps of every method's
+                     small preset under torch.cuda.set_sync_debug_mode("error") (any device
+                     synchronisation is an error); on a CPU (--quick dry run) the same steps with
+                     every Tensor -> Python conversion (item, float, bool, tolist, numpy) an error
 
 Files under --out (at most 8 come back from a lent machine): gpu_suite.json (every figure, the
 machine, the card, torch / CUDA versions, the date, each part's status and command), gpu_suite.log
@@ -30,6 +34,7 @@ and the log are rewritten after every part, so a killed run still leaves what it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib.util
 import json
@@ -48,7 +53,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +70,7 @@ from _common import (  # the benchmarks folder is not a package: imported by pat
     bench_config,
     cpu_model,
     load_run_dataset,
+    standin_dataset,
     sync,
 )
 from emanorm.errors import UserError
@@ -448,6 +454,94 @@ def ema_update(s: Suite) -> dict[str, Any]:
             "loop_ms": float(times.get("state_dict Python loop", "nan"))}
 
 
+#: The methods whose steps step_sync checks (each through its small preset).
+SYNC_METHODS = ("fixmatch", "moco", "byol", "meanteacher", "dino", "supervised", "mocov3")
+
+
+def step_sync(s: Suite) -> dict[str, Any]:
+    out = s.work / "step_sync.json"
+    cmd = [sys.executable, __file__, "--sync-check", str(out), "--device", s.args.device]
+    if s.args.quick:
+        cmd.append("--quick")
+    try:
+        run_ = s.command(cmd, s.timeout, "step_sync")
+    finally:  # methods checked before a timeout or a crash still count
+        if out.exists():
+            s.partial = {"partial": {"methods": json.loads(out.read_text())}}
+    methods = json.loads(out.read_text())
+    failed = [name for name, entry in methods.items() if entry["status"] != "ok"]
+    if failed:
+        raise PartFailed(f"steps that synchronise: {', '.join(failed)} ({methods[failed[0]].get('error')})")
+    return {**run_, "methods": methods}
+
+
+@contextlib.contextmanager
+def no_host_sync(device: torch.device) -> Iterator[str]:
+    """Any device synchronisation inside the block is an error: CUDA's sync debug mode on a GPU;
+    on a CPU (nothing to wait for) every Tensor -> Python conversion of a floating or bool tensor,
+    the calls that would synchronise on a GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield 'torch.cuda.set_sync_debug_mode("error")'
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return
+    names = ("item", "__float__", "__bool__", "tolist", "numpy")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def guarded(name: str) -> Callable[..., Any]:
+        def call(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.is_floating_point() or self.dtype == torch.bool:
+                raise RuntimeError(f"Tensor.{name} of a {self.dtype} tensor inside a training step")
+            return originals[name](self, *args, **kwargs)
+        return call
+
+    for name in originals:
+        setattr(torch.Tensor, name, guarded(name))
+    try:
+        yield "Tensor -> Python conversions (CPU stand-in for the CUDA sync debug mode)"
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def sync_check(args: argparse.Namespace) -> None:
+    """Run every method's steps inside :func:`no_host_sync`; the JSON is rewritten after each method."""
+    from emanorm.train import resolve_config, train_step
+
+    device = pick_device(args.device)
+    steps = 4 if args.quick else 20
+    results: dict[str, Any] = {}
+    for method in SYNC_METHODS:
+        entry: dict[str, Any] = {"steps": steps}
+        try:
+            overrides: dict[str, Any] = {"device": args.device, "log_every": 10**9, "seed": 0}
+            if args.quick:
+                overrides["batch_size"] = 8
+            cfg = resolve_config(f"small-{method}", overrides)
+            # stand-in images of the preset's dataset shape: the check needs no data files
+            path = EmanormPath(cfg, standin_dataset(28, 512, channels=1))
+            for _ in range(3):  # warm-up: lazy initialisation (cuDNN, allocator) may synchronise
+                path.step()
+            batches = [next(path._batches) for _ in range(steps)]  # the data pipeline is not the step
+            with no_host_sync(device) as mode:
+                for batch in batches:
+                    train_step(path.step_fn, path.method, batch, path.global_step, path.total_steps,
+                               path.optimizer, path.scheduler, amp=path.amp, scaler=path.scaler,
+                               finite_watch=path.finite_watch)
+                    path.global_step += 1
+            path.finite_watch.check()  # the one read-back, after the steps
+            entry.update(status="ok", mode=mode, amp=cfg["amp"], batch_size=cfg["batch_size"])
+        except Exception as err:  # one method's failure must not hide the others'
+            entry.update(status="failed", error=f"{type(err).__name__}: {str(err).strip()[:400]}")
+            traceback.print_exc()
+        results[method] = entry
+        Path(args.sync_check).write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps({method: entry}), flush=True)
+
+
 TINY = ["--methods", "fixmatch", "--blocks", "1", "--steps", "1", "--warmup", "1", "--block-warmup", "0",
         "--standin-count", "512", "--no-memory"]
 PARTS = [
@@ -475,6 +569,7 @@ PARTS = [
         "peer_lightly", needs="lightly")),
     Part("file_pipeline", 60, file_pipeline),
     Part("ema_update", 40, ema_update),
+    Part("step_sync", 90, step_sync),
 ]
 PART_NAMES = [p.name for p in PARTS]
 
@@ -719,6 +814,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="where run directories go (default: a temporary folder)")
     p.add_argument("--measure-cells", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cell-json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sync-check", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -742,6 +838,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: {err}") from None
     if args.measure_cells:
         measure_cells(args)
+        return {}
+    if args.sync_check:
+        sync_check(args)
         return {}
     suite = Suite(args)
     m = suite.results["machine"]

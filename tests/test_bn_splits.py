@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from emanorm.errors import UserError
 from emanorm.methods import build_method
@@ -99,3 +100,69 @@ def test_config_and_resume_compatibility():
     old = resolve_config(None, {"max_steps": 1})
     del old["bn_splits"]  # a run directory written before the key existed
     assert comparable(old) == comparable(resolve_config(None, {"max_steps": 1}))
+
+
+# -- BN per contiguous chunk equals the (N/s, s*C) layout it replaced --------------------
+def _layout_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """The forward this class had until 2026-12-06: the splits side by side as channels,
+    ``(N/s, s*C, *)``, through one F.batch_norm (copying the activations in and out)."""
+    factor = 0.0 if layer.momentum is None else layer.momentum
+    if layer.track_running_stats:
+        layer.num_batches_tracked.add_(1)
+        if layer.momentum is None:
+            factor = 1.0 / float(layer.num_batches_tracked)
+    n, c, *rest = x.shape
+    s = layer.num_splits
+    xs = x.view(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
+    running_mean = running_var = None
+    if layer.track_running_stats:
+        running_mean, running_var = layer.running_mean.repeat(s), layer.running_var.repeat(s)
+    weight = layer.weight.repeat(s) if layer.affine else None
+    bias = layer.bias.repeat(s) if layer.affine else None
+    out = F.batch_norm(xs, running_mean, running_var, weight, bias, True, factor, layer.eps)
+    if layer.track_running_stats:
+        with torch.no_grad():
+            layer.running_mean.copy_(running_mean.view(s, c).mean(0))
+            layer.running_var.copy_(running_var.view(s, c).mean(0))
+    return out.view(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+
+
+SPLIT_CASES = [
+    ("2d", (16, 3, 5, 4), {}),
+    ("2d channels_last", (16, 3, 5, 4), {"channels_last": True}),
+    ("2d no affine, cumulative", (8, 3, 4, 4), {"affine": False, "momentum": None}),
+    ("2d no running statistics", (8, 3, 4, 4), {"track_running_stats": False}),
+    ("1d features", (16, 5), {}),
+    ("1d sequence", (8, 5, 3), {}),
+]
+
+
+@pytest.mark.parametrize(("shape", "options"), [(s, o) for _, s, o in SPLIT_CASES],
+                         ids=[name for name, _, _ in SPLIT_CASES])
+def test_split_statistics_per_chunk_equal_the_layout_forward(shape, options):
+    options = dict(options)
+    channels_last = options.pop("channels_last", False)
+    cls = SplitBatchNorm2d if len(shape) == 4 else SplitBatchNorm1d
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64) * 3 + 1
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    grad = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    fast = cls(shape[1], 4, dtype=torch.float64, **options)
+    if fast.affine:
+        with torch.no_grad():
+            fast.weight.uniform_(0.5, 1.5, generator=gen)
+            fast.bias.uniform_(-1, 1, generator=gen)
+    slow = cls(shape[1], 4, dtype=torch.float64, **options)
+    slow.load_state_dict(fast.state_dict())
+    for step in range(2):  # twice: the running statistics' second update starts from the first's
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_fast, out_slow = fast(xa), _layout_reference(slow, xb)
+        torch.testing.assert_close(out_fast, out_slow, rtol=1e-12, atol=1e-12)
+        (out_fast * grad).sum().backward()
+        (out_slow * grad).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+        for (name, a), b in zip(fast.named_parameters(), slow.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+        for (name, a), b in zip(fast.named_buffers(), slow.buffers(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+        x = x * 0.5 + step

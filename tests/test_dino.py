@@ -52,6 +52,7 @@ def step(method: DINO, opt: torch.optim.Optimizer, batch: dict, index: int, tota
     assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in logs.values())
     opt.zero_grad()
     loss.backward()
+    method.before_optimizer_step()  # DINO's clipping and frozen last layer, as train_step calls it
     opt.step()
     method.after_step(index, total)
     return loss
@@ -191,52 +192,80 @@ def test_last_layer_is_frozen_during_the_first_epoch_only():
     method = make("bn", freeze_last_layer_epochs=1, clip_grad=0.0)
     method.train()
     opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=0.5, momentum=0.9)
-    weight = method.student.head.last_layer.weight.detach().clone()
+    last_layer = list(method.student.head.last_layer.parameters())
+    before = [p.detach().clone() for p in last_layer]
     for i in range(2):
         step(method, opt, make_batch(method, seed=i, epoch=0), i)
-        assert all(torch.count_nonzero(g) == 0 for g in _last_layer_grads(method))
-    # weight decay shrinks v, the weight-normalised rows stay where they were
-    torch.testing.assert_close(method.student.head.last_layer.weight, weight)
+        # no gradient at all (DINO's None): neither weight decay nor momentum state touches it
+        assert all(g is None for g in _last_layer_grads(method))
+        assert not any(opt.state.get(p) for p in last_layer)
+    assert all(torch.equal(a, b) for a, b in zip(before, last_layer, strict=True))
     step(method, opt, make_batch(method, seed=2, epoch=1), 2)
-    assert any(torch.count_nonzero(g) > 0 for g in _last_layer_grads(method))
-    assert not torch.allclose(method.student.head.last_layer.weight, weight)
+    assert any(g is not None and torch.count_nonzero(g) > 0 for g in _last_layer_grads(method))
+    assert not torch.allclose(method.student.head.last_layer.weight, before[0])
 
 
-def test_each_parameter_gradient_is_clipped_to_clip_grad():
+def test_each_parameter_gradient_is_clipped_before_the_optimizer_step_not_in_backward():
     torch.manual_seed(0)
     clip = 1e-3
     method = make("bn", clip_grad=clip)
     method.train()
     loss, _ = method.training_step(make_batch(method), 0)
     (loss * 1e4).backward()
+    # backward leaves the gradients as they are (no hooks: DDP and accumulation see raw sums)
+    assert max(p.grad.norm().item() for p in method.student.parameters() if p.grad is not None) > 10 * clip
+    method.before_optimizer_step()
     norms = [p.grad.norm().item() for p in method.student.parameters() if p.grad is not None]
     assert norms and max(norms) <= clip * (1 + 1e-4)
-    # without clipping the same gradients are far larger
-    torch.manual_seed(0)
-    free = make("bn", clip_grad=0.0)
-    free.train()
-    loss, _ = free.training_step(make_batch(free), 0)
-    (loss * 1e4).backward()
-    assert max(p.grad.norm().item() for p in free.student.parameters() if p.grad is not None) > 10 * clip
 
 
-def test_before_optimizer_step_clips_when_the_trainer_calls_it():
-    torch.manual_seed(0)
-    method = make("bn", clip_grad=1e-3)
-    method.clip_in_backward = False
+def _one_sgd_step(method: DINO, step_fn=None, scaler=None, batch=None) -> dict[str, torch.Tensor]:
+    from emanorm.train import train_step
+
+    opt = torch.optim.SGD(method.parameter_groups(0.0), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     method.train()
-    loss, _ = method.training_step(make_batch(method), 0)
-    (loss * 1e4).backward()
-    assert max(p.grad.norm().item() for p in method.student.parameters() if p.grad is not None) > 1e-2
-    method.before_optimizer_step()
-    assert max(p.grad.norm().item() for p in method.student.parameters() if p.grad is not None) <= 1.001e-3
+    train_step(step_fn, method, batch or make_batch(method), 0, 10, opt, scheduler, scaler=scaler)
+    return {k: v.detach().clone() for k, v in method.student.state_dict().items()}
 
 
-def test_fp16_autocast_with_clipping_in_backward_is_refused():
-    method = make("bn")
-    method.train()
-    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(UserError, match="--amp bf16"):
-        method.training_step(make_batch(method), 0)
+def test_a_deep_copy_clips_and_freezes_like_the_original():
+    import copy
+
+    torch.manual_seed(0)
+    original = make("bn", clip_grad=1e-6, freeze_last_layer_epochs=1)
+    start = {k: v.clone() for k, v in original.student.state_dict().items()}
+    twin = copy.deepcopy(original)
+    batch = make_batch(original, epoch=0)
+    after = _one_sgd_step(twin, batch=batch)
+    assert all(torch.equal(v, original.student.state_dict()[k]) for k, v in start.items())  # untouched
+    for name, _ in twin.student.named_parameters():  # lr 1, plain SGD: moved by the clipped gradient
+        assert (after[name] - start[name]).norm() <= 1e-6 * 1.01, name  # (float32 subtraction)
+    assert all(torch.equal(after[k], start[k]) for k in after if k.startswith("head.last_layer"))
+    torch.testing.assert_close(after, _one_sgd_step(original, batch=batch), rtol=0, atol=0)
+
+
+def test_a_compiled_method_clips_and_freezes_like_the_eager_one():
+    torch.manual_seed(0)
+    eager = make("gn", clip_grad=1e-3, freeze_last_layer_epochs=1)
+    torch.manual_seed(0)
+    compiled = make("gn", clip_grad=1e-3, freeze_last_layer_epochs=1)
+    batch = make_batch(eager, epoch=0)
+    expected = _one_sgd_step(eager, batch=batch)
+    got = _one_sgd_step(compiled, step_fn=torch.compile(compiled, backend="eager"), batch=batch)
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_loss_scaler_is_unscaled_before_clipping_so_fp16_training_clips_true_gradients():
+    # (fp16 used to be refused: the hooks clipped loss-scaled gradients)
+    torch.manual_seed(0)
+    plain = make("bn", clip_grad=1e-3)
+    torch.manual_seed(0)
+    scaled = make("bn", clip_grad=1e-3)
+    batch = make_batch(plain)
+    expected = _one_sgd_step(plain, batch=batch)
+    got = _one_sgd_step(scaled, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12), batch=batch)
+    torch.testing.assert_close(got, expected)
 
 
 # -- multi-crop views ------------------------------------------------------------------------------
@@ -330,7 +359,7 @@ for i in range(3):
     full = make_batch(method, seed=i, epoch=i // 2)
     half = {k: (v[rank::world] if v.dim() else v) for k, v in full.items()}
     loss, _ = model(half, i)
-    opt.zero_grad(); loss.backward(); opt.step(); method.after_step(i, 10)
+    opt.zero_grad(); loss.backward(); method.before_optimizer_step(); opt.step(); method.after_step(i, 10)
 if rank == 0:
     torch.save(method.state_dict(), sys.argv[1])
 torch.distributed.destroy_process_group()
@@ -377,3 +406,71 @@ def test_small_dino_preset_trains_and_writes_the_run_directory(tmp_path, tiny_fa
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     # the stand-in's grey level encodes the label: far above chance (10%) even after 2 steps
     assert saved["method"] == "dino" and saved["final"]["knn_teacher"] >= 25.0, saved["final"]  # measured 40
+
+
+# -- DINO's schedules: lr warm-up from 0, min_lr, cosine weight decay, 1-D exemption ---------------
+def test_lr_and_weight_decay_schedules_follow_dinos_recipe():
+    import numpy as np
+
+    from emanorm.train.recipe import Schedule, cosine_weight_decay, lr_factor
+
+    base, min_lr, total, warmup, wd, wd_end = 0.5, 1e-3, 20, 5, 0.04, 0.4
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    exempt_params = [*model[1].parameters(), model[0].bias]
+    groups = [{"params": [model[0].weight], "weight_decay": wd},
+              {"params": exempt_params, "weight_decay": 0.0}]
+    opt = torch.optim.SGD(groups, lr=base)
+    sched = Schedule(opt, lambda s: lr_factor(s, total, warmup, "cosine", [], warmup_from_zero=True,
+                                              floor=min_lr / base), cosine_weight_decay(wd, wd_end, total))
+    lrs, decays, exempt = [], [], []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        decays.append(opt.param_groups[0]["weight_decay"])
+        exempt.append(opt.param_groups[1]["weight_decay"])
+        opt.step()
+        sched.step()
+    # DINO's cosine_scheduler, written out: linspace(0, base, W), then min + (base - min)(1 + cos)/2
+    i = np.arange(total - warmup)
+    expected_lr = np.concatenate([np.linspace(0, base, warmup),
+                                  min_lr + 0.5 * (base - min_lr) * (1 + np.cos(np.pi * i / len(i)))])
+    expected_wd = wd_end + 0.5 * (wd - wd_end) * (1 + np.cos(np.pi * np.arange(total) / total))
+    np.testing.assert_allclose(lrs, expected_lr, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(decays, expected_wd, rtol=1e-12)
+    assert exempt == [0.0] * total
+    # the schedule's state saves without its functions (checkpoints load with weights_only)
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(sched.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["last_epoch"] == total
+    # without the options: the old warm-up from lr / W and a cosine to 0
+    assert lr_factor(0, total, warmup, "cosine", []) == 1 / warmup
+    assert lr_factor(total, total, warmup, "cosine", []) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_exclude_1d_params_exempts_every_bias_and_1d_parameter_as_dino():
+    method = make("gn", exclude_bias_and_norm=False, exclude_1d_params=True)
+    decay, no_decay = method.parameter_groups(0.04)
+    assert decay["weight_decay"] == 0.04 and no_decay["weight_decay"] == 0.0
+    named = dict(method.student.named_parameters())
+    exempt = {id(p) for p in no_decay["params"]}
+    for name, p in named.items():
+        if p.requires_grad:
+            assert (id(p) in exempt) == (p.ndim == 1 or name.endswith(".bias")), name
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"min_lr": 1.0, "lr": 0.1}, "min_lr must be a number in"),
+    ({"min_lr": -1e-6}, "min_lr must be a number >= 0"),
+    ({"min_lr": float("nan")}, "min_lr must be a finite number"),
+    ({"weight_decay_end": -0.1}, "weight_decay_end must be a number >= 0"),
+    ({"weight_decay_end": "high"}, "weight_decay_end must be a number >= 0"),
+    ({"weight_decay_end": float("inf")}, "weight_decay_end must be a finite number"),
+    ({"warmup_from_zero": "yes"}, "warmup_from_zero must be true or false"),
+])
+def test_bad_schedule_options_are_one_line_errors(override, message):
+    from emanorm.train import resolve_config
+
+    with pytest.raises(UserError, match=message):
+        resolve_config("small-dino", override)

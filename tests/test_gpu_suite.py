@@ -31,7 +31,7 @@ def load_suite():
 #: throughput_resnet50 run the same code as matrix_compile and throughput_resnet18_cifar;
 #: file_pipeline is the ImageNet-path issue's benchmark, tested with a stand-in script below).
 DRY_RUN_PARTS = ["cuda_tests", "main_fixmatch", "main_supervised", "throughput_resnet18_cifar",
-                 "matrix_compile", "peer_lightly", "ema_update"]
+                 "matrix_compile", "peer_lightly", "ema_update", "step_sync"]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from torch import nn
 
 from emanorm import cosine_momentum, warmup_momentum
 from emanorm.methods import ALL_NORMS, METHODS, Method, build_method
-from emanorm.methods.base import cat_for_splits, split_from_splits
+from emanorm.methods.base import cat_for_splits, logs_to_floats, split_from_splits
 from emanorm.norms import SplitBatchNorm2d, convert_norm
 
 IMAGE = (1, 8, 8)
@@ -78,7 +78,9 @@ def train(method: Method, steps: int = 2, total: int = 10) -> list[dict[str, flo
     for step in range(steps):
         loss, logs = method(make_batch(method, seed=step), step)
         assert loss.ndim == 0 and math.isfinite(loss.item())
-        assert all(isinstance(v, float) and math.isfinite(v) for v in logs.values()), logs
+        assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in logs.values()), logs
+        logs = logs_to_floats(logs)
+        assert all(math.isfinite(v) for v in logs.values()), logs
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -236,18 +238,19 @@ def test_fixmatch_pseudo_labels_come_from_teacher_and_threshold_masks():
     batch = make_batch(method)
     with torch.no_grad():
         teacher_pl = method.teacher(batch["u_w"]).argmax(1)
-    _, logs = method.training_step(batch, 0)
+    logs = logs_to_floats(method.training_step(batch, 0)[1])
     assert logs["mask"] == 1.0
     known = batch["y_u"] >= 0
     expected = (teacher_pl == batch["y_u"])[known].float().mean().item()
     assert logs["pl_acc"] == pytest.approx(expected) and logs["pl_precision"] == pytest.approx(expected)
-    # The older key name works too; unknown targets only: nothing to log.
+    # The older key name works too; unknown targets only: NaN, nothing to log.
     batch["u_y"] = batch.pop("y_u")
     assert method.training_step(batch, 0)[1]["pl_acc"] == pytest.approx(expected)
     batch["u_y"] = torch.full_like(batch["u_y"], -1)
-    assert "pl_acc" not in method.training_step(batch, 0)[1]
+    assert method.training_step(batch, 0)[1]["pl_acc"].isnan()
+    assert "pl_acc" not in logs_to_floats(method.training_step(batch, 0)[1])
     method = make("fixmatch", "eman", threshold=1.0)
-    _, logs = method.training_step(make_batch(method), 0)
+    logs = logs_to_floats(method.training_step(make_batch(method), 0)[1])
     assert logs["mask"] == 0.0 and logs["loss_u"] == 0.0 and "pl_precision" not in logs and "pl_acc" in logs
 
 
@@ -471,7 +474,7 @@ def test_meanteacher_consistency_ramps_up():
     assert method.consistency_weight(4) == pytest.approx(10.0)
     assert method.consistency_weight(100) == pytest.approx(10.0)
     method.train()
-    _, logs = method.training_step(make_batch(method), 4)
+    logs = logs_to_floats(method.training_step(make_batch(method), 4)[1])
     assert logs["weight_c"] == 10.0 and "teacher_acc_u" in logs
 
 
@@ -518,14 +521,15 @@ def test_state_dict_round_trip(name, norm):
     train(fresh, steps=1)
 
 
-def test_method_logs_are_python_floats_and_forward_is_training_step():
+def test_method_logs_are_0d_tensors_and_forward_is_training_step():
     method = make("fixmatch", "eman")
     batch = make_batch(method)
     torch.manual_seed(0)
     loss_a, logs_a = method(batch, 0)
     torch.manual_seed(0)
     loss_b, logs_b = method.training_step(batch, 0)
-    assert logs_a == logs_b and all(type(v) is float for v in logs_a.values())
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in logs_a.values())
+    assert logs_to_floats(logs_a) == logs_to_floats(logs_b)
     torch.testing.assert_close(loss_a, loss_b)
 
 

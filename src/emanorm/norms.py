@@ -167,7 +167,7 @@ class _SplitBatchNorm(_BatchNorm):
         if not self.training or self.num_splits == 1:
             return super().forward(x)
         self._check_input_dim(x)
-        n, c, *rest = x.shape
+        n, c = x.shape[:2]
         s = self.num_splits
         if n % s != 0:
             raise ValueError(f"{type(self).__name__}: batch size {n} is not divisible by num_splits={s}")
@@ -176,20 +176,22 @@ class _SplitBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average, as in nn.BatchNorm
                 factor = 1.0 / float(self.num_batches_tracked)
-        # Put each split's channels side by side: (n/s, s*c, *rest), one batch_norm call.
-        xs = x.view(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
-        running_mean = running_var = None
-        if self.track_running_stats:
-            running_mean = self.running_mean.repeat(s)
-            running_var = self.running_var.repeat(s)
-        weight = self.weight.repeat(s) if self.affine else None
-        bias = self.bias.repeat(s) if self.affine else None
-        out = F.batch_norm(xs, running_mean, running_var, weight, bias, True, factor, self.eps)
-        if self.track_running_stats:
+        # Each split is a contiguous chunk of the batch (in NCHW and channels_last alike): plain BN
+        # on each, with its own copy of the running statistics, then their mean. The only copy of
+        # the activations is the output's concatenation (and its gradient's, backward).
+        track = self.track_running_stats
+        runs_mean = self.running_mean.expand(s, c).clone() if track else None
+        runs_var = self.running_var.expand(s, c).clone() if track else None
+        outs = [
+            F.batch_norm(chunk, runs_mean[i] if track else None, runs_var[i] if track else None,
+                         self.weight, self.bias, True, factor, self.eps)
+            for i, chunk in enumerate(x.split(n // s))
+        ]
+        if track:
             with torch.no_grad():
-                self.running_mean.copy_(running_mean.view(s, c).mean(0))
-                self.running_var.copy_(running_var.view(s, c).mean(0))
-        return out.view(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+                self.running_mean.copy_(runs_mean.mean(0))
+                self.running_var.copy_(runs_var.mean(0))
+        return torch.cat(outs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"

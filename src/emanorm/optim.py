@@ -92,14 +92,16 @@ class LARS(torch.optim.Optimizer):
 
 
 def parameter_groups(
-    module: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = False
+    module: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = False, *, exclude_1d: bool = False
 ) -> list[dict]:
     """Optimiser parameter groups for ``module`` (trainable parameters only, each once).
 
     With ``exclude_bias_and_norm``, every bias and every parameter of a normalization layer
     (found by module type: any BatchNorm incl. BatchNorm1d in heads, GroupNorm, LayerNorm,
     InstanceNorm) goes into a group with ``weight_decay=0`` and ``lars_exclude=True``; the rest
-    gets ``weight_decay``. Without it, one group holds everything. Empty groups are dropped.
+    gets ``weight_decay``. ``exclude_1d`` adds DINO's rule: every bias and every 1-D parameter
+    (a ViT's class token and position embedding are not 1-D and keep their decay, as in DINO).
+    Without either, one group holds everything. Empty groups are dropped.
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -110,6 +112,10 @@ def parameter_groups(
             for name, p in sub.named_parameters(recurse=False):
                 if is_norm or name == "bias":
                     excluded.add(id(p))
+    if exclude_1d:  # DINO's get_params_groups: every bias and every 1-D parameter
+        for name, p in module.named_parameters():
+            if name.endswith(".bias") or p.ndim == 1:
+                excluded.add(id(p))
     decay, no_decay, seen = [], [], set()
     for p in module.parameters():
         if not p.requires_grad or id(p) in seen:

@@ -2,8 +2,13 @@
 
 A method is an ``nn.Module`` holding a trainable student (plus heads) and, for the EMA-teacher
 methods, an :class:`~emanorm.teacher.EMATeacher`. ``training_step(batch, step)`` returns the
-loss and a dict of float logs; ``after_step(step, total_steps)`` runs after
-``optimizer.step()`` and moves the teacher. ``forward`` is ``training_step`` so that
+loss and a dict of 0-d tensor logs (converted to numbers by the trainer at its log steps only, so a
+step never waits for the device); ``before_optimizer_step()`` runs between the (last micro-batch's)
+backward and ``optimizer.step()``, on the all-reduced, unscaled gradients (DINO clips and freezes
+there); ``after_step(step, total_steps)`` runs after ``optimizer.step()`` and moves the teacher.
+What a step contributes to once-a-step work (MoCo's keys, DINO's centre) is :meth:`Method.stash`-ed
+by every micro-batch and applied once in ``after_step``, so gradient accumulation is the same
+optimisation as one step on the whole batch. ``forward`` is ``training_step`` so that
 ``DistributedDataParallel`` can wrap the whole method.
 """
 
@@ -38,6 +43,8 @@ __all__ = [
     "Projected",
     "cat_for_splits",
     "concat_all_gather",
+    "log_values",
+    "logs_to_floats",
     "output_spread",
     "plan_norm",
     "split_from_splits",
@@ -200,8 +207,33 @@ def output_spread(outputs: Tensor) -> Tensor:
     return z.std(dim=0, correction=0).mean() * z.shape[1] ** 0.5
 
 
+def log_values(**values: Tensor | float) -> dict[str, Tensor]:
+    """Log values as detached 0-d tensors, without a device synchronisation.
+
+    Tensors stay on their device (as float32, what the logs always were); Python numbers become
+    float64 CPU tensors, so they read back exactly. A value that is undefined for a batch is NaN
+    (``logs_to_floats`` leaves it out).
+    """
+    return {
+        k: v.detach().float().reshape(()) if isinstance(v, Tensor)
+        else torch.tensor(float(v), dtype=torch.float64)
+        for k, v in values.items()
+    }
+
+
+def logs_to_floats(logs: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """The logs as Python floats with one device synchronisation for all of them; NaN entries
+    (undefined for that batch, e.g. FixMatch's ``pl_acc`` without known targets) are left out."""
+    on_device = [k for k, v in logs.items() if isinstance(v, Tensor) and v.device.type != "cpu"]
+    read = dict(zip(on_device, torch.stack([logs[k].float() for k in on_device]).tolist(), strict=True)) \
+        if on_device else {}
+    floats = {k: read[k] if k in read else float(v) for k, v in logs.items()}
+    return {k: v for k, v in floats.items() if v == v}
+
+
 def to_floats(**values: Tensor | float) -> dict[str, float]:
-    """Log values as Python floats with one device synchronisation for all tensors."""
+    """Log values as Python floats with one device synchronisation for all tensors (the built-in
+    methods return :func:`log_values` instead, which never synchronises)."""
     names = [k for k, v in values.items() if isinstance(v, Tensor)]
     logs = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
     if names:
@@ -270,6 +302,9 @@ class Method(nn.Module):
         self.teacher: EMATeacher | None = None
         #: The momentum of the latest teacher update (``nan`` before the first one).
         self.current_momentum = float("nan")
+        # What the micro-batches of real step ``_stash_step`` contributed to its once-a-step work.
+        self._stash: dict[str, list[Any]] = {}
+        self._stash_step: int | None = None
 
     def default_norm(self) -> str:
         """What ``--norm default`` resolves to here (``DEFAULT_NORM``; a method may depend on DDP)."""
@@ -316,13 +351,38 @@ class Method(nn.Module):
         )
 
     # -- the API -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
-        """The loss of one batch and its logs (floats)."""
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one batch and its logs (0-d tensors, :func:`log_values`)."""
         raise NotImplementedError
 
-    def forward(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """``training_step``: lets ``DistributedDataParallel`` wrap the method."""
         return self.training_step(batch, step)
+
+    def before_optimizer_step(self) -> None:
+        """Called once per real step after the backward of its last micro-batch, after the DDP
+        gradient all-reduce and after ``GradScaler.unscale_``, before ``optimizer.step()``: the
+        place to change gradients (DINO clips and freezes here). Nothing by default."""
+
+    # -- once-a-step work under gradient accumulation ------------------------------------------
+    def first_micro_batch(self, step: int) -> bool:
+        """True unless a micro-batch of real step ``step`` has already :meth:`stash`-ed something
+        (MoCo moves its teacher on the first micro-batch only)."""
+        return self._stash_step != step
+
+    def stash(self, step: int, **values: Any) -> None:
+        """Keep what this (micro-)batch contributes to real step ``step``'s once-a-step work; every
+        micro-batch of the step adds its share and ``after_step`` applies them all once
+        (:meth:`take_stash`). A stash of an earlier step that never finished is dropped."""
+        if self._stash_step != step:
+            self._stash, self._stash_step = {}, step
+        for key, value in values.items():
+            self._stash.setdefault(key, []).append(value.detach() if isinstance(value, Tensor) else value)
+
+    def take_stash(self) -> dict[str, list[Any]]:
+        """Every micro-batch's stashed values of the step just taken, in order; empties the stash."""
+        stash, self._stash, self._stash_step = self._stash, {}, None
+        return stash
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after ``optimizer.step()`` with the index of that step: moves the teacher."""
@@ -416,6 +476,7 @@ class Method(nn.Module):
         groups = parameter_groups(
             nn.ModuleList(self.trainable_modules()), weight_decay,
             exclude_bias_and_norm=self.options.get("exclude_bias_and_norm", False),
+            exclude_1d=self.options.get("exclude_1d_params", False),
         )
         for group in groups:  # the teacher is never trained, whatever the groups helper does
             group["params"] = [p for p in group["params"] if p.requires_grad]
@@ -442,6 +503,12 @@ def masked_mean(values: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum(values * weights) / sum(weights), sum(weights))``; 0 when the weights sum to 0."""
     total = weights.sum()
     return (values * weights).sum() / total.clamp_min(1.0), total
+
+
+def defined_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """:func:`masked_mean`, NaN when the weights sum to 0 (undefined: left out of the logs)."""
+    mean, total = masked_mean(values, weights)
+    return torch.where(total > 0, mean, torch.full_like(mean, float("nan")))
 
 
 def batch_get(batch: Mapping[str, Tensor], key: str, method: str) -> Tensor:

@@ -18,8 +18,8 @@ from emanorm.methods.base import (
     Projected,
     batch_get,
     check_range,
+    log_values,
     output_spread,
-    to_floats,
 )
 from emanorm.models import MLPHead
 from emanorm.teacher import cosine_momentum, warmup_momentum
@@ -58,7 +58,7 @@ class BYOL(Method):
         self.predictor = online["predictor"]
         self.teacher = self.make_teacher(self.student)
 
-    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         view1 = batch_get(batch, "view1", self.name)
         view2 = batch_get(batch, "view2", self.name)
         # Separate forwards per view: each view's BN statistics stay its own, as in BYOL.
@@ -68,7 +68,7 @@ class BYOL(Method):
         t1 = self.teacher_forward(view1)
         t2 = self.teacher_forward(view2)
         loss = regression_loss(p1, t2) + regression_loss(p2, t1)
-        return loss, to_floats(loss=loss, output_std=output_spread(z1))
+        return loss, log_values(loss=loss, output_std=output_spread(z1))
 
     def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
         """One forward per view, as in training."""

@@ -11,9 +11,16 @@ softmax of ``(t - center) / teacher_temp`` on each global crop and the student's
 - sharpening: the teacher temperature goes linearly from ``warmup_teacher_temp`` to
   ``teacher_temp`` over the first ``warmup_teacher_temp_epochs`` epochs, then stays;
 - teacher momentum: cosine from ``momentum`` (0.996 in DINO) to 1 over the run, as BYOL;
-- the last (weight-normalised) layer gets zero gradient during the first
+- the last (weight-normalised) layer gets no gradient (``None``, as DINO's ``cancel_gradients_last_layer``:
+  neither the optimiser's weight decay nor its state moves it) during the first
   ``freeze_last_layer_epochs`` epochs, and each parameter's gradient is clipped to norm
-  ``clip_grad`` (DINO's per-parameter clipping); see :meth:`DINO.before_optimizer_step`.
+  ``clip_grad`` (DINO's per-parameter clipping). Both happen in :meth:`DINO.before_optimizer_step`,
+  which the trainer calls once per real step on the all-reduced, accumulated, unscaled gradient
+  (DINO's order), never inside backward.
+
+Under gradient accumulation every micro-batch adds its teacher outputs' sum and count to the
+step's :meth:`~emanorm.methods.base.Method.stash`, and the centre moves once, with the mean over
+the whole batch.
 
 Epochs come from the batch's ``"epoch"`` entry (:class:`~emanorm.data.BatchStream` adds it).
 With a teacher norm (``eman``, ``teacher_pn``, ``student_pn``) the teacher's BatchNorm layers use
@@ -34,7 +41,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from emanorm.catalog import METHOD_OPTION_RANGES
-from emanorm.errors import UserError
 from emanorm.methods.base import (
     ALL_NORMS,
     Method,
@@ -42,8 +48,8 @@ from emanorm.methods.base import (
     batch_get,
     cat_for_splits,
     check_range,
+    log_values,
     split_from_splits,
-    to_floats,
 )
 from emanorm.models import DINOHead
 from emanorm.norms import is_distributed
@@ -75,14 +81,20 @@ def running_statistics_frozen(module: nn.Module) -> Iterator[None]:
             layer.track_running_stats = True
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is in a lower precision (autocast's bf16/fp16); float64 stays float64,
+    so a float64 run (the reference comparisons) computes the loss and the centre in float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def dino_loss(student_out: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
     """Mean over (teacher global view i, student view v != i) of ``H(teacher_i, softmax(student_v / T_s))``.
 
     ``student_out`` lists the student's logits per view with the global views first, in the
     order of ``teacher_probs`` (the teacher's centred, sharpened softmax per global view).
     """
-    log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_out]
-    total, terms = student_out[0].new_zeros((), dtype=torch.float32), 0
+    log_probs = [F.log_softmax(at_least_float32(s) / student_temp, dim=-1) for s in student_out]
+    total, terms = log_probs[0].new_zeros(()), 0
     for i, q in enumerate(teacher_probs):
         for v, log_p in enumerate(log_probs):
             if v == i:  # never the same crop
@@ -119,16 +131,14 @@ class DINO(Method):
         "local_crop_statistics": False,
         "num_splits": 8,
         "momentum_warmup": False,
-        "exclude_bias_and_norm": True,  # DINO: no weight decay on biases and norm parameters
+        "exclude_bias_and_norm": True,  # no weight decay on biases and norm parameters
+        # DINO's own rule (get_params_groups): no weight decay on any bias or 1-D parameter either
+        "exclude_1d_params": False,
     }
     #: ``local_crops`` in [0, 64], ``center_momentum`` in [0, 1] (the catalog's table, torch-free).
     OPTION_RANGES: ClassVar[dict[str, tuple[float, float]]] = METHOD_OPTION_RANGES["dino"]
     #: Replaced per instance by the global and ``local_crops`` local views.
     unlabeled_views: ClassVar[dict[str, str]] = {"global1": "dino_global1", "global2": "dino_global2"}
-    #: Clip and freeze inside backward (post-accumulate-grad hooks), so that a trainer that calls
-    #: only ``backward()`` and ``optimizer.step()`` gets them. A trainer that calls
-    #: :meth:`before_optimizer_step` after backward (and after unscaling) sets this to False.
-    clip_in_backward: bool = True
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -156,54 +166,27 @@ class DINO(Method):
             **{f"local{i + 1}": "dino_local" for i in range(o["local_crops"])},
         }
         self.register_buffer("center", torch.zeros(1, o["out_dim"]))
-        self._pending_center: tuple[Tensor, int] | None = None
         self._freeze_last_layer = False
         self.current_teacher_temp = float("nan")
-        self._last_layer_params = {id(p) for p in self.student.head.last_layer.parameters()}
-        for p in self.student.parameters():
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(self._grad_hook)
 
     # -- gradients -----------------------------------------------------------------------------
-    def _treat_gradient(self, p: Tensor) -> None:
-        if p.grad is None:
-            return
-        if self._freeze_last_layer and id(p) in self._last_layer_params:
-            # Zero rather than None: every rank still all-reduces it under DDP. The weight-norm
-            # direction is then only shrunk by weight decay, which leaves the output unchanged.
-            p.grad.zero_()
-            return
-        clip = self.options["clip_grad"]
-        if clip > 0:  # DINO's clip_gradients: each parameter's gradient norm at most `clip`
-            norm = torch.linalg.vector_norm(p.grad.detach())
-            p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
-
-    def _grad_hook(self, p: Tensor) -> None:
-        if self.clip_in_backward:
-            self._treat_gradient(p)
-
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Clip each student gradient and zero the frozen last layer's (trainers that call it
-        between backward and ``optimizer.step()`` set :attr:`clip_in_backward` to False)."""
-        if self.clip_in_backward:
-            return
-        for p in self.student.parameters():
-            if p.requires_grad:
-                self._treat_gradient(p)
+        """DINO between backward and ``optimizer.step()``: clip each student gradient to norm
+        ``clip_grad`` (``clip / (norm + 1e-6)`` when below 1, as DINO's ``clip_gradients``), then
+        drop the last layer's gradient (``None``) while it is frozen."""
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        clip = self.options["clip_grad"]
+        if clip > 0 and params:
+            grads = [p.grad for p in params]
+            norms = torch._foreach_norm(grads)
+            # multiplying by exactly 1.0 where DINO skips the multiplication changes no bit
+            torch._foreach_mul_(grads, [torch.clamp(clip / (norm + 1e-6), max=1.0) for norm in norms])
+        if self._freeze_last_layer:
+            for p in self.student.head.last_layer.parameters():
+                p.grad = None
 
     # -- the step ------------------------------------------------------------------------------
-    def _check_amp(self) -> None:
-        device = self.center.device.type
-        if (
-            self.clip_in_backward and self.options["clip_grad"] > 0
-            and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
-        ):
-            raise UserError(
-                "DINO clips gradients inside backward, where fp16 gradients are still loss-scaled: "
-                "use --amp bf16 or --amp off, or method_args clip_grad: 0"
-            )
-
     def _student_outputs(self, globals_: list[Tensor], locals_: list[Tensor]) -> list[Tensor]:
         """One backbone forward per crop size, then one head forward over every crop (DINO's
         MultiCropWrapper); split BN sees each emulated GPU's share of every crop. Unless
@@ -220,10 +203,9 @@ class DINO(Method):
         out = self.student.head(cat_for_splits(features, splits))
         return split_from_splits(out, [f.shape[0] for f in features], splits)
 
-    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         o = self.options
-        self._check_amp()
-        epoch = int(batch_get(batch, "epoch", self.name))
+        epoch = int(batch_get(batch, "epoch", self.name))  # a CPU tensor (BatchStream): no device sync
         globals_ = [batch_get(batch, "global1", self.name), batch_get(batch, "global2", self.name)]
         locals_ = [batch_get(batch, f"local{i + 1}", self.name) for i in range(o["local_crops"])]
         self._freeze_last_layer = epoch < o["freeze_last_layer_epochs"]
@@ -232,13 +214,14 @@ class DINO(Method):
         )
         self.current_teacher_temp = temp
         student_out = self._student_outputs(globals_, locals_)
-        teacher_out = self.teacher_forward(torch.cat(globals_)).float()
+        teacher_out = at_least_float32(self.teacher_forward(torch.cat(globals_)))
         probs = F.softmax((teacher_out - self.center) / temp, dim=-1)
         loss = dino_loss(student_out, list(probs.chunk(2)), o["student_temp"])
-        self._pending_center = (teacher_out.detach().sum(0, keepdim=True), teacher_out.shape[0])
+        # every micro-batch's share of the centre's batch mean waits for after_step
+        self.stash(step, center_sum=teacher_out.sum(0, keepdim=True), center_count=teacher_out.shape[0])
         # the targets' entropy as a fraction of ln K (1: uniform; the collapse alarm watches it)
         entropy = torch.special.entr(probs.detach()).sum(dim=-1).mean() / math.log(probs.shape[-1])
-        return loss, to_floats(loss=loss, teacher_temp=temp, target_entropy=entropy)
+        return loss, log_values(loss=loss, teacher_temp=temp, target_entropy=entropy)
 
     def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
         """The global crops (and the local ones with ``local_crop_statistics``), one forward per
@@ -252,11 +235,14 @@ class DINO(Method):
         return inputs
 
     def after_step(self, step: int, total_steps: int) -> None:
-        """Move the teacher, then the centre with the teacher outputs of the step just taken."""
+        """Move the teacher, then the centre with the teacher outputs of the step just taken (all
+        its micro-batches')."""
         super().after_step(step, total_steps)
-        if self._pending_center is not None:
-            self.update_center(*self._pending_center)
-            self._pending_center = None
+        stash = self.take_stash()
+        if stash.get("center_sum"):
+            sums = stash["center_sum"]
+            total = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0)
+            self.update_center(total, sum(stash["center_count"]))
 
     @torch.no_grad()
     def update_center(self, output_sum: Tensor, count: int) -> None:

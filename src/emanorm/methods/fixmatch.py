@@ -25,8 +25,8 @@ from emanorm.methods.base import (
     check_choice,
     check_range,
     concat_all_gather,
-    masked_mean,
-    to_floats,
+    defined_mean,
+    log_values,
     unlabeled_targets,
 )
 from emanorm.models import Classifier
@@ -80,7 +80,7 @@ class FixMatch(Method):
         """True for the original FixMatch (no teacher for pseudo-labels)."""
         return self.teacher is None
 
-    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch_get(batch, "x", self.name)
         y = batch_get(batch, "y", self.name)
         u_w = batch_get(batch, "u_w", self.name)
@@ -103,16 +103,11 @@ class FixMatch(Method):
         }
         u_y = unlabeled_targets(batch)
         if u_y is not None:
+            # Undefined without known targets (or without confident known samples): NaN, not logged.
             correct, known = (pseudo == u_y).float(), (u_y >= 0).float()
-            values["pl_acc"], values["known"] = masked_mean(correct, known)
-            values["pl_precision"], values["confident_known"] = masked_mean(correct, known * mask)
-        logs = to_floats(**values)
-        if u_y is not None:
-            # Undefined without known targets (or without confident known samples): not logged.
-            if logs.pop("known") == 0:
-                logs.pop("pl_acc")
-            if logs.pop("confident_known") == 0:
-                logs.pop("pl_precision")
+            values["pl_acc"] = defined_mean(correct, known)
+            values["pl_precision"] = defined_mean(correct, known * mask)
+        logs = log_values(**values)
         return loss, logs
 
     def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:

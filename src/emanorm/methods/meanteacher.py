@@ -21,8 +21,8 @@ from emanorm.methods.base import (
     batch_get,
     cat_for_splits,
     check_range,
-    masked_mean,
-    to_floats,
+    defined_mean,
+    log_values,
     unlabeled_targets,
 )
 from emanorm.models import Classifier
@@ -65,7 +65,7 @@ class MeanTeacher(Method):
         """The consistency weight at ``step``."""
         return self.options["consistency"] * sigmoid_rampup(step, self.options["rampup_steps"])
 
-    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch_get(batch, "x", self.name)
         y = batch_get(batch, "y", self.name)
         u_w = batch_get(batch, "u_w", self.name)
@@ -83,11 +83,9 @@ class MeanTeacher(Method):
         u_y = unlabeled_targets(batch)
         if u_y is not None:
             correct = (logits_t.argmax(dim=1) == u_y).float()
-            values["teacher_acc_u"], values["known"] = masked_mean(correct, (u_y >= 0).float())
-        logs = to_floats(**values)
-        if u_y is not None and logs.pop("known") == 0:
-            logs.pop("teacher_acc_u")  # no known targets in this batch
-        return loss, logs
+            # NaN (not logged) without known targets in this batch
+            values["teacher_acc_u"] = defined_mean(correct, (u_y >= 0).float())
+        return loss, log_values(**values)
 
     def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
         """The student's one forward over labeled and unlabeled views."""

@@ -25,8 +25,8 @@ from emanorm.methods.base import (
     batch_get,
     check_range,
     concat_all_gather,
+    log_values,
     output_spread,
-    to_floats,
 )
 from emanorm.models import MLPHead
 from emanorm.norms import is_distributed
@@ -64,10 +64,8 @@ class MoCo(Method):
         # Keys are rows; MoCo's random unit-norm initial negatives.
         self.register_buffer("queue", F.normalize(torch.randn(o["queue_size"], o["dim"]), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self._pending_keys: Tensor | None = None
-        self._pending_step = -1
 
-    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         view1 = batch_get(batch, "view1", self.name)
         view2 = batch_get(batch, "view2", self.name)
         symmetric = self.options["symmetric"]
@@ -75,8 +73,7 @@ class MoCo(Method):
         q2 = F.normalize(self.student(view2), dim=1) if symmetric else None
         # Original MoCo order: momentum update after the query forward, before the key forward;
         # once a real step (with gradient accumulation, on its first micro-batch only).
-        accumulating = self._pending_keys is not None and self._pending_step == step
-        if not accumulating:
+        if self.first_micro_batch(step):
             self.update_teacher(step)
         k2 = F.normalize(self.teacher_forward(view2), dim=1)
         k1 = F.normalize(self.teacher_forward(view1), dim=1) if symmetric else None
@@ -89,9 +86,8 @@ class MoCo(Method):
         world = dist.get_world_size() if is_distributed() else 1
         self._check_queue_size(keys.shape[0] * world)  # fail at the first step, before its backward
         # every micro-batch's keys wait for after_step, the real step's end
-        self._pending_keys = torch.cat([self._pending_keys, keys.detach()]) if accumulating else keys.detach()
-        self._pending_step = step
-        return loss, to_floats(
+        self.stash(step, keys=keys)
+        return loss, log_values(
             loss=loss, acc=acc, momentum=self.current_momentum, output_std=output_spread(q1)
         )
 
@@ -103,14 +99,15 @@ class MoCo(Method):
         return views
 
     def after_step(self, step: int, total_steps: int) -> None:
-        """Enqueue the keys of the step that was just backpropagated.
+        """Enqueue the keys of the step that was just backpropagated (every micro-batch's, in order:
+        the queue then holds what one step on the whole batch would have put there).
 
         The teacher already moved inside ``training_step`` (MoCo's order), so unlike the base
         class this moves no weights.
         """
-        if self._pending_keys is not None:
-            self.enqueue(self._pending_keys)
-            self._pending_keys = None
+        keys = self.take_stash().get("keys")
+        if keys:
+            self.enqueue(torch.cat(keys) if len(keys) > 1 else keys[0])
 
     def check_batch_size(self, batch_size: int) -> None:
         super().check_batch_size(batch_size)
@@ -132,9 +129,11 @@ class MoCo(Method):
         keys = concat_all_gather(keys)
         size, batch = self.queue.shape[0], keys.shape[0]
         self._check_queue_size(batch)
-        ptr = int(self.queue_ptr)
-        self.queue[ptr:ptr + batch] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + batch) % size)
+        # Indices computed on the device: no synchronisation to read the pointer. The queue size is
+        # a multiple of the key batch, so the slots never wrap inside one enqueue.
+        slots = self.queue_ptr + torch.arange(batch, device=self.queue_ptr.device)
+        self.queue.index_copy_(0, slots, keys.to(self.queue.dtype))
+        self.queue_ptr.add_(batch).remainder_(size)
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.student]

@@ -37,8 +37,8 @@ from emanorm.methods.base import (
     batch_get,
     check_range,
     concat_all_gather,
+    log_values,
     output_spread,
-    to_floats,
 )
 from emanorm.models import MLPHead
 from emanorm.norms import is_distributed
@@ -148,7 +148,7 @@ class MoCoV3(Method):
         offset = dist.get_rank() * q.shape[0] if is_distributed() else 0
         return in_batch_info_nce(q, keys, self.options["temperature"], offset)
 
-    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         view1 = batch_get(batch, "view1", self.name)
         view2 = batch_get(batch, "view2", self.name)
         # One forward per view, as MoCo v3: each view's BN statistics are its own.
@@ -160,7 +160,7 @@ class MoCoV3(Method):
         loss_12, acc_12 = self.contrastive_loss(q1, k2)
         loss_21, acc_21 = self.contrastive_loss(q2, k1)
         loss = loss_12 + loss_21
-        return loss, to_floats(
+        return loss, log_values(
             loss=loss, acc=(acc_12 + acc_21) / 2, momentum=self.current_momentum, output_std=output_spread(z1)
         )
 

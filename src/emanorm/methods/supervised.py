@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emanorm.losses import accuracy
-from emanorm.methods.base import Method, batch_get, check_range, to_floats
+from emanorm.methods.base import Method, batch_get, check_range, log_values
 from emanorm.models import Classifier
 
 
@@ -32,12 +32,12 @@ class Supervised(Method):
         check_range("label_smoothing", self.options["label_smoothing"], 0.0, 1.0)
         self.student = self.prepare_student(Classifier(self.make_backbone(), self.num_classes))
 
-    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch_get(batch, "x", self.name)
         y = batch_get(batch, "y", self.name)
         logits = self.student(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.options["label_smoothing"])
-        return loss, to_floats(loss=loss, acc_x=accuracy(logits, y))
+        return loss, log_values(loss=loss, acc_x=accuracy(logits, y))
 
     def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
         """The labeled view (there is no teacher: this only sets the student's statistics)."""

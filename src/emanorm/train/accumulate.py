@@ -1,7 +1,7 @@
-"""Gradient accumulation (``--accumulate N``): one real step from N micro-batches of a batch.
+"""One step's forwards and backwards (``--accumulate N``: N micro-batches of a batch).
 
-:func:`emanorm.train.loop.train_step` calls :func:`accumulate_gradients` for ``accumulate`` > 1;
-everything after the backward (optimizer, scheduler, teacher update) still runs once.
+:func:`emanorm.train.loop.train_step` calls :func:`forward_backward`; everything after the
+backward (``before_optimizer_step``, optimizer, scheduler, teacher update) still runs once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from emanorm.errors import NonFiniteLossError, UserError
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile`` (``_orig_mod``) and DDP (``module``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, DDP):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
 def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
     """``parts`` micro-batches of equal size: every tensor of ``batch`` cut along its first axis
     (0-d tensors such as the batch's ``epoch`` go to every micro-batch as they are)."""
@@ -30,7 +41,14 @@ def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, to
     return [{key: chunks[i] for key, chunks in pieces.items()} for i in range(parts)]
 
 
-def accumulate_gradients(
+def _log_tensor(value: torch.Tensor | float) -> torch.Tensor:
+    """A log value as a detached 0-d tensor (a Python number as float64 on the CPU: exact)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(())
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def forward_backward(
     step_fn: Callable[..., Any] | None,
     method: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -39,33 +57,52 @@ def accumulate_gradients(
     amp: Callable[[], Any],
     scaler: torch.amp.GradScaler | None,
     parts: int,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Forward and backward ``parts`` micro-batches of ``batch``; their gradients add up to the
-    gradient of the whole batch's mean loss. Returns the mean loss and the mean of the logs.
+    *,
+    check_now: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Forward and backward ``parts`` micro-batches of ``batch`` (``parts`` <= 1: the whole batch);
+    their gradients add up to the gradient of the whole batch's mean loss. Returns the mean loss,
+    the logs (each the mean over the micro-batches where it is defined, i.e. not NaN) and every
+    micro-batch's loss, all detached. ``check_now``: check each loss before its backward.
 
     Under DDP the gradient all-reduce runs once, with the last micro-batch (``no_sync`` before).
-    The methods keep their once-a-step work for the real step: MoCo moves its teacher with the
-    first micro-batch only and enqueues every micro-batch's keys in ``after_step``.
+    Each method keeps its once-a-step work for the real step (``Method.stash``): MoCo moves its
+    teacher with the first micro-batch only and enqueues every micro-batch's keys in
+    ``after_step``; DINO moves its centre with every micro-batch's teacher outputs.
     """
     model = method if step_fn is None else step_fn
     ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+    micro_batches = [batch] if parts <= 1 else split_batch(batch, parts)
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=next(method.parameters()).device)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    micro_batches = split_batch(batch, parts)
+    losses: list[torch.Tensor] = []
+    all_logs: list[dict[str, Any]] = []
     for index, micro in enumerate(micro_batches):
-        last = index == parts - 1
+        last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not isinstance(ddp, DDP) else ddp.no_sync()
         with sync:
             with amp():
                 loss, logs = model(micro, step)
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {step} (micro-batch {index + 1})")
-            share = loss / parts
+            if check_now and not torch.isfinite(loss.detach()).all():  # before its backward: nothing touched
+                where = f" (micro-batch {index + 1})" if parts > 1 else ""
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {step}{where}")
+            share = loss / parts if parts > 1 else loss  # one batch: the loss itself, bit for bit
             (scaler.scale(share) if scaler is not None else share).backward()
-        total += share.detach().float()
-        for key, value in logs.items():  # some logs are undefined on some micro-batches
-            sums[key] = sums.get(key, 0.0) + float(value)
-            counts[key] = counts.get(key, 0) + 1
-    return total, {key: value / counts[key] for key, value in sums.items()}
+        losses.append(loss.detach())
+        all_logs.append(logs)
+    if len(micro_batches) == 1:
+        return losses[0], {k: _log_tensor(v) for k, v in all_logs[0].items()}, losses
+    return _mean_of_micro_batches(losses, all_logs, parts)
+
+
+def _mean_of_micro_batches(
+    losses: list[torch.Tensor], all_logs: list[dict[str, Any]], parts: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The step's loss and logs from its micro-batches' (the logs' NaN entries are undefined ones)."""
+    # (the micro-batches' mean of the losses: sum of loss / parts, as the gradients are)
+    total = torch.stack([loss / parts for loss in losses]).sum()
+    keys = list(dict.fromkeys(k for logs in all_logs for k in logs))
+    means = {
+        key: torch.nanmean(torch.stack([_log_tensor(logs[key]) for logs in all_logs if key in logs]))
+        for key in keys
+    }
+    return total, means, losses

@@ -159,6 +159,16 @@ class TrainConfig:
         [0.6, 0.8], "fractions of training where the step schedule divides the lr by 10"
     )
     warmup_epochs: float = option(0.0, "linear learning-rate warm-up", bounds=NON_NEGATIVE)
+    # DINO's recipe (main_dino.py); the defaults keep the schedules above unchanged
+    warmup_from_zero: bool = option(
+        False, "warm the lr up as linspace(0, lr) over the warm-up (DINO) instead of from lr / W"
+    )
+    min_lr: float = option(0.0, "the cosine schedule ends at this lr (DINO's min_lr; at most lr)",
+                           bounds=NON_NEGATIVE)
+    weight_decay_end: float | None = option(
+        None, "weight decay follows a cosine from weight_decay to this (DINO); null: constant",
+        bounds=NON_NEGATIVE,
+    )
     # teacher
     ema_momentum: float = option(
         0.999, "teacher parameter momentum m of Eq. 1", bounds=UNIT, flag=Flag(OPTIMISATION)
@@ -370,8 +380,10 @@ def _check_together(cfg: dict[str, Any]) -> None:
         )
     if cfg["optimizer"] == "sgd" and cfg["nesterov"] and cfg["sgd_momentum"] == 0:
         raise UserError("nesterov needs sgd_momentum > 0; set nesterov=false or a momentum such as 0.9")
-    for key in ("lr", "weight_decay"):
-        if cfg[key] > 1e6:
+    if cfg["min_lr"] > cfg["lr"]:
+        raise UserError(f"min_lr must be a number in [0, lr={cfg['lr']}], got {cfg['min_lr']!r}")
+    for key in ("lr", "weight_decay", "weight_decay_end"):
+        if cfg[key] is not None and cfg[key] > 1e6:
             raise UserError(f"{key} {cfg[key]!r} is far too large (above 1e6): check the value")
 
 

@@ -71,16 +71,20 @@ def average_batchnorm_statistics(module: nn.Module) -> None:
         if isinstance(layer, _BatchNorm) and layer.track_running_stats
         for buf in (layer.running_mean, layer.running_var)
     ]
-    if not stats:
-        return
-    flat = torch.cat([s.reshape(-1).float() for s in stats])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for s in stats:
-        n = s.numel()
-        s.copy_(flat[offset : offset + n].view_as(s))
-        offset += n
+    # one all-reduce per dtype, in the buffers' own precision (float64 stays float64; half
+    # precision statistics are averaged in float32)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buf in stats:
+        by_dtype.setdefault(torch.promote_types(buf.dtype, torch.float32), []).append(buf)
+    for dtype, group in by_dtype.items():
+        flat = torch.cat([s.reshape(-1).to(dtype) for s in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for s in group:
+            n = s.numel()
+            s.copy_(flat[offset : offset + n].view_as(s))
+            offset += n
 
 
 def barrier() -> None:

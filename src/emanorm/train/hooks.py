@@ -18,9 +18,11 @@ from torch import nn
 
 from emanorm.collapse import CollapseWatch
 from emanorm.errors import NonFiniteLossError
+from emanorm.methods.base import logs_to_floats
 from emanorm.train.checkpoint import save_checkpoint
 from emanorm.train.curves import read_metrics
 from emanorm.train.distributed import barrier
+from emanorm.train.finite import FiniteWatch
 from emanorm.train.logger import Progress, RunLogger, format_results
 from emanorm.train.preemption import Preempted, StopSignals, stopped_message
 from emanorm.train.recipe import Run
@@ -81,6 +83,8 @@ class Hooks:
     monitor: Monitor | None
     stop: StopSignals
     watch: CollapseWatch
+    # the steps record non-finite values on the device; read at log steps and before checkpoints
+    finite_watch: FiniteWatch = dataclasses.field(default_factory=FiniteWatch)
 
     def after_step(self, state: TrainState, loss: torch.Tensor, logs: dict[str, Any],
                    batch: dict[str, torch.Tensor]) -> None:
@@ -100,9 +104,9 @@ class Hooks:
 
     def record_train(self, state: TrainState, loss: torch.Tensor, logs: dict[str, Any]) -> None:
         """One train record (metrics.jsonl, trackers, the bar), and the collapse alarm's check of it."""
-        record = {"kind": "train", "step": state.global_step, "epoch": state.epoch}
-        record["loss"] = float(loss.detach())
-        record.update({k: float(v) for k, v in logs.items()})
+        self.check_finite()  # the step's values are read back here anyway
+        record: dict[str, Any] = {"kind": "train", "step": state.global_step, "epoch": state.epoch}
+        record.update(logs_to_floats({"loss": loss, **logs}))  # one read-back for all of them
         record["lr"] = self.run.optimizer.param_groups[0]["lr"]
         record["img_per_s"] = self.progress.images_per_second()
         self.logger.record(record)
@@ -113,15 +117,24 @@ class Hooks:
                 self.progress.write(f"warning: {alarm.message}")
         self.progress.show_record(record)
 
+    def check_finite(self) -> None:
+        """Raise (with what the run keeps) if a step so far had a non-finite loss or weights."""
+        try:
+            self.finite_watch.check()
+        except NonFiniteLossError as err:
+            raise self.non_finite(err) from None
+
     def checkpoint(self, state: TrainState) -> None:
-        save_checkpoint(self.run, self.checkpoint_file, state.position(), state.seconds())
+        """A checkpoint of ``state``; nothing non-finite is ever checkpointed."""
+        self.check_finite()
+        try:
+            save_checkpoint(self.run, self.checkpoint_file, state.position(), state.seconds())
+        except NonFiniteLossError as err:
+            raise self.non_finite(err) from None
 
     def end_of_epoch_checkpoint(self, state: TrainState) -> None:
         """The epoch is kept before its evaluation: a crash there loses no training."""
-        try:
-            self.checkpoint(state)
-        except NonFiniteLossError as err:
-            raise self.non_finite(err) from None
+        self.checkpoint(state)
 
     def non_finite(self, err: NonFiniteLossError) -> NonFiniteLossError:
         """``err`` with where the run stopped and what it keeps."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from emanorm.errors import NonFiniteLossError, UserError
 from emanorm.train import rundir
-from emanorm.train.accumulate import accumulate_gradients, split_batch
+from emanorm.train.accumulate import forward_backward, split_batch, unwrap
 from emanorm.train.checkpoint import save_checkpoint, write_checkpoint
 from emanorm.train.distributed import (
     average_batchnorm_statistics,
@@ -32,6 +32,7 @@ from emanorm.train.distributed import (
     on_main_first,
     peer_failure_message,
 )
+from emanorm.train.finite import FiniteWatch
 from emanorm.train.hooks import Hooks, Monitor, TrainState, collapse_watch, light_run
 from emanorm.train.lock import default_run_dir
 from emanorm.train.logger import Progress, RunLogger
@@ -42,8 +43,8 @@ from emanorm.train.rundir import RunFinished, checkpoint_path, claim_run_dir, op
 
 # names the trainer has always offered here (tests, docs and loops of your own import them)
 __all__ = [
-    "Monitor", "NonFiniteLossError", "RunLogger", "accumulate_gradients", "claim_run_dir", "fit", "light_run",
-    "save_checkpoint", "split_batch", "train", "train_step", "write_checkpoint",
+    "FiniteWatch", "Monitor", "NonFiniteLossError", "RunLogger", "claim_run_dir", "fit", "forward_backward",
+    "light_run", "save_checkpoint", "split_batch", "train", "train_step", "write_checkpoint",
 ]
 
 log = logging.getLogger("emanorm")
@@ -135,6 +136,7 @@ def fit(run: Run, state: TrainState, hooks: Hooks) -> None:
                 loss, logs = train_step(
                     run.step_fn, run.method, batch, state.global_step, run.total_steps, run.optimizer,
                     run.scheduler, amp=run.amp, scaler=run.scaler, accumulate=run.cfg.get("accumulate", 1),
+                    finite_watch=hooks.finite_watch,
                 )
             except NonFiniteLossError as err:
                 raise hooks.non_finite(err) from None
@@ -156,11 +158,6 @@ def fit(run: Run, state: TrainState, hooks: Hooks) -> None:
 
 
 # -- one step -------------------------------------------------------------------------------------------
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one fused norm per tensor group)."""
-    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
-
-
 def train_step(
     step_fn: Callable[[dict[str, torch.Tensor], int], tuple[torch.Tensor, dict[str, Any]]] | None,
     method: nn.Module,
@@ -173,45 +170,51 @@ def train_step(
     amp: Callable[[], Any] = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
     accumulate: int = 1,
-) -> tuple[torch.Tensor, dict[str, Any]]:
+    finite_watch: FiniteWatch | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step exactly as ``emanorm train`` runs it, for loops of your own.
 
     ``step_fn`` runs ``method.training_step`` (the method itself, its DDP wrapper or a compiled
-    version; ``None``: the method). Forward under ``amp``, a finite-loss check, backward (scaled
-    with ``scaler``), the optimizer step, a finite-weights check, the scheduler step, the
-    BN-statistics all-reduce across ranks, then ``method.after_step`` (the teacher update).
-    Returns the loss and the method's logs; raises :class:`NonFiniteLossError` before the teacher
-    moves.
+    version; ``None``: the method). Forward under ``amp`` and backward (scaled with ``scaler``)
+    of each of ``accumulate`` micro-batches; then, once: ``scaler.unscale_``,
+    ``method.before_optimizer_step()`` (on the all-reduced, accumulated, unscaled gradients:
+    DINO's clipping and frozen layer), the optimizer step, the scheduler step, the BN-statistics
+    all-reduce across ranks and ``method.after_step`` (the teacher update, MoCo's queue, DINO's
+    centre). Returns the (mean) loss and the method's logs (mean over the micro-batches), all
+    detached 0-d tensors: nothing is read back to the host (convert at your log steps:
+    ``emanorm.methods.base.logs_to_floats``).
 
-    ``accumulate`` N > 1 splits ``batch`` into N equal micro-batches and sums their gradients
-    (each loss divided by N) before the one optimizer step; everything after the backward runs
-    once, at this real step (see :func:`accumulate_gradients`).
+    Non-finite losses and weights: with ``finite_watch`` (a :class:`FiniteWatch`) the step only
+    records them on the device and the caller calls ``finite_watch.check()`` at its log steps and
+    before it saves anything (``emanorm train`` does); without one the step checks at once (two
+    synchronisations) and raises :class:`NonFiniteLossError` before the optimizer step (loss) or
+    before the teacher moves (weights). ``accumulate`` N > 1 splits ``batch`` into N equal
+    micro-batches and sums their gradients (each loss divided by N) before the one optimizer step.
     """
-    if accumulate > 1:
-        loss, logs = accumulate_gradients(step_fn, method, batch, step, optimizer, amp, scaler, accumulate)
-    else:
-        with amp():
-            loss, logs = (method if step_fn is None else step_fn)(batch, step)
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
+    core = unwrap(method)
+    immediate = finite_watch is None
+    watch = FiniteWatch() if immediate else finite_watch
+    loss, logs, losses = forward_backward(
+        step_fn, method, batch, step, optimizer, amp, scaler, accumulate, check_now=immediate
+    )
     if scaler is not None:
-        scaler.step(optimizer)
+        scaler.unscale_(optimizer)  # the method sees true gradients (DINO clips them)
+    before = getattr(core, "before_optimizer_step", None)
+    if before is not None:
+        before()
+    if scaler is not None:
+        scaler.step(optimizer)  # (fp16's GradScaler reads its inf flag here: one sync, its design)
         scaler.update()
     else:
         optimizer.step()
-    # A finite loss can still step into non-finite weights or BN statistics (a huge lr): stop
-    # before the teacher copies them and before any checkpoint holds them.
+    # A finite loss can still step into non-finite weights or BN statistics (a huge lr): recorded
+    # before the teacher copies them; no checkpoint is written before the watch is checked.
     params = [p.detach() for group in optimizer.param_groups for p in group["params"]]
     buffers = [b for b in method.buffers() if b.is_floating_point()]
-    if not all_finite(params + buffers):
-        bad = "BN statistics" if all_finite(params) else "parameters"
-        raise NonFiniteLossError(f"{bad} became non-finite at step {step}; the loss was {loss.item():.4g}")
+    watch.observe(step, losses, params, buffers, micro_batches=accumulate > 1)
+    if immediate:
+        watch.check()
     scheduler.step()
     average_batchnorm_statistics(method)
-    method.after_step(step, total_steps)
+    core.after_step(step, total_steps)
     return loss, logs

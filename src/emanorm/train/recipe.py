@@ -56,16 +56,56 @@ def use_channels_last(cfg: Mapping[str, Any]) -> bool:
     return cfg["channels_last"] in (True, "auto")
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: list[float]) -> float:
-    """Linear warm-up, then cosine, step (x0.1 at each milestone fraction) or constant."""
+def lr_factor(
+    step: int, total: int, warmup: int, schedule: str, milestones: list[float], *,
+    warmup_from_zero: bool = False, floor: float = 0.0,
+) -> float:
+    """Linear warm-up, then cosine, step (x0.1 at each milestone fraction) or constant.
+
+    The warm-up goes from 1/W to 1 (``(step + 1) / W``), or with ``warmup_from_zero`` from 0 to 1
+    as DINO's ``linspace(0, lr, W)``; the cosine goes from 1 to ``floor`` (DINO's ``min_lr / lr``).
+    """
     if warmup > 0 and step < warmup:
+        if warmup_from_zero:
+            return step / (warmup - 1) if warmup > 1 else 0.0
         return (step + 1) / warmup
     if schedule == "cosine":
         progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     if schedule == "step":
         return 0.1 ** sum(step >= m * total for m in milestones)
     return 1.0
+
+
+def cosine_weight_decay(start: float, end: float, total: int) -> Callable[[int], float]:
+    """DINO's weight-decay schedule: ``end + (start - end) (1 + cos(pi step / total)) / 2``."""
+    return lambda step: end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(step / max(1, total), 1.0)))
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR``, plus, with ``weight_decay_at``, the weight decay of every group that has one
+    (the decayed group; the exempt group stays at 0) set to ``weight_decay_at(step)`` at each step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float],
+                 weight_decay_at: Callable[[int], float] | None = None) -> None:
+        self.weight_decay_at = weight_decay_at
+        for group in optimizer.param_groups:
+            group.setdefault("decayed", group.get("weight_decay", 0.0) > 0)
+        super().__init__(optimizer, lr_lambda)
+
+    def step(self, epoch: int | None = None) -> None:
+        super().step(epoch)
+        if self.weight_decay_at is not None:
+            value = self.weight_decay_at(self.last_epoch)
+            for group in self.optimizer.param_groups:
+                # (a group loaded from an older checkpoint has no "decayed")
+                if group.get("decayed", group["weight_decay"] > 0):
+                    group["weight_decay"] = value
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop("weight_decay_at", None)  # a function: rebuilt from the config, never saved
+        return state
 
 
 def amp_context(device: torch.device, amp: str) -> tuple[AmpContext, torch.amp.GradScaler | None]:
@@ -374,9 +414,13 @@ def optimisation(
         nesterov=cfg["nesterov"],
         eta=cfg["lars_eta"],
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    floor = cfg.get("min_lr", 0.0) / cfg["lr"]
+    scheduler = Schedule(
         optimizer,
-        lambda s: lr_factor(s, total_steps, warmup_steps, cfg["schedule"], cfg["lr_milestones"]),
+        lambda s: lr_factor(s, total_steps, warmup_steps, cfg["schedule"], cfg["lr_milestones"],
+                            warmup_from_zero=cfg.get("warmup_from_zero", False), floor=floor),
+        None if cfg.get("weight_decay_end") is None
+        else cosine_weight_decay(cfg["weight_decay"], cfg["weight_decay_end"], total_steps),
     )
     return optimizer, scheduler
 
