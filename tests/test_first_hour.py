@@ -222,6 +222,8 @@ def test_a_run_reports_units_protocol_environment_and_curves(tiny_fashion_mnist_
     assert final["knn_teacher"] >= 25.0 and final["knn_student"] >= 25.0, final
     assert summary["environment"]["threads"] == torch.get_num_threads()
     assert summary["environment"]["torch"] == torch.__version__ and summary["environment"]["device"] == "cpu"
+    assert summary["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert summary["environment"]["cpu_model"]  # issue 31: kernels and round-off follow the CPU
     assert (run / "curves.png").read_bytes()[:8] == PNG_MAGIC
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["kind"] == "eval"]
