@@ -193,16 +193,24 @@ def test_compare_progress_counts_the_steps_of_running_runs(tmp_path):
 
     class Bar:
         n = 0
+        desc = "compare"
 
         def refresh(self) -> None:
             pass
 
+        def set_description_str(self, desc: str, refresh: bool = True) -> None:
+            self.desc = desc
+
     progress = StepProgress(Bar(), specs, interval=0.01)
-    assert progress.total() == 35 and progress.done() == 4 + 0 + 5
+    # c has trained its 5 steps but is not finished (its final evaluation runs): not 100% yet
+    assert progress.total() == 35 and progress.done() == 4 + 0 + 4
     progress.finished.add("b")
     with progress:
         progress.refresh()
-    assert progress.bar.n == 4 + 20 + 5
+    assert progress.bar.n == 4 + 20 + 4 and progress.bar.desc == "compare [final evaluation: c]"
+    progress.finished.add("c")
+    progress.refresh()
+    assert progress.bar.n == 4 + 20 + 5 and progress.bar.desc == "compare"
 
 
 # -- training: feedback, environment, finished runs ----------------------------------------------------
