@@ -149,3 +149,128 @@ def test_ctrl_c_says_on_its_own_line_which_checkpoint_is_kept_and_how_to_continu
     assert last.startswith("emanorm: interrupted; the last checkpoint is kept at "), repr(last)
     assert str(checkpoint) in last and "--resume" in last and "Traceback" not in err
     assert checkpoint.exists()
+
+
+# -- item 3: the README's examples, in order, after the main job -------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+#: What every training command gets appended so that the sequence runs in minutes on the 120-image
+#: stand-in: 1 step of batch 16 (``--set`` wins over the example's own --epochs / --batch-size),
+#: a 64-image kNN bank and 40 test images, no evaluation along training, on the CPU, no bar.
+SHORT_TRAIN = [
+    "--set", "epochs=null", "--set", "max_steps=1", "--set", "batch_size=16", "--set", "knn_bank_size=64",
+    "--set", "monitor_test_size=40", "--set", "eval_every=0", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+def readme_commands() -> list[str]:
+    """The lines of the README's "The command line" block, comments removed, in order."""
+    section = README.read_text().split("## The command line", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def shortened(command: str, data: dict[str, Path]) -> tuple[list[str] | None, str]:
+    """(argv for ``emanorm.cli.main``, what was changed) for one README line; argv None: not run."""
+    import shlex
+
+    argv = shlex.split(command)
+    if argv[0] != "emanorm":
+        return None, "needs torchrun on 8 processes and ImageNet"
+    argv = argv[1:]
+    if argv[-1] == "...":
+        return None, "a pattern (any train command with -v), not a command"
+    if "--data-dir" in argv and argv[argv.index("--data-dir") + 1].startswith("/data/"):
+        return [*argv, "--print-config"], "needs ImageNet: only its config is resolved (--print-config)"
+    if "train" in argv and "--print-config" not in argv:
+        dataset = argv[argv.index("--dataset") + 1] if "--dataset" in argv else "fashion_mnist"
+        return [*argv, "--data-dir", str(data[dataset]), *SHORT_TRAIN], "1 step on the stand-in"
+    if argv[0] == "compare":
+        flags = ["--seeds", "1", "--max-steps", "1", "--data-dir", str(data["fashion_mnist"]),
+                 "--device", "cpu",
+                 "--no-progress", "--set", "batch_size=16", *SHORT_TRAIN[6:10]]  # fmt: skip
+        return [*argv, *flags], "1 seed of 1 step on the stand-in"
+    if argv[0] == "eval":
+        return [*argv, "--device", "cpu", "--no-progress"], "on the CPU"
+    return argv, "as written"
+
+
+@pytest.mark.slow
+def test_the_readme_examples_run_in_order_after_the_main_job(
+    tiny_fashion_mnist_dir, cifar10_dir, tmp_path, monkeypatch, capsys
+):
+    """Each line of the README's command-line block, in order, after `emanorm train` (the main job),
+    in one directory: none collides with an earlier run's directory. Shortened as ``shortened``
+    says (1 training step on stand-in data); the ImageNet lines only resolve their config."""
+    from emanorm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data = {"fashion_mnist": tiny_fashion_mnist_dir, "cifar10": cifar10_dir}
+    main_job = ["train", "--data-dir", str(tiny_fashion_mnist_dir), *SHORT_TRAIN]
+    assert main(main_job) == 0
+    capsys.readouterr()
+    # run again, the finished main job is refused in one line that offers what helps (not --resume)
+    assert main(main_job) == 2
+    refusal = capsys.readouterr().err.strip()
+    assert "already holds a finished run" in refusal and "--out" in refusal and "--force" in refusal
+    assert "--resume" not in refusal and len(refusal.splitlines()) == 1
+    ran = []
+    for command in readme_commands():
+        argv, how = shortened(command, data)
+        if argv is None:
+            continue
+        if "mlflow" in argv and not _importable("mlflow"):
+            argv = [a.replace("jsonl,mlflow", "jsonl") for a in argv]  # the optional tracker is not installed
+            how += ", without mlflow (not installed)"
+        try:
+            code = main(argv)
+        except SystemExit as stop:  # --version
+            code = stop.code
+        output = capsys.readouterr()
+        assert code == 0, f"{command} ({how}) exited {code}: {output.err[-2000:]}"
+        ran.append((command, output.out))
+    assert len(ran) >= 12
+    outputs = dict(ran)
+    moco = next(out for cmd, out in ran if cmd.startswith("emanorm train --method moco --norm eman"))
+    assert "unlabeled images" in moco and " labeled" not in moco.replace("unlabeled", "")  # issue 31 item 6
+    assert Path("runs/fixmatch-eman-fashion_mnist-s0-from-moco-eman-fashion_mnist-s0/summary.json").exists()
+    assert outputs["emanorm --version"].startswith("emanorm ")
+    assert (tmp_path / "cmp" / "results.md").exists() and "Traceback" not in "".join(outputs.values())
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# -- item 6: methods that use no labels ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [
+    ["--method", "moco", "--labels-per-class", "10"],
+    ["--method", "byol", "--label-fraction", "0.1"],
+    ["--method", "dino", "--label-index-csv", "split.csv"],
+    ["--method", "moco", "--set", "labels_per_class=5"],
+])  # fmt: skip
+def test_label_flags_for_a_method_without_labels_are_refused_in_one_line(flags, capsys):
+    from emanorm.cli import main
+
+    assert main(["train", *flags, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trains without labels" in err and "fixmatch" in err and len(err.splitlines()) == 1
+    assert main(["train", "--method", "fixmatch", "--labels-per-class", "4", "--print-config"]) == 0
+
+
+def test_a_self_supervised_report_counts_unlabeled_images():
+    from emanorm.cli.train import format_report
+
+    summary = {"method": "moco", "norm": "eman", "dataset": "fashion_mnist", "steps": 3, "labeled": 60000,
+               "unlabeled": 60000, "wall_clock_s": 1.0, "run_dir": "r", "final": {}, "environment": {}}
+    assert "3 steps, 60,000 unlabeled images," in format_report(summary)
+    old = {k: v for k, v in summary.items() if k != "unlabeled"}  # a summary written before issue 31
+    assert "60,000 unlabeled images" in format_report(old)
+    fixmatch = {**summary, "method": "fixmatch", "labeled": 100}
+    assert "100 labeled and 60,000 unlabeled images" in format_report(fixmatch)
+    supervised = {**summary, "method": "supervised", "labeled": 100, "unlabeled": 0}
+    assert "100 labeled images" in format_report(supervised)

@@ -191,6 +191,7 @@ def run_summary(
         "steps": steps,
         "epochs": run.total_epochs,
         "labeled": len(run.labeled),
+        "unlabeled": len(run.stream.unlabeled.indices) if run.stream.unlabeled is not None else 0,
         "labeled_split_sha1": run.split_digest,
         "init_from": cfg["init_from"],
         "calibrate_bn_batches": cfg.get("calibrate_bn_batches", 0),
