@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import emanorm
+from conftest import HANG_BOUND_S
 from emanorm.cli import build_parser, main
 from emanorm.cli.train import format_report
 from emanorm.data.datasets import DATASETS
@@ -102,7 +103,7 @@ def test_presets_into_a_closed_pipe_is_quiet():
     """`emanorm presets | head -1`: no BrokenPipeError traceback."""
     proc = subprocess.run(
         f"{sys.executable} -m emanorm presets | head -1",
-        shell=True, capture_output=True, text=True, timeout=120,
+        shell=True, capture_output=True, text=True, timeout=HANG_BOUND_S,
     )
     assert len(proc.stdout.splitlines()) == 1
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
@@ -343,7 +344,7 @@ def test_the_command_makes_openmp_threads_wait_passively_and_the_library_leaves_
     def policy(code: str, **extra: str) -> str:
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         shown = subprocess.run([sys.executable, "-c", code + "; print(os.environ.get('OMP_WAIT_POLICY'))"],
-                               env={**env, **extra}, capture_output=True, text=True, timeout=120)
+                               env={**env, **extra}, capture_output=True, text=True, timeout=HANG_BOUND_S)
         assert shown.returncode == 0, shown.stderr
         return shown.stdout.strip().splitlines()[-1]
 

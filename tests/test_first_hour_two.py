@@ -11,12 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import HANG_BOUND_S, wait_until
 from emanorm.train.environment import cpu_capability, cpu_model, machine_environment
 from emanorm.train.progress import (
     PlannedEvaluation,
@@ -27,17 +27,6 @@ from emanorm.train.progress import (
 )
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def wait_for(condition, what: str, bound_s: float = 600.0, process: subprocess.Popen | None = None) -> None:
-    """Poll ``condition`` until it holds; the bound only catches a hung test, not a slow machine."""
-    deadline = time.monotonic() + bound_s
-    while not condition():
-        if process is not None and process.poll() is not None:
-            pytest.fail(f"the process ended (status {process.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {bound_s:.0f} s")
-        time.sleep(0.1)
 
 
 # -- item 2: the machine a figure was measured on ---------------------------------------------------
@@ -137,9 +126,9 @@ def test_ctrl_c_says_on_its_own_line_which_checkpoint_is_kept_and_how_to_continu
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         checkpoint = out / "checkpoints" / "last.pt"
-        wait_for(checkpoint.exists, "the first checkpoint", process=process)
+        wait_until(checkpoint.exists, "the first checkpoint", process=process)
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        _, err = process.communicate(timeout=600)
+        _, err = process.communicate(timeout=HANG_BOUND_S)
     finally:
         if process.poll() is None:
             process.kill()
