@@ -266,3 +266,18 @@ def test_a_self_supervised_report_counts_unlabeled_images():
     assert "100 labeled and 60,000 unlabeled images" in format_report(fixmatch)
     supervised = {**summary, "method": "supervised", "labeled": 100, "unlabeled": 0}
     assert "100 labeled images" in format_report(supervised)
+
+
+def test_compare_does_not_pass_on_trains_resume_hint(tmp_path, monkeypatch):
+    """Ctrl-C in a grid run: compare's own 'interrupted' (rerunning compare resumes), not train's."""
+    from emanorm.experiments import runner
+    from emanorm.train.preemption import Interrupted
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted("interrupted; continue with --resume")
+
+    monkeypatch.setattr(runner, "train", interrupted)
+    spec = runner.RunSpec("eman", "fixmatch", 0, "a", tmp_path / "a", {"max_steps": 1})
+    with pytest.raises(KeyboardInterrupt) as caught:
+        runner._run_in_process(spec, tmp_path / "a.log")
+    assert not isinstance(caught.value, Interrupted)

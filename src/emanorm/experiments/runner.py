@@ -32,6 +32,7 @@ from emanorm.experiments.planner import RunOutcome, RunSpec
 from emanorm.train import train
 from emanorm.train.config import dump_config
 from emanorm.train.lock import RunBusyError, run_lock
+from emanorm.train.preemption import Interrupted
 
 log = logging.getLogger("emanorm")
 
@@ -229,6 +230,8 @@ def _run_in_process(spec: RunSpec, log_file: Path) -> str | None:
     except UserError as err:
         log_file.write_text(f"emanorm: error: {err}\n")
         return str(err)
+    except Interrupted:  # its "--resume" hint is for `emanorm train`: rerunning compare resumes the grid
+        raise KeyboardInterrupt from None
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # one broken run must not stop the grid; the log keeps the traceback
