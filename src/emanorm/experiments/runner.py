@@ -26,13 +26,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from emanorm.errors import UserError
+from emanorm.errors import Interrupted, UserError
 from emanorm.evaluation.monitor import knn_monitor
 from emanorm.experiments.planner import RunOutcome, RunSpec
 from emanorm.train import train
 from emanorm.train.config import dump_config
 from emanorm.train.lock import RunBusyError, run_lock
-from emanorm.train.preemption import Interrupted
 
 log = logging.getLogger("emanorm")
 
