@@ -270,8 +270,8 @@ def test_a_self_supervised_report_counts_unlabeled_images():
 
 def test_compare_does_not_pass_on_trains_resume_hint(tmp_path, monkeypatch):
     """Ctrl-C in a grid run: compare's own 'interrupted' (rerunning compare resumes), not train's."""
-    from emanorm.experiments import runner
     from emanorm.errors import Interrupted
+    from emanorm.experiments import runner
 
     def interrupted(*args, **kwargs):
         raise Interrupted("interrupted; continue with --resume")
