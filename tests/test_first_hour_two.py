@@ -244,6 +244,7 @@ def _importable(name: str) -> bool:
     ["--method", "byol", "--label-fraction", "0.1"],
     ["--method", "dino", "--label-index-csv", "split.csv"],
     ["--method", "moco", "--set", "labels_per_class=5"],
+    ["--method", "mocov3", "--labels-per-class", "10"],
 ])  # fmt: skip
 def test_label_flags_for_a_method_without_labels_are_refused_in_one_line(flags, capsys):
     from emanorm.cli import main
@@ -260,6 +261,7 @@ def test_a_self_supervised_report_counts_unlabeled_images():
     summary = {"method": "moco", "norm": "eman", "dataset": "fashion_mnist", "steps": 3, "labeled": 60000,
                "unlabeled": 60000, "wall_clock_s": 1.0, "run_dir": "r", "final": {}, "environment": {}}
     assert "3 steps, 60,000 unlabeled images," in format_report(summary)
+    assert "3 steps, 60,000 unlabeled images," in format_report({**summary, "method": "mocov3"})
     old = {k: v for k, v in summary.items() if k != "unlabeled"}  # a summary written before issue 31
     assert "60,000 unlabeled images" in format_report(old)
     fixmatch = {**summary, "method": "fixmatch", "labeled": 100}
