@@ -46,6 +46,25 @@ def torchrun_command(nproc: int, *target: str, dist_timeout_s: int) -> tuple[lis
     return [*command, *target], env
 
 
+#: How long a test waits for something that must happen (a process reaching a point, a file
+#: appearing) before calling it a hang. Generous on purpose: no test depends on the machine's speed.
+HANG_BOUND_S = 900.0
+
+
+def wait_until(condition, what: str, *, bound_s: float = HANG_BOUND_S, process=None) -> None:
+    """Poll ``condition()`` until it is true. Fails if ``process`` ends first, or after ``bound_s``
+    (a hang, not a slow machine)."""
+    import time
+
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the process ended (status {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {bound_s:.0f} s, a hang")
+        time.sleep(0.05)
+
+
 # -- writers (plain functions, usable from any test) ------------------------------------------------
 
 

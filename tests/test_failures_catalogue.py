@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HANG_BOUND_S
 from failure_setups import SETUPS
 
 CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "failures.md"
@@ -156,7 +157,7 @@ class Runner:
     def run(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
         if self.worker is None:
             result = subprocess.run([sys.executable, "-m", "emanorm", *argv], capture_output=True, text=True,
-                                    cwd=cwd, env={**self.env, **(env or {})}, timeout=300)
+                                    cwd=cwd, env={**self.env, **(env or {})}, timeout=HANG_BOUND_S)
             return result.returncode, result.stderr
         out, err = cwd.parent / f"{cwd.name}.stdout", cwd.parent / f"{cwd.name}.stderr"
         request = {"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "env": env or {}}
@@ -171,7 +172,7 @@ class Runner:
         if self.worker is not None:
             assert self.worker.stdin is not None
             self.worker.stdin.close()
-            self.worker.wait(timeout=60)
+            self.worker.wait(timeout=HANG_BOUND_S)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import HANG_BOUND_S, wait_until
 from emanorm.cli import main
 from emanorm.errors import UserError
 from emanorm.train import build_run, resolve_config, train, train_step
@@ -316,14 +316,17 @@ def test_a_crash_in_the_final_evaluation_keeps_the_epoch_and_the_resume_logs_its
 
 
 # -- compare's training children die with it (L-7) ----------------------------------------------------------
+# The child shares the parent's stdout: it says "armed" once its death signal is set. Both wait for
+# an hour, so only the parent's death can end the child within the test.
 PARENT = """
 import os, subprocess, sys, time
 env = {**os.environ, "EMANORM_PARENT_PID": str(os.getpid())}
 child = subprocess.Popen([sys.executable, "-c",
-    "from emanorm.experiments.grid import die_with_parent; die_with_parent(); import time; time.sleep(120)"],
+    "from emanorm.experiments.grid import die_with_parent; die_with_parent(); "
+    "import time; print('armed', flush=True); time.sleep(3600)"],
     env=env)
 print(child.pid, flush=True)
-time.sleep(120)
+time.sleep(3600)
 """
 
 
@@ -332,24 +335,28 @@ time.sleep(120)
 def test_a_training_child_dies_when_compare_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
-    time.sleep(3)  # the child has asked for its signal
+    assert parent.stdout.readline().strip() == "armed"  # the child has asked for its signal
     os.kill(child, 0)  # alive
     parent.kill()  # SIGKILL: no cleanup code of the parent runs
     parent.wait()
-    deadline = time.time() + 30
-    while time.time() < deadline:
+
+    def child_gone() -> bool:
         try:
             os.kill(child, 0)
         except ProcessLookupError:
-            break
-        with contextlib.suppress(ChildProcessError):
+            return True
+        with contextlib.suppress(ChildProcessError):  # reap it if it became ours (a subreaper)
             os.waitpid(child, os.WNOHANG)
-        time.sleep(0.2)
-    else:
-        os.kill(child, signal.SIGKILL)
-        pytest.fail("the child outlived its killed parent")
+        return False
+
+    try:
+        wait_until(child_gone, "the child's death after its parent was killed")
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        raise
     # and a child whose parent is already gone exits at once
     gone = subprocess.run([sys.executable, "-c", "from emanorm.experiments.grid import die_with_parent; "
                            "die_with_parent()"], env={**os.environ, "EMANORM_PARENT_PID": "1"},
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, timeout=HANG_BOUND_S)  # fmt: skip
     assert gone.returncode != 0 and "that started this run is gone" in gone.stderr

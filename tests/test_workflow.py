@@ -8,13 +8,12 @@ import os
 import signal
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import torchrun_command
+from conftest import HANG_BOUND_S, torchrun_command, wait_until
 from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
 from emanorm.train import loop, resolve_config, train
@@ -146,14 +145,20 @@ def test_resume_auto_starts_fresh_without_a_checkpoint(tiny_fashion_mnist_dir, t
     assert summary["steps"] == 1 and (out / "summary.json").exists()
 
 
+# With STEP_GATE set, every rank waits before step HOLD_AT_STEP (0-based) until that file exists: the
+# test acts while the run is held at a known step, then opens the gate. The numbers are unchanged.
 WORKER = """
 import os, sys, time
+from pathlib import Path
 from emanorm.train import loop
 real_step = loop.train_step
-def slow_step(*args, **kwargs):  # gives the test time to signal mid-run; the numbers are unchanged
-    time.sleep(float(os.environ.get("STEP_DELAY", "0")))
+gate, hold_at = os.environ.get("STEP_GATE"), int(os.environ.get("HOLD_AT_STEP", "0"))
+def gated_step(*args, **kwargs):
+    if gate and args[3] >= hold_at:
+        while not Path(gate).exists():
+            time.sleep(0.05)
     return real_step(*args, **kwargs)
-loop.train_step = slow_step
+loop.train_step = gated_step
 from emanorm.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -166,11 +171,16 @@ TWO_RANK_FIXMATCH = [
 ]
 
 
-def launch_two_ranks(script: Path, *args: str, delay: str, dist_timeout_s: int) -> subprocess.Popen:
-    """``WORKER`` under torchrun with 2 ranks, in its own session (so killpg reaches every rank)."""
+def launch_two_ranks(
+    script: Path, *args: str, dist_timeout_s: int, gate: Path | None = None, hold_at: int = 0
+) -> subprocess.Popen:
+    """``WORKER`` under torchrun with 2 ranks, in its own session (so killpg reaches every rank);
+    with ``gate``, held before step ``hold_at`` until the file ``gate`` exists."""
     command, env = torchrun_command(2, str(script), *args, dist_timeout_s=dist_timeout_s)
+    if gate is not None:
+        env = {**env, "STEP_GATE": str(gate), "HOLD_AT_STEP": str(hold_at)}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env, "STEP_DELAY": delay}, start_new_session=True)
+                            env=env, start_new_session=True)
 
 
 def assert_no_emanorm_frame(err: str) -> None:
@@ -189,28 +199,25 @@ def test_sigterm_stops_two_ranks_at_one_step_and_resume_matches_an_uninterrupted
         "--set", "monitor_test_size=32", "--set", "log_every=1",
     ]
 
-    def launch(out: Path, *extra: str, delay: str = "0") -> subprocess.Popen:
-        return launch_two_ranks(script, *common, "--out", str(out), *extra,
-                                delay=delay, dist_timeout_s=60)
+    def launch(out: Path, *extra: str, gate: Path | None = None) -> subprocess.Popen:
+        return launch_two_ranks(script, *common, "--out", str(out), *extra, dist_timeout_s=60,
+                                gate=gate, hold_at=2)
 
     straight = tmp_path / "straight"
     process = launch(straight)
-    _, err = process.communicate(timeout=300)
+    _, err = process.communicate(timeout=HANG_BOUND_S)
     assert process.returncode == 0, err[-3000:]
 
     stopped = tmp_path / "stopped"
-    process = launch(stopped, delay="0.5")
+    gate = tmp_path / "gate"
+    process = launch(stopped, gate=gate)  # held before its third step
     try:
         metrics = stopped / "metrics.jsonl"
-        for _ in range(600):  # until step 2 is logged
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            if process.poll() is not None:
-                break
-            subprocess.run(["sleep", "0.1"], check=True)
-        assert process.poll() is None, "the run ended before the signal"
+        wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2,
+                   "step 2 in metrics.jsonl", process=process)
         os.killpg(process.pid, signal.SIGTERM)  # the scheduler signals every process of the job
-        _, err = process.communicate(timeout=120)
+        gate.touch()
+        _, err = process.communicate(timeout=HANG_BOUND_S)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -225,7 +232,7 @@ def test_sigterm_stops_two_ranks_at_one_step_and_resume_matches_an_uninterrupted
     assert 0 < state["global_step"] < 12 and not (stopped / "summary.json").exists()
 
     process = launch(stopped, "--resume", "auto")
-    _, err = process.communicate(timeout=300)
+    _, err = process.communicate(timeout=HANG_BOUND_S)
     assert process.returncode == 0, err[-3000:]
     a, b = teacher_state(straight), teacher_state(stopped)
     for key in a:
@@ -239,17 +246,14 @@ def test_a_killed_rank_is_one_line_on_the_survivor_naming_it(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "run"
+    gate = tmp_path / "gate"
     process = launch_two_ranks(
         script, *TWO_RANK_FIXMATCH, "--max-steps", "400", "--checkpoint-every-steps", "2",
-        "--out", str(out), delay="0.05", dist_timeout_s=30,
+        "--out", str(out), dist_timeout_s=30, gate=gate, hold_at=2,  # held after the step-2 checkpoint
     )
     try:
         checkpoint = out / "checkpoints" / "last.pt"
-        for _ in range(1200):
-            if checkpoint.exists() or process.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert checkpoint.exists(), "no checkpoint before the kill"
+        wait_until(checkpoint.exists, "the first checkpoint", process=process)
         workers = subprocess.run(["pgrep", "-f", f"worker.py train.*{out}"], capture_output=True,
                                  text=True).stdout.split()
         ranks = {}
@@ -259,7 +263,8 @@ def test_a_killed_rank_is_one_line_on_the_survivor_naming_it(tmp_path):
             if rank:
                 ranks[int(rank[0][5:])] = int(pid)
         os.kill(ranks[1], signal.SIGKILL)
-        _, err = process.communicate(timeout=120)
+        gate.touch()  # rank 0 goes on and meets its dead peer
+        _, err = process.communicate(timeout=HANG_BOUND_S)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -372,11 +377,12 @@ def test_wandb_offline_run_files_hold_the_config_metrics_and_summary(tiny_fashio
     assert len(run_dirs) == 1
     ids = json.loads((out / "trackers.json").read_text())
     records: list = []
-    for _ in range(300):  # W&B's service process may still be writing the file when finish() returns
+    def exited() -> bool:  # W&B's service process may still be writing the file when finish() returns
+        nonlocal records
         records = read_wandb_records(run_dirs[0] / f"run-{ids['wandb']}.wandb")
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
-            break
-        time.sleep(0.1)
+        return any(r.WhichOneof("record_type") == "exit" for r in records)
+
+    wait_until(exited, "W&B's exit record")
     history = {}
     for record in records:
         if record.WhichOneof("record_type") == "history":

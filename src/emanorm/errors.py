@@ -16,5 +16,15 @@ class Preempted(Exception):
     exit_code = RESUMABLE_EXIT
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a run; the message says which checkpoint is kept and how to go on.
+
+    Unlike a stop signal it lands mid-step, so no new checkpoint is written: the last one (end of
+    the last epoch, or ``checkpoint_every_steps``) is what ``--resume`` continues from.
+    """
+
+    exit_code = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""

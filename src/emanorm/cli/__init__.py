@@ -20,7 +20,7 @@ from emanorm.cli.compare import add_compare_parser
 from emanorm.cli.doctor import add_doctor_parser
 from emanorm.cli.evaluate import add_eval_parsers, add_export_parser
 from emanorm.cli.train import add_presets_parser, add_train_parser
-from emanorm.errors import Preempted, UserError
+from emanorm.errors import Interrupted, Preempted, UserError
 
 DESCRIPTION = """\
 Self- and semi-supervised learning with EMA teachers and EMAN
@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emanorm: error: {err}", file=sys.stderr)
         return 2
     except Preempted as stopped:
+        print(f"emanorm: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except Interrupted as stopped:  # a training run: its checkpoint and --resume
         print(f"emanorm: {stopped}", file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt:

@@ -8,16 +8,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from emanorm.catalog import BACKBONES
+from emanorm.catalog import BACKBONES, METHOD_NAMES
 from emanorm.cli.common import add_command, key_value
 from emanorm.errors import UserError
 from emanorm.train.config import (
     BUDGET,
     DEFAULTS,
     FIELDS,
+    LABEL_KEYS,
     LABELS,
     OPTIMISATION,
     RUNNING,
+    SEMI_SUPERVISED,
     WHAT,
     dump_config,
     load_config_source,
@@ -167,6 +169,7 @@ def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, train_overrides(args), explicit=explicit_settings(args))
+    refuse_unused_labels(cfg)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
@@ -201,9 +204,40 @@ def refuse_resume_of_nothing(cfg: dict[str, Any], resume: bool | str) -> None:
         )
 
 
+def refuse_unused_labels(cfg: dict[str, Any]) -> None:
+    """A label flag for a method that trains without labels (MoCo, MoCo v3, BYOL, DINO) would change nothing
+    but the recorded split: the kNN monitor's bank is drawn from every labeled training image and
+    the linear probe (``emanorm eval linear``, compare) takes its own label flags. Refused."""
+    if cfg["method"] in SEMI_SUPERVISED:
+        return
+    given = [key for key in LABEL_KEYS if cfg.get(key) is not None]
+    if given:
+        key = given[0]
+        raise UserError(
+            f"--{key.replace('_', '-')} {cfg[key]}: {cfg['method']} trains without labels, so it would "
+            f"change nothing (its kNN monitor uses every labeled training image; give labels to the "
+            f"linear probe: emanorm eval linear RUN_DIR --label-fraction F); methods that use labels: "
+            f"{', '.join(SEMI_SUPERVISED)}"
+        )
+
+
 def has_teacher(method: str) -> bool:
     """Whether a method trains a separate teacher (the supervised baseline does not)."""
     return method != "supervised"
+
+
+def trained_images(summary: dict[str, Any]) -> str:
+    """What a run trained on: ``100 labeled and 60,000 unlabeled images``, ``100 labeled images``
+    (supervised) or ``60,000 unlabeled images`` (self-supervised: no label is used)."""
+    method = summary["method"]  # a method of your own (not in the catalog) counts as using labels
+    uses_labels = method in SEMI_SUPERVISED or method not in METHOD_NAMES
+    # summaries from before "unlabeled" was recorded: a self-supervised run trained on all its images
+    unlabeled = summary.get("unlabeled", 0 if uses_labels else summary["labeled"])
+    if not uses_labels:
+        return f"{unlabeled:,} unlabeled images"
+    if unlabeled:
+        return f"{summary['labeled']:,} labeled and {unlabeled:,} unlabeled images"
+    return f"{summary['labeled']:,} labeled images"
 
 
 def format_report(summary: dict[str, Any]) -> str:
@@ -213,7 +247,7 @@ def format_report(summary: dict[str, Any]) -> str:
     threads = f", {environment['threads']} CPU thread(s)" if "threads" in environment else ""
     lines = [
         f"\n{summary['method']} with norm={summary['norm']} on {summary['dataset']}: "
-        f"{summary['steps']} steps, {summary['labeled']} labeled images, "
+        f"{summary['steps']} steps, {trained_images(summary)}, "
         f"{summary['wall_clock_s']:.0f} s{threads}"
     ]
     networks = ("teacher", "student") if has_teacher(summary["method"]) else ("teacher",)

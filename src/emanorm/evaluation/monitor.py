@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from emanorm.data import eval_batches
 from emanorm.evaluation.knn import knn_predict
+from emanorm.train.progress import report_evaluation
 from emanorm.train.recipe import Run
 
 #: Decimals of a percent kept in summary.json / metrics.jsonl / eval_*.json (1e-6 as a fraction).
@@ -27,13 +28,29 @@ def percent(fraction: float) -> float:
     return round(100.0 * float(fraction), PERCENT_DIGITS)
 
 
+class _Count:
+    """Images through the networks so far in one evaluation, reported to the progress bar."""
+
+    def __init__(self, total: int) -> None:
+        self.done, self.total = 0, total
+
+    def add(self, phase: str, images: int) -> None:
+        self.done += images
+        report_evaluation(phase, self.done, self.total)
+
+
 @torch.no_grad()
-def _features(encoder: nn.Module, dataset: Any, indices: Tensor, device: torch.device, amp: Any) -> Any:
+def _features(
+    encoder: nn.Module, dataset: Any, indices: Tensor, device: torch.device, amp: Any,
+    count: _Count | None = None, phase: str = "",
+) -> Any:
     feats, labels = [], []
     for images, targets in eval_batches(dataset, 512, device, indices=indices):
         with amp():
             feats.append(encoder(images).float())
         labels.append(targets.to(device))
+        if count is not None:
+            count.add(phase, len(targets))
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -55,10 +72,11 @@ def knn_monitor(method: nn.Module, run: Run) -> dict[str, float]:
         len(test_ds) if cfg["monitor_test_size"] is None else min(len(test_ds), cfg["monitor_test_size"])
     )
     queries = torch.arange(test_size)
+    count = _Count(2 * (len(bank) + test_size))
     for which in ("teacher", "student"):
         encoder = method.encoder(which)
-        bank_f, bank_y = _features(encoder, train_ds, bank, device, amp)
-        query_f, query_y = _features(encoder, test_ds, queries, device, amp)
+        bank_f, bank_y = _features(encoder, train_ds, bank, device, amp, count, which)
+        query_f, query_y = _features(encoder, test_ds, queries, device, amp, count, which)
         pred = knn_predict(bank_f, bank_y, query_f, k=cfg["knn_k"], num_classes=train_ds.info.num_classes)
         results[f"knn_{which}"] = percent((pred.to(query_y.device) == query_y).float().mean().item())
         classifier = method.classifier(which) if method.semi_supervised else None

@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from emanorm.errors import UserError
+from emanorm.errors import Interrupted, UserError
 from emanorm.evaluation.monitor import knn_monitor
 from emanorm.experiments.planner import RunOutcome, RunSpec
 from emanorm.train import train
@@ -185,13 +185,25 @@ class StepProgress:
         return sum(self.planned.values())
 
     def done(self) -> int:
+        """Steps done over the grid; a run counts its last step only once it is finished, so the bar
+        does not sit at 100% while the final evaluations run."""
         return sum(
-            self.planned[name] if name in self.finished else min(steps_done(spec), self.planned[name])
+            self.planned[name] if name in self.finished else min(steps_done(spec), self.planned[name] - 1)
             for name, spec in self.specs.items()
         )
 
+    def evaluating(self) -> list[str]:
+        """The runs past their last step that are not finished yet: in their final evaluation."""
+        return [name for name, spec in self.specs.items()
+                if name not in self.finished and steps_done(spec) >= self.planned[name]]
+
     def refresh(self) -> None:
         self.bar.n = self.done()
+        base = self.bar.desc.split(" [final evaluation")[0].removesuffix(": ")
+        evaluating = self.evaluating()
+        self.bar.set_description_str(
+            f"{base} [final evaluation: {', '.join(evaluating)}]" if evaluating else base, refresh=False
+        )
         self.bar.refresh()
 
     def _poll(self) -> None:
@@ -217,6 +229,8 @@ def _run_in_process(spec: RunSpec, log_file: Path) -> str | None:
     except UserError as err:
         log_file.write_text(f"emanorm: error: {err}\n")
         return str(err)
+    except Interrupted:  # its "--resume" hint is for `emanorm train`: rerunning compare resumes the grid
+        raise KeyboardInterrupt from None
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # one broken run must not stop the grid; the log keeps the traceback

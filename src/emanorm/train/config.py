@@ -243,7 +243,8 @@ class TrainConfig:
     )
     deterministic: bool = option(False, "deterministic algorithms (slower)")
     out: str | None = option(
-        None, "run directory (default runs/<method>-<norm>-<dataset>-s<seed>)", flag=Flag(RUNNING),
+        None, "run directory (default runs/<method>-<norm>-<dataset>-s<seed>, plus -from-<source run> "
+        "with --init-from)", flag=Flag(RUNNING),
         affects_weights=False,
     )
 

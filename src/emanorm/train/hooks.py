@@ -25,6 +25,7 @@ from emanorm.train.distributed import barrier
 from emanorm.train.finite import FiniteWatch
 from emanorm.train.logger import Progress, RunLogger, format_results
 from emanorm.train.preemption import Preempted, StopSignals, stopped_message
+from emanorm.train.progress import PlannedEvaluation, evaluation_images, planned_evaluations
 from emanorm.train.recipe import Run
 
 #: ``monitor(method, run) -> {name: value}``: evaluation along training
@@ -60,6 +61,19 @@ def light_run(run: Run) -> Run:
     bank = min(run.cfg["knn_bank_size"], size)
     queries = size if run.cfg["monitor_test_size"] is None else min(run.cfg["monitor_test_size"], size)
     return dataclasses.replace(run, cfg={**run.cfg, "knn_bank_size": bank, "monitor_test_size": queries})
+
+
+def evaluation_size(run: Run) -> int:
+    """Images one kNN-monitor evaluation of ``run`` puts through each network (for the ETA)."""
+    return evaluation_images(run.cfg, int((run.train_ds.targets >= 0).sum()), len(run.test_ds))
+
+
+def evaluation_plan(run: Run) -> list[PlannedEvaluation]:
+    """The evaluations the loop will run, with their sizes: the progress bar's ETA includes them."""
+    return planned_evaluations(
+        run.total_steps, run.steps_per_epoch, run.cfg["eval_every"],
+        evaluation_size(light_run(run)), evaluation_size(run),
+    )
 
 
 def collapse_watch(run: Run, logger: RunLogger, resume_step: int) -> CollapseWatch:
@@ -151,11 +165,12 @@ class Hooks:
             barrier()
             return {}
         kind = "final evaluation" if final else "evaluation"
-        self.progress.evaluation_starts(state.global_step, kind)
+        evaluated = self.run if final else light_run(self.run)
         eval_started = time.perf_counter()
-        results = self.monitor(self.run.method, self.run if final else light_run(self.run))
+        images = evaluation_size(evaluated)
+        with self.progress.evaluating(state.global_step, kind, final=final, images=images):
+            results = self.monitor(self.run.method, evaluated)
         seconds = time.perf_counter() - eval_started
-        self.progress.evaluation_ends()
         if results:
             light = not final and light_run(self.run) is not self.run
             self.logger.record({"kind": "eval", "step": state.global_step, "epoch": state.epoch, **results,

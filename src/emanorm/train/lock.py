@@ -125,7 +125,15 @@ def run_directory(run_dir: Path) -> Iterator[Path]:
 
 
 def default_run_dir(cfg: dict[str, Any]) -> str:
-    return f"runs/{cfg['method']}-{cfg['norm']}-{cfg['dataset']}-s{cfg['seed']}"
+    """``runs/<method>-<norm>-<dataset>-s<seed>``; a run started with ``--init-from`` adds
+    ``-from-<source run>`` so that it never lands in the from-scratch run's directory."""
+    name = f"runs/{cfg['method']}-{cfg['norm']}-{cfg['dataset']}-s{cfg['seed']}"
+    if cfg.get("init_from"):
+        source = Path(str(cfg["init_from"]).rstrip("/"))
+        if source.suffix == ".pt":  # RUN_DIR/checkpoints/last.pt -> RUN_DIR's name
+            source = source.parent.parent if source.parent.name == "checkpoints" else source.with_suffix("")
+        name += f"-from-{source.name or 'checkpoint'}"
+    return name
 
 
 def check_run_dir(cfg: dict[str, Any], resume: bool, force: bool) -> Path:
@@ -144,9 +152,12 @@ def check_run_dir(cfg: dict[str, Any], resume: bool, force: bool) -> Path:
         details = config_changes(previous, cfg)
         if details:
             raise UserError(f"--resume with a different config ({details}); use --force to override")
-    elif not resume and (finished or started) and not force:
-        state = "a finished run" if finished else "an unfinished run"
-        raise UserError(f"{run_dir} already holds {state}; use --resume to continue or --force to overwrite")
+    elif not resume and finished and not force:  # --resume would change nothing: not a way out
+        raise UserError(f"{run_dir} already holds a finished run; choose another --out for a new run, "
+                        "or --force to train this one again from scratch")
+    elif not resume and started and not force:
+        raise UserError(f"{run_dir} already holds an unfinished run; use --resume to continue or --force "
+                        "to overwrite")
     return run_dir
 
 

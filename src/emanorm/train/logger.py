@@ -3,18 +3,19 @@ the progress bar or progress lines and the throughput of the train records (:cla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from emanorm.errors import UserError
 from emanorm.train import tracking
 from emanorm.train.checkpoint import os_error_reason
+from emanorm.train.progress import PlannedEvaluation, TrainingProgress
 from emanorm.train.run_records import keep_metrics_until
 
 log = logging.getLogger("emanorm")
@@ -90,49 +91,58 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 class Progress:
-    """The progress bar on the main process (``bar``), or without one a line at every tenth of the
-    steps and one per evaluation; and the images per second of the train records."""
+    """The progress bar on the main process (``bar``: :class:`~emanorm.train.progress.TrainingProgress`,
+    whose rate leaves the evaluations out and whose ETA adds the ``evaluations`` still planned), or
+    without one a line at every tenth of the steps and one per evaluation; and the images per second
+    of the train records (training time only: evaluations are left out)."""
 
-    def __init__(self, name: str, total_steps: int, initial_step: int, *, bar: bool, is_main: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        total_steps: int,
+        initial_step: int,
+        *,
+        bar: bool,
+        is_main: bool,
+        evaluations: Sequence[PlannedEvaluation] = (),
+    ) -> None:
         self.name = name
         self.total_steps = total_steps
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc=name, unit="step",
-                        disable=not (bar and is_main))
+        self.bar = TrainingProgress(total_steps, initial_step, name, enabled=bar and is_main,
+                                    evaluations=evaluations)
         self.report_every = 0 if bar or not is_main else max(1, total_steps // 10)
-        self.window_start, self.window_images = time.perf_counter(), 0
+        self.window_start, self.window_images = self.bar.training_clock(), 0
 
     def count_images(self, batch: dict[str, torch.Tensor]) -> None:
         self.window_images += sum(v.shape[0] for v in batch.values() if v.dim() == 4)
 
     def images_per_second(self) -> float:
-        """Images per second since the last train record (and start a new window)."""
-        seconds = max(time.perf_counter() - self.window_start, 1e-9)
+        """Images per second of training since the last train record (and start a new window)."""
+        seconds = max(self.bar.training_clock() - self.window_start, 1e-9)
         rate = self.window_images / seconds
-        self.window_start, self.window_images = time.perf_counter(), 0
+        self.window_start, self.window_images = self.bar.training_clock(), 0
         return rate
 
     def show_record(self, record: dict[str, Any]) -> None:
         shown = {"loss": f"{record['loss']:.3f}", "img/s": f"{record['img_per_s']:.0f}"}
         if "mask" in record:
             shown["mask"] = f"{record['mask']:.2f}"
-        self.bar.set_postfix(shown, refresh=False)
+        self.bar.set_postfix(shown)
 
     def advance(self, step: int, loss: torch.Tensor) -> None:
         """One step done: the bar moves, or a progress line at every tenth of the steps."""
-        self.bar.update(1)
+        self.bar.advance(step)
         if self.report_every and (step % self.report_every == 0 or step == self.total_steps):
             log.info("step %d/%d, loss %.4f", step, self.total_steps, float(loss.detach()))
 
-    def evaluation_starts(self, step: int, kind: str) -> None:
-        if self.bar.disable:
+    @contextlib.contextmanager
+    def evaluating(self, step: int, kind: str, *, final: bool, images: int | None = None) -> Iterator[None]:
+        """Around an evaluation: a line without a bar; with one, the evaluation's own progress in
+        its description, its time kept out of the training rate and measured for the ETA."""
+        if not self.bar.enabled:
             log.info("step %d/%d: %s ...", step, self.total_steps, kind)
-        else:
-            self.bar.set_description_str(f"{self.name} [{kind}]", refresh=True)
-
-    def evaluation_ends(self) -> None:
-        if not self.bar.disable:
-            self.bar.unpause()  # the evaluation's time is charged neither to the elapsed time nor to the rate
-            self.bar.set_description_str(self.name, refresh=False)
+        with self.bar.evaluating(kind, final=final, images=images):
+            yield
 
     def write(self, line: str) -> None:
         self.bar.write(line)

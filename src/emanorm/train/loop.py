@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emanorm.errors import NonFiniteLossError, UserError
+from emanorm.errors import Interrupted, NonFiniteLossError, UserError
 from emanorm.train import rundir
 from emanorm.train.accumulate import forward_backward, split_batch, unwrap
 from emanorm.train.checkpoint import save_checkpoint, write_checkpoint
@@ -33,10 +33,11 @@ from emanorm.train.distributed import (
     peer_failure_message,
 )
 from emanorm.train.finite import FiniteWatch
-from emanorm.train.hooks import Hooks, Monitor, TrainState, collapse_watch, light_run
+from emanorm.train.hooks import Hooks, Monitor, TrainState, collapse_watch, evaluation_plan, light_run
 from emanorm.train.lock import default_run_dir
 from emanorm.train.logger import Progress, RunLogger
 from emanorm.train.preemption import StopSignals
+from emanorm.train.progress import TrainingProgress
 from emanorm.train.recipe import Run
 from emanorm.train.restore import load_method
 from emanorm.train.rundir import RunFinished, checkpoint_path, claim_run_dir, open_run
@@ -69,7 +70,8 @@ def train(
     from the run directory's checkpoint when there is one and start fresh otherwise.
 
     SIGTERM or SIGUSR1 stops the run after the current step with a checkpoint on every rank and
-    raises :class:`~emanorm.train.preemption.Preempted` (``emanorm train`` exits with 75).
+    raises :class:`~emanorm.errors.Preempted` (``emanorm train`` exits with 75). Ctrl-C raises
+    :class:`~emanorm.errors.Interrupted` saying which checkpoint is kept (exit 130).
     ``resume`` on a finished run (summary.json present) changes nothing and returns its summary
     (refused if its checkpoint is missing); with ``force`` as well, its final evaluation runs again.
     """
@@ -87,6 +89,11 @@ def train(
             except RunFinished as finished:
                 summary = finished.summary
                 run = None
+            except KeyboardInterrupt as interrupt:
+                if isinstance(interrupt, Interrupted):
+                    raise
+                TrainingProgress.close_all()  # the message goes on a line of its own
+                raise Interrupted(rundir.interrupted_message(Path(cfg["out"]))) from None
             except RuntimeError as err:
                 lost = peer_failure_message(err, dist_info) if dist_info.distributed else None
                 if lost is None:
@@ -110,7 +117,9 @@ def train_run(
     cfg, run_dir, is_main, step = run.cfg, Path(run.cfg["out"]), run.dist.is_main, state.global_step
     environment = rundir.run_environment(run)
     logger = RunLogger(run_dir, is_main, step, loggers=cfg.get("logger", "jsonl,tensorboard"), config=cfg)
-    bar = Progress(f"{cfg['method']}-{cfg['norm']}", run.total_steps, step, bar=progress, is_main=is_main)
+    planned = evaluation_plan(run) if monitor is not None else ()  # the bar's ETA includes them
+    bar = Progress(f"{cfg['method']}-{cfg['norm']}", run.total_steps, step, bar=progress, is_main=is_main,
+                   evaluations=planned)
     watch = collapse_watch(run, logger, step)
     hooks = Hooks(run, checkpoint_path(run_dir), logger, bar, monitor, stop, watch)
     fit(run, state, hooks)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 # torch-free, so the command line catches a Preempted without importing torch
-from emanorm.errors import RESUMABLE_EXIT, Preempted  # noqa: F401 (re-exported)
+from emanorm.errors import RESUMABLE_EXIT, Interrupted, Preempted  # noqa: F401 (re-exported)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -27,6 +27,7 @@ from emanorm.train.checkpoint import CHECKPOINT_NAME, os_error_reason, restore_c
 from emanorm.train.config import dump_config
 from emanorm.train.curves import write_run_curves
 from emanorm.train.distributed import DistInfo, barrier
+from emanorm.train.environment import machine_environment
 from emanorm.train.hooks import TrainState
 from emanorm.train.lock import check_run_dir, run_directory
 from emanorm.train.recipe import Run, build_run
@@ -39,6 +40,15 @@ REPLACED_BY_FORCE = ("checkpoints", "tb", "metrics.jsonl", "summary.json")
 
 def checkpoint_path(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / CHECKPOINT_NAME
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What Ctrl-C leaves behind, in one line: the checkpoint kept and how to continue."""
+    checkpoint_file = checkpoint_path(run_dir)
+    if checkpoint_file.exists():
+        return (f"interrupted; the last checkpoint is kept at {checkpoint_file}; continue with --resume "
+                "(the steps after that checkpoint are trained again)")
+    return "interrupted before the first checkpoint; nothing to resume (run the command again)"
 
 
 def lock_and_check(held: contextlib.ExitStack, cfg: dict[str, Any], resume: bool, force: bool) -> None:
@@ -147,8 +157,9 @@ def open_run(
 
 
 def run_environment(run: Run) -> dict[str, Any]:
-    """What the figures of a run depend on besides its config: the CPU thread count changes
-    floating-point results, so it is recorded with the torch version and the device."""
+    """What the figures of a run depend on besides its config: the CPU thread count and the CPU's
+    instruction set (``cpu_capability``) change floating-point results, so they are recorded with
+    the CPU model, the torch version and the device."""
     return {
         "torch": str(torch.__version__),  # a plain str: TorchVersion does not unpickle safely
         "device": str(run.device),
@@ -156,6 +167,7 @@ def run_environment(run: Run) -> dict[str, Any]:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "world_size": run.dist.world_size,
+        **machine_environment(),
     }
 
 
@@ -179,6 +191,7 @@ def run_summary(
         "steps": steps,
         "epochs": run.total_epochs,
         "labeled": len(run.labeled),
+        "unlabeled": len(run.stream.unlabeled.indices) if run.stream.unlabeled is not None else 0,
         "labeled_split_sha1": run.split_digest,
         "init_from": cfg["init_from"],
         "calibrate_bn_batches": cfg.get("calibrate_bn_batches", 0),
