@@ -18,6 +18,7 @@ from emanorm.methods.base import (
     Projected,
     batch_get,
     check_range,
+    cross_view_forwards,
     log_values,
     output_spread,
 )
@@ -59,16 +60,9 @@ class BYOL(Method):
         self.teacher = self.make_teacher(self.student)
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        view1 = batch_get(batch, "view1", self.name)
-        view2 = batch_get(batch, "view2", self.name)
-        # Separate forwards per view: each view's BN statistics stay its own, as in BYOL.
-        z1 = self.student(view1)
-        p1 = self.predictor(z1)
-        p2 = self.predictor(self.student(view2))
-        t1 = self.teacher_forward(view1)
-        t2 = self.teacher_forward(view2)
-        loss = regression_loss(p1, t2) + regression_loss(p2, t1)
-        return loss, log_values(loss=loss, output_std=output_spread(z1))
+        out = cross_view_forwards(batch, self.name, self.student, self.predictor, self.teacher_forward)
+        loss = regression_loss(out.p1, out.t2) + regression_loss(out.p2, out.t1)
+        return loss, log_values(loss=loss, output_std=output_spread(out.z1))
 
     def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
         """One forward per view, as in training."""
