@@ -340,6 +340,18 @@ class Method(nn.Module):
                 layer.momentum = self.bn_momentum
         return student
 
+    def build_predicting_student(
+        self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module
+    ) -> None:
+        """BYOL's and MoCo v3's networks: ``student`` (backbone + projector), its ``predictor``
+        (prepared together, heads included) and an EMA ``teacher`` of the student without it."""
+        online = self.prepare_student(nn.ModuleDict(
+            {"network": Projected(backbone, projector), "predictor": predictor}
+        ), heads=[projector, predictor])
+        self.student = online["network"]
+        self.predictor = online["predictor"]
+        self.teacher = self.make_teacher(self.student)
+
     def make_teacher(self, student: nn.Module, mode: str | None = None) -> EMATeacher:
         """An :class:`EMATeacher` of ``student`` in the plan's mode (or ``mode``)."""
         return EMATeacher(

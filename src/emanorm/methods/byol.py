@@ -15,7 +15,6 @@ from emanorm.losses import regression_loss
 from emanorm.methods.base import (
     ALL_NORMS,
     Method,
-    Projected,
     batch_get,
     check_range,
     cross_view_forwards,
@@ -52,12 +51,7 @@ class BYOL(Method):
         backbone = self.make_backbone()
         projector = MLPHead(backbone.feature_dim, o["hidden_dim"], o["proj_dim"])
         predictor = MLPHead(o["proj_dim"], o["hidden_dim"], o["proj_dim"])
-        online = self.prepare_student(nn.ModuleDict(
-            {"network": Projected(backbone, projector), "predictor": predictor}
-        ), heads=[projector, predictor])
-        self.student = online["network"]
-        self.predictor = online["predictor"]
-        self.teacher = self.make_teacher(self.student)
+        self.build_predicting_student(backbone, projector, predictor)
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         out = cross_view_forwards(batch, self.name, self.student, self.predictor, self.teacher_forward)

@@ -33,7 +33,6 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from emanorm.losses import in_batch_info_nce
 from emanorm.methods.base import (
     Method,
-    Projected,
     batch_get,
     check_range,
     concat_all_gather,
@@ -131,12 +130,7 @@ class MoCoV3(Method):
         )
         predictor = mocov3_mlp(o["dim"], o["hidden_dim"], o["dim"], o["predictor_layers"],
                                o["predictor_last_batch_norm"])
-        online = self.prepare_student(nn.ModuleDict(
-            {"network": Projected(backbone, projector), "predictor": predictor}
-        ), heads=[projector, predictor])
-        self.student = online["network"]
-        self.predictor = online["predictor"]
-        self.teacher = self.make_teacher(self.student)
+        self.build_predicting_student(backbone, projector, predictor)
         self.current_momentum = self.momentum_at(0, 1)
 
     def default_norm(self) -> str:
