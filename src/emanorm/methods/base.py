@@ -340,6 +340,18 @@ class Method(nn.Module):
                 layer.momentum = self.bn_momentum
         return student
 
+    def build_predicting_student(
+        self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module
+    ) -> None:
+        """BYOL's and MoCo v3's networks: ``student`` (backbone + projector), its ``predictor``
+        (prepared together, heads included) and an EMA ``teacher`` of the student without it."""
+        online = self.prepare_student(nn.ModuleDict(
+            {"network": Projected(backbone, projector), "predictor": predictor}
+        ), heads=[projector, predictor])
+        self.student = online["network"]
+        self.predictor = online["predictor"]
+        self.teacher = self.make_teacher(self.student)
+
     def make_teacher(self, student: nn.Module, mode: str | None = None) -> EMATeacher:
         """An :class:`EMATeacher` of ``student`` in the plan's mode (or ``mode``)."""
         return EMATeacher(
@@ -516,3 +528,32 @@ def batch_get(batch: Mapping[str, Tensor], key: str, method: str) -> Tensor:
     if key not in batch:
         raise KeyError(f"method {method!r} needs batch key {key!r}; got keys {sorted(batch)}")
     return batch[key]
+
+
+@dataclass(frozen=True)
+class CrossViewOutputs:
+    """The forwards of BYOL and MoCo v3 on two views: student projections ``z1``, predictions
+    ``p1``/``p2`` and teacher targets ``t1``/``t2`` (a prediction meets the other view's target)."""
+
+    z1: Tensor
+    p1: Tensor
+    p2: Tensor
+    t1: Tensor
+    t2: Tensor
+
+
+def cross_view_forwards(
+    batch: Mapping[str, Tensor],
+    method: str,
+    student: Callable[[Tensor], Tensor],
+    predictor: Callable[[Tensor], Tensor],
+    teacher_forward: Callable[[Tensor], Tensor],
+) -> CrossViewOutputs:
+    """One forward per view (each view's BN statistics stay its own, as in BYOL and MoCo v3), in
+    the order both reference codes run them: student view1, view2, then teacher view1, view2."""
+    view1 = batch_get(batch, "view1", method)
+    view2 = batch_get(batch, "view2", method)
+    z1 = student(view1)
+    p1 = predictor(z1)
+    p2 = predictor(student(view2))
+    return CrossViewOutputs(z1=z1, p1=p1, p2=p2, t1=teacher_forward(view1), t2=teacher_forward(view2))

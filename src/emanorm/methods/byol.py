@@ -15,9 +15,9 @@ from emanorm.losses import regression_loss
 from emanorm.methods.base import (
     ALL_NORMS,
     Method,
-    Projected,
     batch_get,
     check_range,
+    cross_view_forwards,
     log_values,
     output_spread,
 )
@@ -51,24 +51,12 @@ class BYOL(Method):
         backbone = self.make_backbone()
         projector = MLPHead(backbone.feature_dim, o["hidden_dim"], o["proj_dim"])
         predictor = MLPHead(o["proj_dim"], o["hidden_dim"], o["proj_dim"])
-        online = self.prepare_student(nn.ModuleDict(
-            {"network": Projected(backbone, projector), "predictor": predictor}
-        ), heads=[projector, predictor])
-        self.student = online["network"]
-        self.predictor = online["predictor"]
-        self.teacher = self.make_teacher(self.student)
+        self.build_predicting_student(backbone, projector, predictor)
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        view1 = batch_get(batch, "view1", self.name)
-        view2 = batch_get(batch, "view2", self.name)
-        # Separate forwards per view: each view's BN statistics stay its own, as in BYOL.
-        z1 = self.student(view1)
-        p1 = self.predictor(z1)
-        p2 = self.predictor(self.student(view2))
-        t1 = self.teacher_forward(view1)
-        t2 = self.teacher_forward(view2)
-        loss = regression_loss(p1, t2) + regression_loss(p2, t1)
-        return loss, log_values(loss=loss, output_std=output_spread(z1))
+        out = cross_view_forwards(batch, self.name, self.student, self.predictor, self.teacher_forward)
+        loss = regression_loss(out.p1, out.t2) + regression_loss(out.p2, out.t1)
+        return loss, log_values(loss=loss, output_std=output_spread(out.z1))
 
     def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:
         """One forward per view, as in training."""

@@ -33,10 +33,10 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from emanorm.losses import in_batch_info_nce
 from emanorm.methods.base import (
     Method,
-    Projected,
     batch_get,
     check_range,
     concat_all_gather,
+    cross_view_forwards,
     log_values,
     output_spread,
 )
@@ -130,12 +130,7 @@ class MoCoV3(Method):
         )
         predictor = mocov3_mlp(o["dim"], o["hidden_dim"], o["dim"], o["predictor_layers"],
                                o["predictor_last_batch_norm"])
-        online = self.prepare_student(nn.ModuleDict(
-            {"network": Projected(backbone, projector), "predictor": predictor}
-        ), heads=[projector, predictor])
-        self.student = online["network"]
-        self.predictor = online["predictor"]
-        self.teacher = self.make_teacher(self.student)
+        self.build_predicting_student(backbone, projector, predictor)
         self.current_momentum = self.momentum_at(0, 1)
 
     def default_norm(self) -> str:
@@ -149,19 +144,15 @@ class MoCoV3(Method):
         return in_batch_info_nce(q, keys, self.options["temperature"], offset)
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        view1 = batch_get(batch, "view1", self.name)
-        view2 = batch_get(batch, "view2", self.name)
-        # One forward per view, as MoCo v3: each view's BN statistics are its own.
-        z1 = self.student(view1)
-        q1 = self.predictor(z1)
-        q2 = self.predictor(self.student(view2))
-        k1 = self.teacher_forward(view1)
-        k2 = self.teacher_forward(view2)
-        loss_12, acc_12 = self.contrastive_loss(q1, k2)
-        loss_21, acc_21 = self.contrastive_loss(q2, k1)
+        out = cross_view_forwards(batch, self.name, self.student, self.predictor, self.teacher_forward)
+        loss_12, acc_12 = self.contrastive_loss(out.p1, out.t2)
+        loss_21, acc_21 = self.contrastive_loss(out.p2, out.t1)
         loss = loss_12 + loss_21
         return loss, log_values(
-            loss=loss, acc=(acc_12 + acc_21) / 2, momentum=self.current_momentum, output_std=output_spread(z1)
+            loss=loss,
+            acc=(acc_12 + acc_21) / 2,
+            momentum=self.current_momentum,
+            output_std=output_spread(out.z1),
         )
 
     def calibration_inputs(self, batch: dict[str, Tensor]) -> list[Tensor]:

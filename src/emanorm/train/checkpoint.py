@@ -18,9 +18,10 @@ import stat
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,20 +39,26 @@ log = logging.getLogger("emanorm")
 CHECKPOINT_NAME = "last.pt"
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename: the old file survives a crash."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _atomic_replace(path: Path, mode: str, write: Callable[[IO[Any]], object]) -> None:
+    """Write through ``write`` to a temporary file beside ``path``, fsync, then rename: a crash or a
+    full disk leaves the old file as it was and no temporary behind."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename: the old file survives a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_replace(path, "wb", lambda handle: torch.save(obj, handle))
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -62,17 +69,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename: a full disk leaves no empty or
     partial file (and an existing one as it was); the temporary is removed on failure."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_replace(Path(path), "w", lambda handle: handle.write(text))
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
