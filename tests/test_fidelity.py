@@ -281,7 +281,7 @@ def test_bn_statistics_are_averaged_across_ranks_in_their_own_precision(monkeypa
     buffer exactly, float64 ones included (a float32 average would round 1 + 1e-12 to 1)."""
     import torch.distributed as dist
 
-    from emanorm.train import distributed
+    from emanorm import norms
 
     reduced: list[torch.dtype] = []
 
@@ -298,7 +298,7 @@ def test_bn_statistics_are_averaged_across_ranks_in_their_own_precision(monkeypa
     model[0].running_var.copy_(fine * 3)
     model[1].running_mean.copy_(torch.tensor([0.1, 0.2, 0.3]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    distributed.average_batchnorm_statistics(model)
+    norms.average_batchnorm_statistics(model)
     assert sorted(map(str, reduced)) == ["torch.float32", "torch.float64"]  # one all-reduce per dtype
     for key, value in model.state_dict().items():
         assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key

@@ -21,9 +21,10 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from emanorm.norms import average_batchnorm_statistics
 
 __all__ = ["calibrate_batchnorm"]
 
@@ -38,21 +39,6 @@ def _random_state_kept() -> Iterator[None]:
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
         yield
-
-
-def _average_over_ranks(layers: list[_BatchNorm]) -> None:
-    """Every rank's running statistics become their mean (one all-reduce), as the trainer's
-    per-step BN-statistics average does."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    buffers = [b for layer in layers for b in (layer.running_mean, layer.running_var)]
-    flat = torch.cat([b.reshape(-1).float() for b in buffers])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for b in buffers:
-        b.copy_(flat[offset : offset + b.numel()].view_as(b))
-        offset += b.numel()
 
 
 @torch.no_grad()
@@ -103,5 +89,5 @@ def calibrate_batchnorm(
     if count == 0:
         raise ValueError("calibrate_batchnorm: no batches were given")
     if average_ranks:
-        _average_over_ranks(layers)
+        average_batchnorm_statistics(model)
     return count

@@ -295,3 +295,35 @@ __all__ = [
     "shuffle_batch",
     "unshuffle_batch",
 ]
+
+
+# -- statistics across ranks ------------------------------------------------------------------
+def average_batchnorm_statistics(module: nn.Module) -> None:
+    """Make every rank's BN running statistics their mean, in one all-reduce.
+
+    Local BN leaves each rank with its own statistics; averaging them (a few KB a step) keeps the
+    student's and the teacher's statistics identical on every rank, without DDP's buffer
+    broadcast, which would overwrite them with rank 0's alone.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    stats = [
+        buf
+        for layer in module.modules()
+        if isinstance(layer, _BatchNorm) and layer.track_running_stats
+        for buf in (layer.running_mean, layer.running_var)
+    ]
+    # one all-reduce per dtype, in the buffers' own precision (float64 stays float64; half
+    # precision statistics are averaged in float32)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buf in stats:
+        by_dtype.setdefault(torch.promote_types(buf.dtype, torch.float32), []).append(buf)
+    for dtype, group in by_dtype.items():
+        flat = torch.cat([s.reshape(-1).to(dtype) for s in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for s in group:
+            n = s.numel()
+            s.copy_(flat[offset : offset + n].view_as(s))
+            offset += n

@@ -1,5 +1,6 @@
-"""torchrun / torch.distributed set-up, the one collective the trainer adds, rank 0's checks that
-stop every rank, and the diagnosis of a lost peer."""
+"""torchrun / torch.distributed set-up, rank 0's checks that stop every rank, and the diagnosis of
+a lost peer. (The one collective the trainer adds, the BN-statistics average, is
+:func:`emanorm.norms.average_batchnorm_statistics`, shared with the calibrated start.)"""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from emanorm.errors import UserError
 
@@ -54,37 +53,6 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
         timeout = timedelta(seconds=float(os.environ.get("EMANORM_DIST_TIMEOUT", "300")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return DistInfo(rank, world_size, local_rank, device)
-
-
-def average_batchnorm_statistics(module: nn.Module) -> None:
-    """Make every rank's BN running statistics their mean, in one all-reduce.
-
-    Local BN leaves each rank with its own statistics; averaging them (a few KB a step) keeps the
-    student's and the teacher's statistics identical on every rank, without DDP's buffer
-    broadcast, which would overwrite them with rank 0's alone.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    stats = [
-        buf
-        for layer in module.modules()
-        if isinstance(layer, _BatchNorm) and layer.track_running_stats
-        for buf in (layer.running_mean, layer.running_var)
-    ]
-    # one all-reduce per dtype, in the buffers' own precision (float64 stays float64; half
-    # precision statistics are averaged in float32)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for buf in stats:
-        by_dtype.setdefault(torch.promote_types(buf.dtype, torch.float32), []).append(buf)
-    for dtype, group in by_dtype.items():
-        flat = torch.cat([s.reshape(-1).to(dtype) for s in group])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for s in group:
-            n = s.numel()
-            s.copy_(flat[offset : offset + n].view_as(s))
-            offset += n
 
 
 def barrier() -> None:

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from emanorm.errors import Interrupted, NonFiniteLossError, UserError
+from emanorm.norms import average_batchnorm_statistics
 from emanorm.train import rundir
 from emanorm.train.accumulate import forward_backward, split_batch, unwrap
 from emanorm.train.checkpoint import save_checkpoint, write_checkpoint
 from emanorm.train.distributed import (
-    average_batchnorm_statistics,
     barrier,
     cleanup,
     init_distributed,
