@@ -123,7 +123,10 @@ def test_ctrl_c_says_on_its_own_line_which_checkpoint_is_kept_and_how_to_continu
         "--set", "checkpoint_every_steps=1", "--set", "knn_bank_size=64", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and a child inherits
+    # that (Python then installs no KeyboardInterrupt handler): give the trainer Ctrl-C's default.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         checkpoint = out / "checkpoints" / "last.pt"
         wait_until(checkpoint.exists, "the first checkpoint", process=process)
