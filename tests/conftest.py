@@ -46,6 +46,35 @@ def torchrun_command(nproc: int, *target: str, dist_timeout_s: int) -> tuple[lis
     return [*command, *target], env
 
 
+def run_two_rank_script(tmp_path: Path, source: str, *, dist_timeout_s: int, timeout: int) -> Path:
+    """``source`` written as a script and run on 2 torchrun ranks with ``(output file, tests dir)``
+    as its arguments; asserts it succeeded and returns the output file the script wrote."""
+    import subprocess
+
+    script, out = tmp_path / "worker.py", tmp_path / "out.pt"
+    script.write_text(source)
+    command, env = torchrun_command(2, str(script), str(out), str(Path(__file__).parent),
+                                    dist_timeout_s=dist_timeout_s)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def spawn_ranks(worker, *leading, nprocs: int = 2) -> dict:
+    """``worker(rank, *leading, port, results)`` in ``nprocs`` spawned processes (for a gloo group
+    on a free local port); returns a copy of ``results``, the dict the ranks filled."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(*leading, port, results), nprocs=nprocs, join=True)
+    return dict(results)
+
+
 #: How long a test waits for something that must happen (a process reaching a point, a file
 #: appearing) before calling it a hang. Generous on purpose: no test depends on the machine's speed.
 HANG_BOUND_S = 900.0

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from conftest import spawn_ranks
 from emanorm import calibrate_batchnorm
 from emanorm.errors import UserError
 from emanorm.norms import SplitBatchNorm2d, convert_to_split_bn
@@ -198,12 +197,7 @@ def _rank(rank: int, port: int, results) -> None:
 
 @pytest.mark.distributed  # two spawned ranks: ~10 CPU-seconds, the slow layer
 def test_ranks_average_their_calibrated_statistics():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_rank, args=(port, results), nprocs=2, join=True)
+    results = spawn_ranks(_rank)
     single = []
     for rank in range(2):
         net = small_net()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import test_methods as _methods_tests  # tests/ is on the path, as for conftest
-from conftest import torchrun_command
+from conftest import run_two_rank_script
 from emanorm import cosine_momentum
 from emanorm.data import BatchStream, DataError, build_augmentation
 from emanorm.data.augment import dino_local_size
@@ -372,12 +370,7 @@ def test_two_gloo_ranks_match_one_process_with_batch_independent_norms(tmp_path)
     """With GN (no batch statistics) and no clipping, DDP's averaged gradients over two half
     batches equal one process's full-batch gradients, and the all-reduced centre is the full-batch
     mean: two ranks and one process agree up to rounding."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    out = tmp_path / "rank0.pt"
-    command, env = torchrun_command(2, str(script), str(out), str(Path(__file__).parent), dist_timeout_s=60)
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_two_rank_script(tmp_path, WORKER, dist_timeout_s=60, timeout=300)
     torch.manual_seed(0)
     method = make("gn", clip_grad=0.0)
     opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=0.1, momentum=0.9)

@@ -3,14 +3,11 @@ and a training step never reads a value back from the device."""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
 import test_methods as _methods_tests  # tests/ is on the path, as for conftest
-from conftest import torchrun_command
+from conftest import run_two_rank_script
 from emanorm.methods import Method
 from emanorm.methods.base import logs_to_floats
 from emanorm.train import train_step
@@ -167,12 +164,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_same_global_batch(tmp_path, flo
     """GN backbones, float64: DDP's averaged gradients over two half batches (and, for DINO, two
     micro-batches per rank) equal one process's whole-batch step; MoCo's gathered keys, DINO's
     all-reduced centre, its clipping of the averaged gradient and its frozen first epoch included."""
-    script = tmp_path / "worker.py"
-    script.write_text(DDP_WORKER)
-    out = tmp_path / "states.pt"
-    command, env = torchrun_command(2, str(script), str(out), str(Path(__file__).parent), dist_timeout_s=120)
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_two_rank_script(tmp_path, DDP_WORKER, dist_timeout_s=120, timeout=600)
     ranks = torch.load(out, weights_only=True)
     for case, accumulate in DDP_CASES:
         reference = build(case)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import spawn_ranks
 from emanorm import cosine_momentum, warmup_momentum
 from emanorm.methods import ALL_NORMS, METHODS, Method, build_method
 from emanorm.methods.base import cat_for_splits, logs_to_floats, split_from_splits
@@ -566,16 +567,7 @@ def _ddp_worker(rank: int, world: int, port: int, results) -> None:
 @pytest.mark.slow  # two spawned processes: ~9 CPU-seconds
 @pytest.mark.distributed
 def test_two_ranks_share_queue_and_prior_and_shuffle_across_ranks():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    results = spawn_ranks(_ddp_worker, 2)
     for key, state in results[0].items():
         for name, value in state.items():
             assert torch.equal(value, results[1][key][name]), (key, name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import warnings
 
 import pytest
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from conftest import spawn_ranks
 from emanorm import NoBatchNormWarning, cosine_momentum
 from emanorm.cli import main
 from emanorm.data import DatasetInfo, build_augmentation
@@ -272,13 +272,7 @@ def _gather_worker(rank: int, world: int, port: int, results) -> None:
 
 @pytest.mark.distributed
 def test_two_ranks_gather_keys_with_positives_offset_by_rank():
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(2, port, results), nprocs=2, join=True)
+    results = spawn_ranks(_gather_worker, 2)
     for rank in (0, 1):
         assert results[rank]["loss"] == pytest.approx(results[rank]["hand"], rel=1e-12)
     # equal per-rank batches: the mean of the ranks' losses is the one-process loss of the global batch
