@@ -141,6 +141,41 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_ctrl_c_during_a_checkpoint_write_lands_after_it_and_is_not_a_full_disk(tmp_path, monkeypatch):
+    # CI saw this: SIGINT arrived while torch.save was writing, torch's zip writer turned the
+    # KeyboardInterrupt into "unexpected pos ..." and the trainer said "no space left on device"
+    path = tmp_path / "last.pt"
+    real_save = torch.save
+
+    class SlowDisk:  # Ctrl-C arrives while torch's C++ zip writer is calling back into Python
+        def __init__(self, handle):
+            self.handle, self.writes = handle, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.handle.write(data)
+
+        def flush(self):
+            self.handle.flush()
+
+    def interrupted_save(obj, handle, *args, **kwargs):
+        real_save(obj, SlowDisk(handle), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    monkeypatch.setattr(signal, "getsignal", lambda signum: signal.default_int_handler)  # as under `emanorm`
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.write_checkpoint({"step": torch.tensor(7), "w": torch.ones(100_000)}, path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    saved = ckpt.safe_load(path)  # the interrupted write finished first, whole
+    assert int(saved["step"]) == 7 and torch.equal(saved["w"], torch.ones(100_000))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 @pytest.mark.slow  # a fresh interpreter importing torch: ~6 CPU-seconds or more
 def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"

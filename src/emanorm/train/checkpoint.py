@@ -8,17 +8,20 @@ Rebuilding a run's method or backbone from a checkpoint is the recipe's job
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import pickle
 import random
 import re
+import signal
 import stat
 import tempfile
+import threading
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -54,16 +57,41 @@ def _atomic_replace(path: Path, mode: str, write: Callable[[IO[Any]], object]) -
         raise
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) back until the block ends, then raise it as ``KeyboardInterrupt``.
+
+    A KeyboardInterrupt raised inside ``torch.save``'s writer reaches us as a RuntimeError ("unexpected
+    pos ..."), which reads as a full disk and loses the interrupt; a write takes a moment, so finish it.
+    Only on the main thread and while Python's own SIGINT handler is installed (else: unchanged).
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename: the old file survives a crash."""
+    """Write to a temporary file beside ``path``, fsync, then rename: the old file survives a crash,
+    and a Ctrl-C during the write lands once the new file is in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_replace(path, "wb", lambda handle: torch.save(obj, handle))
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with ctrl_c_deferred():
+        _atomic_replace(path, "wb", lambda handle: torch.save(obj, handle))
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
