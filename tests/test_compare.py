@@ -528,3 +528,22 @@ def test_merged_results_check_each_entry_against_the_planned_run(tmp_path):
         MergedResults([str(tmp_path / "bad.json")], which="teacher", linear=None)
     with pytest.raises(UserError, match="no such file"):
         MergedResults([str(tmp_path / "none.json")], which="teacher", linear=None)
+
+
+def test_a_sigterm_caught_by_an_in_process_run_stops_the_grid(tmp_path, monkeypatch):
+    # jobs=1 trains in compare's own process, where the trainer's preemption handler takes SIGTERM: the
+    # run is checkpointed and raises Preempted. The grid must stop there, not start the next run.
+    from emanorm.errors import Preempted
+    from emanorm.experiments import runner
+
+    specs = plan_grid(["fixmatch"], build_variants(["bn", "eman"]), [0], tmp_path, common={"max_steps": 2})
+    started = []
+
+    def preempted_train(config, **kwargs):
+        started.append(config["out"])
+        raise Preempted("stopped by SIGTERM after step 1; checkpoint kept")
+
+    monkeypatch.setattr(runner, "train", preempted_train)
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM"):
+        runner.run_grid(specs, tmp_path, jobs=1, progress=False)
+    assert started == [str(specs[0].run_dir)]  # the second run never started

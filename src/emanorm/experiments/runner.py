@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from emanorm.errors import Interrupted, UserError
+from emanorm.errors import Interrupted, Preempted, UserError
 from emanorm.evaluation.monitor import knn_monitor
 from emanorm.experiments.planner import RunOutcome, RunSpec
 from emanorm.train import train
@@ -231,6 +231,8 @@ def _run_in_process(spec: RunSpec, log_file: Path) -> str | None:
         return str(err)
     except Interrupted:  # its "--resume" hint is for `emanorm train`: rerunning compare resumes the grid
         raise KeyboardInterrupt from None
+    except Preempted as stopped:  # the trainer caught the SIGTERM meant for the grid: stop the grid too
+        raise KeyboardInterrupt(str(stopped)) from None
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # one broken run must not stop the grid; the log keeps the traceback
