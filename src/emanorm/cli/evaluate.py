@@ -27,7 +27,8 @@ from emanorm.cli.common import fraction, positive_int
 from emanorm.evaluation.settings import ProbeSettings
 
 if TYPE_CHECKING:
-    from emanorm.evaluation import protocols
+    from emanorm.evaluation.context import EvalContext
+    from emanorm.evaluation.records import ProtocolResult
 
 PROTOCOLS = EVAL_PROTOCOLS
 WHICH = EVAL_NETWORKS
@@ -160,24 +161,24 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 # --- handlers ----------------------------------------------------------------------------------------
 
 
-def _context(args: argparse.Namespace, *, multilabel_ok: bool = False) -> protocols.EvalContext:
+def _context(args: argparse.Namespace, *, multilabel_ok: bool = False) -> EvalContext:
     """Load the run and the data the flags name (Namespaces built by hand may lack a flag)."""
-    from emanorm.evaluation import protocols  # torch: imported when the command runs
+    from emanorm.evaluation.context import EvalRequest, prepare  # torch: imported when the command runs
 
-    names = [f.name for f in fields(protocols.EvalRequest)]
-    request = protocols.EvalRequest(**{name: getattr(args, name) for name in names if hasattr(args, name)})
-    return protocols.prepare(request, multilabel_ok=multilabel_ok)
+    names = [f.name for f in fields(EvalRequest)]
+    request = EvalRequest(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    return prepare(request, multilabel_ok=multilabel_ok)
 
 
-def _finish(ctx: protocols.EvalContext, result: protocols.ProtocolResult) -> int:
+def _finish(ctx: EvalContext, result: ProtocolResult) -> int:
     """Print the table, write the JSON record, return the exit status 0."""
-    from emanorm.evaluation import protocols  # torch: imported when the command runs
+    from emanorm.evaluation import records  # torch: imported when the command runs
 
-    out = protocols.result_path(ctx, result.protocol)
-    record = protocols.result_record(ctx, result)
+    out = records.result_path(ctx, result.protocol)
+    record = records.result_record(ctx, result)
     # printed first: if the write fails, the result is still on the screen
-    print(protocols.format_table(protocols.result_title(ctx, result), protocols.result_rows(ctx, result)))
-    protocols.write_json(out, record)
+    print(records.format_table(records.result_title(ctx, result), records.result_rows(ctx, result)))
+    records.write_json(out, record)
     print(f"wrote {out}")
     return 0
 
