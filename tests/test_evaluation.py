@@ -619,7 +619,7 @@ def test_eval_user_errors(fake_run, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot load split 'train' of dataset 'other'"):
         run_cli(f"eval knn {fake_run.dir} --dataset other --no-progress")
     with pytest.raises(UserError, match="no 'test' or 'val' split"):
-        protocols.load_test_split("other", "auto", None)
+        context.load_test_split("other", "auto", None)
     with pytest.raises(UserError, match="cannot load split 'val'"):
         run_cli(f"eval knn {fake_run.dir} --test-split val --no-progress")
     with pytest.raises(UserError, match="validation split"):

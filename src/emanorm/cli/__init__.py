@@ -15,7 +15,7 @@ import os
 import sys
 
 from emanorm import __version__
-from emanorm.cli.common import Parser
+from emanorm.cli.common import Parser, add_verbose
 from emanorm.cli.compare import add_compare_parser
 from emanorm.cli.doctor import add_doctor_parser
 from emanorm.cli.evaluate import add_eval_parsers, add_export_parser
@@ -40,10 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="emanorm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true",
-        help="debug log of the set-up: data, model size, norm plan, devices",
-    )
+    add_verbose(parser)
     parser.add_argument("--version", action="version", version=f"emanorm {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_train_parser(subparsers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from emanorm.errors import UserError
@@ -54,6 +55,18 @@ def add_command(subparsers: Any, name: str, help: str, description: str) -> argp
     )
 
 
-def add_repeatable(group: Any, flag: str, metavar: str, help: str) -> None:
-    """A flag that may be given several times; the values are collected in a list."""
-    group.add_argument(flag, action="append", default=[], metavar=metavar, help=help)
+def add_repeatable(
+    group: Any, flag: str, metavar: str, help: str, *, type: Callable[[str], Any] | None = None
+) -> None:
+    """A flag that may be given several times; the values (each converted by ``type``, if given)
+    are collected in a list, empty when the flag is left out."""
+    group.add_argument(flag, action="append", default=[], type=type, metavar=metavar, help=help)
+
+
+def add_verbose(group: Any, *, default: Any = False) -> None:
+    """``-v/--verbose``, before the subcommand or after it. A subcommand passes
+    ``default=argparse.SUPPRESS``, so that leaving it out there keeps what the top level parsed."""
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=default,
+        help="debug log of the set-up: data, model size, norm plan, devices",
+    )

@@ -143,12 +143,9 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     run.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
     run.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
-    run.add_argument(
-        "--merge-results",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="an earlier compare's results.json (repeatable): its finished runs that are not finished "
+    add_repeatable(
+        run, "--merge-results", "FILE",
+        "an earlier compare's results.json (repeatable): its finished runs that are not finished "
         "in OUT are reported from it and not trained, e.g. seeds trained elsewhere; a run in two files "
         "is an error unless one file's copy is marked merged from the other",
     )

@@ -27,7 +27,8 @@ from emanorm.cli.common import fraction, positive_int
 from emanorm.evaluation.settings import ProbeSettings
 
 if TYPE_CHECKING:
-    from emanorm.evaluation import protocols
+    from emanorm.evaluation.context import EvalContext
+    from emanorm.evaluation.records import ProtocolResult
 
 PROTOCOLS = EVAL_PROTOCOLS
 WHICH = EVAL_NETWORKS
@@ -95,20 +96,18 @@ def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
     )
     sub = ev.add_subparsers(dest="protocol", metavar="{" + ",".join(PROTOCOLS) + "}", required=True)
 
-    knn = sub.add_parser("knn", parents=[common], help="weighted kNN on frozen features (train -> test)")
+    knn = _protocol_parser(sub, common, "knn", "weighted kNN on frozen features (train -> test)")
     knn.add_argument("--k", type=positive_int, default=20, help="neighbours (default: 20)")
     knn.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default: 0.07)")
-    knn.set_defaults(func=run_knn)
 
-    lin = sub.add_parser("linear", parents=[common], help="linear classifier on frozen features")
+    lin = _protocol_parser(sub, common, "linear", "linear classifier on frozen features")
     lin.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LINEAR_LRS),
                      help="lr grid (default %(default)s)")
     lin.add_argument("--probe-batch-size", type=positive_int, default=256,
                      help="classifier batch size (default %(default)s)")
     _add_protocol_options(lin)
-    lin.set_defaults(func=run_linear)
 
-    ft = sub.add_parser("finetune", parents=[common], help="fine-tune backbone + classifier on the labels")
+    ft = _protocol_parser(sub, common, "finetune", "fine-tune backbone + classifier on the labels")
     ft.add_argument("--backbone-lrs", type=float, nargs="+", default=list(DEFAULT_BACKBONE_LRS),
                     help="backbone lr grid (default %(default)s)")
     ft.add_argument(
@@ -116,14 +115,12 @@ def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
             help="paper: 1.0 for 1%% labels, 0.1 for 10%% (default %(default)s)"
     )
     _add_protocol_options(ft)
-    ft.set_defaults(func=run_finetune)
 
-    ret = sub.add_parser("retrieval", parents=[common], help="top-k mAP / recall (train = database)")
+    ret = _protocol_parser(sub, common, "retrieval", "top-k mAP / recall (train = database)")
     ret.add_argument("--topk", type=positive_int, default=1000,
         help="retrieved items scored (default %(default)s)")
-    ret.set_defaults(func=run_retrieval)
 
-    low = sub.add_parser("lowshot", parents=[common], help="linear SVMs on k images per class")
+    low = _protocol_parser(sub, common, "lowshot", "linear SVMs on k images per class")
     low.add_argument("--shots", type=positive_int, nargs="+", default=list(DEFAULT_SHOTS),
                      help="images per class (default %(default)s)")
     low.add_argument("--draws", type=positive_int, default=5,
@@ -132,8 +129,17 @@ def add_eval_parsers(subparsers: Any) -> argparse.ArgumentParser:
         "--val-per-class", type=positive_int, default=10,
             help="validation images per class for C (default %(default)s)"
     )
-    low.set_defaults(func=run_lowshot)
     return ev
+
+
+def _protocol_parser(
+    subparsers: Any, common: argparse.ArgumentParser, name: str, help: str
+) -> argparse.ArgumentParser:
+    """``eval NAME``: the flags every protocol shares (``common``), run by ``HANDLERS[name]``; the
+    caller adds the protocol's own flags."""
+    parser = subparsers.add_parser(name, parents=[common], help=help)
+    parser.set_defaults(func=HANDLERS[name])
+    return parser
 
 
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -148,31 +154,31 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--which", choices=WHICH, default="teacher")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="torchvision")
     p.add_argument("--out", metavar="PATH", help="default: RUN_DIR/export/backbone_<which>.{pth,safetensors}")
-    p.set_defaults(func=run_export)
+    p.set_defaults(func=HANDLERS["export"])
     return p
 
 
 # --- handlers ----------------------------------------------------------------------------------------
 
 
-def _context(args: argparse.Namespace, *, multilabel_ok: bool = False) -> protocols.EvalContext:
+def _context(args: argparse.Namespace, *, multilabel_ok: bool = False) -> EvalContext:
     """Load the run and the data the flags name (Namespaces built by hand may lack a flag)."""
-    from emanorm.evaluation import protocols  # torch: imported when the command runs
+    from emanorm.evaluation.context import EvalRequest, prepare  # torch: imported when the command runs
 
-    names = [f.name for f in fields(protocols.EvalRequest)]
-    request = protocols.EvalRequest(**{name: getattr(args, name) for name in names if hasattr(args, name)})
-    return protocols.prepare(request, multilabel_ok=multilabel_ok)
+    names = [f.name for f in fields(EvalRequest)]
+    request = EvalRequest(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    return prepare(request, multilabel_ok=multilabel_ok)
 
 
-def _finish(ctx: protocols.EvalContext, result: protocols.ProtocolResult) -> int:
+def _finish(ctx: EvalContext, result: ProtocolResult) -> int:
     """Print the table, write the JSON record, return the exit status 0."""
-    from emanorm.evaluation import protocols  # torch: imported when the command runs
+    from emanorm.evaluation import records  # torch: imported when the command runs
 
-    out = protocols.result_path(ctx, result.protocol)
-    record = protocols.result_record(ctx, result)
+    out = records.result_path(ctx, result.protocol)
+    record = records.result_record(ctx, result)
     # printed first: if the write fails, the result is still on the screen
-    print(protocols.format_table(protocols.result_title(ctx, result), protocols.result_rows(ctx, result)))
-    protocols.write_json(out, record)
+    print(records.format_table(records.result_title(ctx, result), records.result_rows(ctx, result)))
+    records.write_json(out, record)
     print(f"wrote {out}")
     return 0
 
@@ -241,6 +247,7 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Subcommand -> its handler: the one place the parsers above take ``func`` from.
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "knn": run_knn,
     "linear": run_linear,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from emanorm.catalog import BACKBONES, METHOD_NAMES
-from emanorm.cli.common import add_command, key_value
+from emanorm.cli.common import add_command, add_repeatable, add_verbose, key_value
 from emanorm.errors import UserError
 from emanorm.train.config import (
     BUDGET,
@@ -107,12 +107,9 @@ def add_train_parser(subparsers: Any) -> None:
     groups[WHAT].add_argument(
         "--config", help="a preset name (see `emanorm presets`) or a YAML file"
     )
-    groups[OPTIMISATION].add_argument(
-        "--method-arg",
-        action="append",
-        type=key_value,
-        metavar="KEY=VALUE",
-        help="a method option, e.g. threshold=0.95 (repeatable; see docs/methods.md)",
+    add_repeatable(
+        groups[OPTIMISATION], "--method-arg", "KEY=VALUE",
+        "a method option, e.g. threshold=0.95 (repeatable; see docs/methods.md)", type=key_value,
     )
     run = groups[RUNNING]
     run.add_argument(
@@ -128,13 +125,10 @@ def add_train_parser(subparsers: Any) -> None:
     run.add_argument(
         "--force", action="store_true", help="overwrite a finished run, or resume despite a changed config"
     )
-    run.add_argument(
-        "--set",
-        action="append",
+    add_repeatable(
+        run, "--set", "KEY=VALUE",
+        "override any config key, e.g. --set warmup_epochs=5 (repeatable; `--print-config` lists the keys)",
         type=key_value,
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. --set warmup_epochs=5 (repeatable; "
-        "`--print-config` lists the keys)",
     )
     run.add_argument(
         "--no-progress", action="store_true", help="no progress bar (a line per tenth of the steps instead)"
@@ -142,8 +136,7 @@ def add_train_parser(subparsers: Any) -> None:
     run.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit (no training)"
     )
-    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                     help="debug log of the set-up: data, model size, norm plan, devices")
+    add_verbose(run, default=argparse.SUPPRESS)
     p.set_defaults(func=run_train)
 
 

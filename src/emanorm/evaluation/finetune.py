@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 from dataclasses import replace
 from typing import Any
@@ -192,6 +193,10 @@ def finetune(
         raise ValueError(f"training labels must lie in [0, num_classes={num_classes}); got {bad}")
     eval_transform = eval_transform.to(device)
     common = {"num_classes": num_classes, "augment": augment, "settings": st}
+    # the validation split and the test set are scored alike
+    score = functools.partial(
+        evaluate_classifier, transform=eval_transform, batch_size=batch_size, device=device, amp=st.amp
+    )
     steps = epochs * -(-len(train_indices) // batch_size)
     if steps < _MIN_SENSIBLE_STEPS:
         # Epoch-based budgets (the paper's 50 epochs of 1% ImageNet = 2,500 steps) shrink to a handful
@@ -218,22 +223,11 @@ def finetune(
             return train_finetune(backbone, train_set, train_indices[fit_pos], backbone_lr=lr, **common)
 
         def validate(model: BackboneClassifier) -> float:
-            return evaluate_classifier(
-                model,
-                train_set,
-                train_indices[val_pos],
-                transform=eval_transform,
-                batch_size=batch_size,
-                device=device,
-                amp=st.amp,
-            )["top1"]
+            return score(model, train_set, train_indices[val_pos])["top1"]
 
         best_lr, val_top1 = search_lr(lrs, fit, validate)
     model, diverged = train_finetune(backbone, train_set, train_indices, backbone_lr=best_lr, **common)
-    result: dict[str, object] = evaluate_classifier(
-        model, test_set, test_indices, transform=eval_transform, batch_size=batch_size, device=device,
-        amp=st.amp,
-    )
+    result: dict[str, object] = score(model, test_set, test_indices)
     result.update(
         best_backbone_lr=best_lr,
         classifier_lr=classifier_lr,

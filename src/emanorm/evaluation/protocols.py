@@ -1,12 +1,13 @@
 """The evaluation protocols as workflows on a trained run, in one place.
 
-A workflow loads a run's backbone and the evaluation data (:func:`prepare`, in
-:mod:`emanorm.evaluation.context`), takes frozen features (:func:`frozen_features`), runs one
+A workflow loads a run's backbone and the evaluation data and takes frozen features
+(:func:`prepare`, :func:`frozen_features`, in :mod:`emanorm.evaluation.context`), runs one
 protocol (:func:`eval_knn`, :func:`eval_linear`, :func:`eval_finetune`, :func:`eval_retrieval`,
-:func:`eval_lowshot`) and records its scores as percents (:func:`result_record`,
-:func:`results_in_percent`, in :mod:`emanorm.evaluation.records`). ``emanorm eval``
-(``cli/evaluate.py``) and ``emanorm compare``'s linear probe (``experiments/evaluate.py``) both run
-through here; the numerical protocols live beside this module (``knn.py``, ``linear.py``, ...).
+:func:`eval_lowshot`, here) and records its scores as percents (:func:`result_record`,
+:func:`results_in_percent`, in :mod:`emanorm.evaluation.records`); each name is imported from the
+module that defines it. ``emanorm eval`` (``cli/evaluate.py``) and ``emanorm compare``'s linear
+probe (``experiments/evaluate.py``) both run through here; the numerical protocols live beside this
+module (``knn.py``, ``linear.py``, ...).
 Mistakes a user can fix raise :class:`emanorm.errors.UserError`.
 """
 
@@ -23,50 +24,17 @@ from torch import Tensor, nn
 
 from emanorm.data import build_augmentation
 from emanorm.errors import UserError
-from emanorm.evaluation.context import (
-    PROTOCOLS,
-    WHICH,
-    EvalContext,
-    EvalRequest,
-    check_writable,
-    frozen_features,
-    label_setting,
-    load_run_backbone,
-    load_split,
-    load_test_split,
-    prepare,
-    run_dir_of,
-)
+from emanorm.evaluation.context import EvalContext, check_writable, load_run_backbone, run_dir_of
 from emanorm.evaluation.export import backbone_state_dict, export_backbone, load_exported
 from emanorm.evaluation.features import ImageSource, assert_frozen
 from emanorm.evaluation.finetune import finetune
 from emanorm.evaluation.knn import knn_predict
 from emanorm.evaluation.linear import linear_probe
 from emanorm.evaluation.lowshot import MultiLabelSVMTask, lowshot_svm
-from emanorm.evaluation.records import (
-    DIVERGED,
-    PERCENT_KEYS,
-    ProtocolResult,
-    format_table,
-    jsonable,
-    result_path,
-    result_record,
-    result_rows,
-    result_title,
-    results_in_percent,
-    write_json,
-)
+from emanorm.evaluation.records import ProtocolResult
 from emanorm.evaluation.retrieval import retrieval_scores
 from emanorm.evaluation.settings import FinetuneSettings, LinearSettings
 from emanorm.evaluation.transfer import adapted_transform
-
-__all__ = [
-    "DIVERGED", "PERCENT_KEYS", "PROTOCOLS", "WHICH", "EvalContext", "EvalRequest", "ProtocolResult",
-    "check_writable", "eval_finetune", "eval_knn", "eval_linear", "eval_lowshot", "eval_retrieval",
-    "export_run", "format_table", "frozen_features", "jsonable", "label_setting", "load_run_backbone",
-    "load_split", "load_test_split", "prepare", "probe_label_subsets", "result_path", "result_record",
-    "result_rows", "result_title", "results_in_percent", "run_dir_of", "write_json",
-]
 
 
 @contextlib.contextmanager

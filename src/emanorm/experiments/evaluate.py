@@ -23,8 +23,9 @@ import torch
 
 from emanorm.data import build_augmentation, load_dataset, select_labeled
 from emanorm.errors import UserError
+from emanorm.evaluation.context import frozen_features
 from emanorm.evaluation.features import resolve_device
-from emanorm.evaluation.protocols import frozen_features, probe_label_subsets
+from emanorm.evaluation.protocols import probe_label_subsets
 from emanorm.evaluation.settings import DEFAULT_LINEAR_LRS, LinearSettings
 from emanorm.experiments.grid import RunSpec
 from emanorm.train import load_backbone
