@@ -40,7 +40,7 @@ from torchvision import transforms as T
 from emanorm.data import DatasetInfo, TensorImageDataset, eval_batches
 from emanorm.data.augment import blur_kernel_size
 from emanorm.methods import METHODS as METHOD_CLASSES
-from emanorm.methods.base import logs_to_floats
+from emanorm.methods.tensors import logs_to_floats
 from emanorm.models import Classifier, MLPHead, build_backbone
 from emanorm.train import build_run, resolve_config, train_step
 from emanorm.train.distributed import pick_device, single_process

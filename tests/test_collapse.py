@@ -12,7 +12,7 @@ import torch
 from emanorm import collapse
 from emanorm.cli import main
 from emanorm.collapse import CollapseWatch, collapse_rules, scan_records
-from emanorm.methods.base import output_spread
+from emanorm.methods.tensors import output_spread
 from emanorm.train import train
 from test_calibration import tiny_cfg
 from test_methods import make

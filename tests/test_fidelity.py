@@ -9,7 +9,7 @@ import torch
 import test_methods as _methods_tests  # tests/ is on the path, as for conftest
 from conftest import run_two_rank_script
 from emanorm.methods import Method
-from emanorm.methods.base import logs_to_floats
+from emanorm.methods.tensors import logs_to_floats
 from emanorm.train import train_step
 from emanorm.train.finite import FiniteWatch, NonFiniteLossError
 

@@ -31,7 +31,7 @@ def load_suite():
 #: throughput_resnet50 run the same code as matrix_compile and throughput_resnet18_cifar;
 #: file_pipeline is the ImageNet-path issue's benchmark, tested with a stand-in script below).
 DRY_RUN_PARTS = ["cuda_tests", "main_fixmatch", "main_supervised", "throughput_resnet18_cifar",
-                 "matrix_compile", "peer_lightly", "ema_update", "step_sync"]
+                 "matrix_compile", "peer_lightly", "ema_update", "split_bn", "step_sync"]
 
 
 @pytest.mark.slow
@@ -70,6 +70,8 @@ def test_dry_run_runs_the_parts_and_writes_the_same_few_files(tmp_path):
     figures = parts["throughput_resnet18_cifar"]["result"]
     assert figures["speedup"] > 0 and set(figures["methods"]) == {"fixmatch"}
     assert parts["ema_update"]["result"]["fused_ms"] > 0
+    split = parts["split_bn"]["result"]
+    assert split["ratio"] > 0 and list(split["methods"]) == ["moco"]
     headline = results["headline"]
     assert headline["gap_points"] == pytest.approx(sup["test_acc"] - fix["test_acc"], abs=0.01)
     assert headline["statuses"] == {n: e["status"] for n, e in parts.items()}

@@ -13,7 +13,7 @@ from torch import nn
 from conftest import spawn_ranks
 from emanorm import cosine_momentum, warmup_momentum
 from emanorm.methods import ALL_NORMS, METHODS, Method, build_method
-from emanorm.methods.base import cat_for_splits, logs_to_floats, split_from_splits
+from emanorm.methods.tensors import cat_for_splits, logs_to_floats, split_from_splits
 from emanorm.norms import SplitBatchNorm2d, convert_norm
 
 IMAGE = (1, 8, 8)

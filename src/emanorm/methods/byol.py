@@ -12,15 +12,8 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from emanorm.losses import regression_loss
-from emanorm.methods.base import (
-    ALL_NORMS,
-    Method,
-    batch_get,
-    check_range,
-    cross_view_forwards,
-    log_values,
-    output_spread,
-)
+from emanorm.methods.base import ALL_NORMS, Method, check_range, cross_view_forwards
+from emanorm.methods.tensors import batch_get, log_values, output_spread
 from emanorm.models import MLPHead
 from emanorm.teacher import cosine_momentum, warmup_momentum
 

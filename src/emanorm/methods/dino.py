@@ -41,16 +41,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from emanorm.catalog import METHOD_OPTION_RANGES
-from emanorm.methods.base import (
-    ALL_NORMS,
-    Method,
-    Projected,
-    batch_get,
-    cat_for_splits,
-    check_range,
-    log_values,
-    split_from_splits,
-)
+from emanorm.methods.base import ALL_NORMS, Method, Projected, check_range
+from emanorm.methods.tensors import batch_get, cat_for_splits, log_values, split_from_splits
 from emanorm.models import DINOHead
 from emanorm.norms import is_distributed
 from emanorm.teacher import cosine_momentum, warmup_momentum

@@ -17,13 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emanorm.losses import accuracy, pseudo_label_loss
-from emanorm.methods.base import (
-    ALL_NORMS,
-    Method,
+from emanorm.methods.base import ALL_NORMS, Method, check_choice, check_range
+from emanorm.methods.tensors import (
     batch_get,
     cat_for_splits,
-    check_choice,
-    check_range,
     concat_all_gather,
     defined_mean,
     log_values,

@@ -15,16 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emanorm.losses import accuracy, softmax_mse
-from emanorm.methods.base import (
-    ALL_NORMS,
-    Method,
-    batch_get,
-    cat_for_splits,
-    check_range,
-    defined_mean,
-    log_values,
-    unlabeled_targets,
-)
+from emanorm.methods.base import ALL_NORMS, Method, check_range
+from emanorm.methods.tensors import batch_get, cat_for_splits, defined_mean, log_values, unlabeled_targets
 from emanorm.models import Classifier
 
 

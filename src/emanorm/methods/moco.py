@@ -18,16 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emanorm.losses import info_nce
-from emanorm.methods.base import (
-    ALL_NORMS,
-    Method,
-    Projected,
-    batch_get,
-    check_range,
-    concat_all_gather,
-    log_values,
-    output_spread,
-)
+from emanorm.methods.base import ALL_NORMS, Method, Projected, check_range
+from emanorm.methods.tensors import batch_get, concat_all_gather, log_values, output_spread
 from emanorm.models import MLPHead
 from emanorm.norms import is_distributed
 

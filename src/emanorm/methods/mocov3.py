@@ -31,15 +31,8 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from emanorm.losses import in_batch_info_nce
-from emanorm.methods.base import (
-    Method,
-    batch_get,
-    check_range,
-    concat_all_gather,
-    cross_view_forwards,
-    log_values,
-    output_spread,
-)
+from emanorm.methods.base import Method, check_range, cross_view_forwards
+from emanorm.methods.tensors import batch_get, concat_all_gather, log_values, output_spread
 from emanorm.models import MLPHead
 from emanorm.norms import is_distributed
 from emanorm.teacher import cosine_momentum

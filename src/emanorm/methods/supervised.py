@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emanorm.losses import accuracy
-from emanorm.methods.base import Method, batch_get, check_range, log_values
+from emanorm.methods.base import Method, check_range
+from emanorm.methods.tensors import batch_get, log_values
 from emanorm.models import Classifier
 
 

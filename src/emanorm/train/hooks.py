@@ -18,7 +18,7 @@ from torch import nn
 
 from emanorm.collapse import CollapseWatch
 from emanorm.errors import NonFiniteLossError
-from emanorm.methods.base import logs_to_floats
+from emanorm.methods.tensors import logs_to_floats
 from emanorm.train.checkpoint import save_checkpoint
 from emanorm.train.curves import read_metrics
 from emanorm.train.distributed import barrier

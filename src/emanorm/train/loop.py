@@ -191,7 +191,7 @@ def train_step(
     all-reduce across ranks and ``method.after_step`` (the teacher update, MoCo's queue, DINO's
     centre). Returns the (mean) loss and the method's logs (mean over the micro-batches), all
     detached 0-d tensors: nothing is read back to the host (convert at your log steps:
-    ``emanorm.methods.base.logs_to_floats``).
+    ``emanorm.methods.tensors.logs_to_floats``).
 
     Non-finite losses and weights: with ``finite_watch`` (a :class:`FiniteWatch`) the step only
     records them on the device and the caller calls ``finite_watch.check()`` at its log steps and
