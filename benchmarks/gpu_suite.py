@@ -19,6 +19,7 @@ or does not fit the remaining budget is recorded as such and the suite goes on):
   peer_lightly       peer_lightly.py (skipped when lightly is not installed)
   file_pipeline      benchmarks/file_pipeline.py (skipped until that benchmark exists)
   ema_update         ema_update.py: the fused teacher update against the state_dict loop
+  split_bn           split_bn.py: what --bn-splits 8 (per-GPU BN emulated) costs per step, MoCo and BYOL
   step_sync          a training step never waits for the host: 20 train_steps of every method's
                      small preset under torch.cuda.set_sync_debug_mode("error") (any device
                      synchronisation is an error); on a CPU (--quick dry run) the same steps with
@@ -454,6 +455,17 @@ def ema_update(s: Suite) -> dict[str, Any]:
             "loop_ms": float(times.get("state_dict Python loop", "nan"))}
 
 
+def split_bn(s: Suite) -> dict[str, Any]:
+    args = ["--methods", "moco", "--blocks", "1", "--steps", "1", "--batch-size", "16"] if s.args.quick else [
+        "--batch-size", "256", "--blocks", "9", "--steps", "4", "--threads", "0"]
+    before = s.log_path.stat().st_size
+    run_ = s.command([sys.executable, str(BENCH / "split_bn.py"), "--device", s.args.device, *args],
+                     s.timeout, "split_bn")
+    text = s.output_since(before)
+    per_method = {m: float(r) for m, r in re.findall(r"^(\w+): 8 splits / 1 split = ([0-9.]+)", text, re.M)}
+    return {**run_, "command_args": args, **contract_lines(text), "methods": per_method}
+
+
 #: The methods whose steps step_sync checks (each through its small preset).
 SYNC_METHODS = ("fixmatch", "moco", "byol", "meanteacher", "dino", "supervised", "mocov3")
 
@@ -569,6 +581,7 @@ PARTS = [
         "peer_lightly", needs="lightly")),
     Part("file_pipeline", 60, file_pipeline),
     Part("ema_update", 40, ema_update),
+    Part("split_bn", 40, split_bn),
     Part("step_sync", 90, step_sync),
 ]
 PART_NAMES = [p.name for p in PARTS]
@@ -710,6 +723,10 @@ def summary_markdown(results: dict[str, Any]) -> str:
     if ema:
         lines += ["", f"EMA update ({ema['model']}): fused {fmt(ema['fused_ms'], '.2f')} ms, state_dict loop "
                   f"{fmt(ema['loop_ms'], '.2f')} ms, speedup {fmt(ema.get('speedup'), '.2f')}"]
+    split = parts.get("split_bn", {}).get("result", {})
+    if split:
+        each = ", ".join(f"{m} {r:.2f}x" for m, r in split.get("methods", {}).items())
+        lines += ["", f"--bn-splits 8 over 1 split, step time: {each or '-'}"]
     fp = parts.get("file_pipeline", {})
     lines += ["", f"File pipeline: {fp.get('status')}" + (
         f", {fp['result'].get('command')}: speedup {fmt(fp['result'].get('speedup'), '.2f')}"
