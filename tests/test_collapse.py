@@ -37,6 +37,16 @@ def test_dino_loss_at_ln_k_over_the_window_sounds_once_at_the_right_step():
     assert watch.alarm is alarm
 
 
+def test_a_loss_above_ln_k_while_the_lr_warms_up_is_not_a_uniform_student():
+    # the start of small-dino runs that went on to learn (BN and calibrated EMAN teachers, seed 0): the
+    # loss begins above ln K and comes down through it; the one-sided rule sounded at step 120 there
+    losses = [8.47, 8.429, 8.39, 8.353, 8.345, 8.339, 8.331, 8.324, 8.29, 8.259, 8.22, 8.183, 8.14, 8.103]
+    alarm, seen = scan_records(dino_records(losses), "dino", {"out_dim": 4096})
+    assert alarm is None and seen == len(losses)
+    # the same logs held just above the band for the window are not a uniform student either
+    assert scan_records(dino_records([LN_4096 * 1.0015] * 12), "dino", {"out_dim": 4096})[0] is None
+
+
 def test_a_healthy_log_resets_the_window_and_values_missing_or_not_finite_do_not():
     watch = CollapseWatch("dino", {"out_dim": 4096})
     for r in dino_records([LN_4096, LN_4096, LN_4096, 8.0, LN_4096, LN_4096, LN_4096, LN_4096, LN_4096]):

@@ -37,15 +37,17 @@ WINDOW_STEPS = 100
 
 @dataclass(frozen=True)
 class CollapseRule:
-    """One symptom: ``metric`` ``above`` (or below) ``threshold``, described as ``what``."""
+    """One symptom: ``metric`` ``above`` (or below) ``threshold`` (and, above it, at most ``ceiling``),
+    described as ``what``."""
 
     metric: str
     threshold: float
     above: bool
     what: str
+    ceiling: float = math.inf
 
     def holds(self, value: float) -> bool:
-        return value >= self.threshold if self.above else value <= self.threshold
+        return self.threshold <= value <= self.ceiling if self.above else value <= self.threshold
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,11 @@ def collapse_rules(method: str, options: Mapping[str, Any] | None = None) -> lis
         k = int(options.get("out_dim", 65536))
         uniform = math.log(k)
         return [
+            # both sides: a loss above ln K (a student worse than uniform, as at initialisation while
+            # the lr warms up) is not a uniform student
             CollapseRule("loss", uniform * (1 - LOSS_UNIFORM_TOLERANCE), True,
                          f"the DINO loss is within 0.1% of ln K = {uniform:.4f} (K = {k}): the student's "
-                         "output is uniform"),
+                         "output is uniform", ceiling=uniform * (1 + LOSS_UNIFORM_TOLERANCE)),
             CollapseRule("target_entropy", TARGET_ENTROPY_LIMIT, True,
                          f"the teacher's targets have an entropy above {TARGET_ENTROPY_LIMIT} ln K: they "
                          "are nearly uniform (a collapse, or an EMAN teacher's cold start: try "
