@@ -544,6 +544,51 @@ def test_a_sigterm_caught_by_an_in_process_run_stops_the_grid(tmp_path, monkeypa
         raise Preempted("stopped by SIGTERM after step 1; checkpoint kept")
 
     monkeypatch.setattr(runner, "train", preempted_train)
-    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM"):
+    with pytest.raises(Preempted) as stopped:
         runner.run_grid(specs, tmp_path, jobs=1, progress=False)
     assert started == [str(specs[0].run_dir)]  # the second run never started
+    assert str(stopped.value) == (
+        f"compare stopped by SIGTERM after step 1 of {specs[0].name}; unfinished runs keep their "
+        "checkpoints: rerun the same compare command to resume (exit status 75: resumable)")
+    assert stopped.value.exit_code == 75
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_compare_resumably_with_checkpoints_kept(tiny_fashion_mnist_dir, tmp_path, jobs):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import HANG_BOUND_S, wait_until
+
+    out = tmp_path / "cmp"
+    command = [
+        sys.executable, "-m", "emanorm", "compare", "--methods", "fixmatch", "--norms", "bn,eman",
+        "--seeds", "1", "--data-dir", str(tiny_fashion_mnist_dir), "--max-steps", "100000", "--device", "cpu",
+        "--no-progress",
+        "--set", "batch_size=16", "--set", "unlabeled_ratio=1", "--set", "knn_bank_size=64",
+        "--set", "labels_per_class=2", "--set", "checkpoint_every_steps=1", "--set", "eval_every=0",
+        "--jobs", str(jobs), "--out", str(out),
+    ]  # fmt: skip
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = out / "runs" / "fixmatch-bn-s0" / "checkpoints" / "last.pt"
+        wait_until(first.exists, "the first run's checkpoint", process=process)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=HANG_BOUND_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 75, err
+    assert "Traceback" not in err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("emanorm: compare stopped by SIGTERM") and last.endswith(
+        "rerun the same compare command to resume (exit status 75: resumable)"), err
+    if jobs == 1:  # one run at a time: the second never started
+        assert not (out / "runs" / "fixmatch-eman-s0").exists()
+    assert first.exists()  # what was trained is kept for the rerun

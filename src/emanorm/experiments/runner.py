@@ -231,8 +231,11 @@ def _run_in_process(spec: RunSpec, log_file: Path) -> str | None:
         return str(err)
     except Interrupted:  # its "--resume" hint is for `emanorm train`: rerunning compare resumes the grid
         raise KeyboardInterrupt from None
-    except Preempted as stopped:  # the trainer caught the SIGTERM meant for the grid: stop the grid too
-        raise KeyboardInterrupt(str(stopped)) from None
+    except Preempted as stopped:
+        if str(stopped).startswith("compare "):  # the grid's own handler, before the trainer took over
+            raise
+        # the trainer caught the signal meant for the grid: stop the grid too
+        raise grid_stopped(f"{str(stopped).split(';')[0]} of {spec.name}") from None
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # one broken run must not stop the grid; the log keeps the traceback
@@ -296,7 +299,7 @@ def run_grid(
         if on_done is not None:
             on_done(outcome)
 
-    # SIGTERM (a scheduler, `kill`) stops the grid like Ctrl-C: children terminated, checkpoints kept
+    # SIGTERM (a scheduler, `kill`) stops the grid: children terminated, checkpoints kept, exit 75
     previous_handler = None
     if threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGTERM, _interrupt)
@@ -336,5 +339,11 @@ def run_grid(
     return [outcomes[spec.name] for spec in specs]
 
 
+def grid_stopped(what: str) -> Preempted:
+    """The grid stopped on a signal: every unfinished run keeps its checkpoint; the same command resumes."""
+    return Preempted(f"compare {what}; unfinished runs keep their checkpoints: rerun the same compare "
+                     "command to resume (exit status 75: resumable)")
+
+
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise grid_stopped(f"stopped by {signal.Signals(signum).name}")
