@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import struct
 import sys
 from pathlib import Path
@@ -56,7 +57,12 @@ def run_two_rank_script(tmp_path: Path, source: str, *, dist_timeout_s: int, tim
     command, env = torchrun_command(2, str(script), str(out), str(Path(__file__).parent),
                                     dist_timeout_s=dist_timeout_s)
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # torchrun's summary fills the tail: put each rank's own error lines (a traceback's last line, a C++
+    # abort's what()) first
+    errors = [line for line in result.stderr.splitlines()
+              if re.search(r"Error|Exception|terminate called|what\(\)|[Tt]imed? ?out", line)
+              and "Warning" not in line]
+    assert result.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + result.stderr[-3000:]
     return out
 
 
