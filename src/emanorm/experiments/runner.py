@@ -231,10 +231,9 @@ def _run_in_process(spec: RunSpec, log_file: Path) -> str | None:
         return str(err)
     except Interrupted:  # its "--resume" hint is for `emanorm train`: rerunning compare resumes the grid
         raise KeyboardInterrupt from None
-    except Preempted as stopped:
-        if str(stopped).startswith("compare "):  # the grid's own handler, before the trainer took over
-            raise
-        # the trainer caught the signal meant for the grid: stop the grid too
+    except GridStopped:  # the grid's own handler, before the trainer took the signal over
+        raise
+    except Preempted as stopped:  # the trainer caught the signal meant for the grid: stop the grid too
         raise grid_stopped(f"{str(stopped).split(';')[0]} of {spec.name}") from None
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -339,9 +338,13 @@ def run_grid(
     return [outcomes[spec.name] for spec in specs]
 
 
-def grid_stopped(what: str) -> Preempted:
-    """The grid stopped on a signal: every unfinished run keeps its checkpoint; the same command resumes."""
-    return Preempted(f"compare {what}; unfinished runs keep their checkpoints: rerun the same compare "
+class GridStopped(Preempted):
+    """``compare`` stopped on a signal: every unfinished run keeps its checkpoint (exit 75)."""
+
+
+def grid_stopped(what: str) -> GridStopped:
+    """The one-line message: what stopped the grid, and that the same command resumes it."""
+    return GridStopped(f"compare {what}; unfinished runs keep their checkpoints: rerun the same compare "
                      "command to resume (exit status 75: resumable)")
 
 
