@@ -38,7 +38,8 @@ def value_at(records: list[dict], metric: str, step: int) -> float | None:
     """The metric at the last log at or before ``step``; None when the run has not reached ``step``."""
     if not records or records[-1].get("step", 0) < step:
         return None
-    logged = [r[metric] for r in records if isinstance(r.get(metric), int | float) and r.get("step", 0) <= step]
+    logged = [r[metric] for r in records
+              if isinstance(r.get(metric), int | float) and r.get("step", 0) <= step]
     return float(logged[-1]) if logged else None
 
 
