@@ -100,6 +100,30 @@ def wait_until(condition, what: str, *, bound_s: float = HANG_BOUND_S, process=N
         time.sleep(0.05)
 
 
+def signal_when_ready(command: list[str], env: dict[str, str], ready: Path, what: str,
+                      signum: int) -> tuple[int, str]:
+    """Start ``command``, wait until ``ready`` exists, send it ``signum``; ``(exit status, stderr)``.
+
+    The child gets the signal's default disposition first: a shell without job control starts
+    background jobs with SIGINT ignored, a child inherits that, and Python then installs no
+    KeyboardInterrupt handler. The child is killed if it is still running at the end.
+    """
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
+    try:
+        wait_until(ready.exists, what, process=process)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=HANG_BOUND_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, err
+
+
 # -- writers (plain functions, usable from any test) ------------------------------------------------
 
 

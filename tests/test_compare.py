@@ -558,10 +558,9 @@ def test_a_sigterm_caught_by_an_in_process_run_stops_the_grid(tmp_path, monkeypa
 def test_sigterm_stops_compare_resumably_with_checkpoints_kept(tiny_fashion_mnist_dir, tmp_path, jobs):
     import os
     import signal
-    import subprocess
     import sys
 
-    from conftest import HANG_BOUND_S, wait_until
+    from conftest import signal_when_ready
 
     out = tmp_path / "cmp"
     command = [
@@ -574,17 +573,9 @@ def test_sigterm_stops_compare_resumably_with_checkpoints_kept(tiny_fashion_mnis
     ]  # fmt: skip
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = out / "runs" / "fixmatch-bn-s0" / "checkpoints" / "last.pt"
-        wait_until(first.exists, "the first run's checkpoint", process=process)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=HANG_BOUND_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 75, err
+    first = out / "runs" / "fixmatch-bn-s0" / "checkpoints" / "last.pt"
+    status, err = signal_when_ready(command, env, first, "the first run's checkpoint", signal.SIGTERM)
+    assert status == 75, err
     assert "Traceback" not in err
     last = err.rstrip("\n").split("\n")[-1]
     assert last.startswith("emanorm: compare stopped by SIGTERM") and last.endswith(

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import HANG_BOUND_S, wait_until
+from conftest import signal_when_ready
 from emanorm.train.environment import cpu_capability, cpu_model, machine_environment
 from emanorm.train.progress import (
     PlannedEvaluation,
@@ -123,20 +122,9 @@ def test_ctrl_c_says_on_its_own_line_which_checkpoint_is_kept_and_how_to_continu
         "--set", "checkpoint_every_steps=1", "--set", "knn_bank_size=64", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    # A shell without job control starts background jobs with SIGINT ignored, and a child inherits
-    # that (Python then installs no KeyboardInterrupt handler): give the trainer Ctrl-C's default.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        checkpoint = out / "checkpoints" / "last.pt"
-        wait_until(checkpoint.exists, "the first checkpoint", process=process)
-        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        _, err = process.communicate(timeout=HANG_BOUND_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 130, err
+    checkpoint = out / "checkpoints" / "last.pt"
+    status, err = signal_when_ready(command, env, checkpoint, "the first checkpoint", signal.SIGINT)  # Ctrl-C
+    assert status == 130, err
     last = err.rstrip("\n").split("\n")[-1]  # the progress bar redraws with \r: a shared line would show here
     assert last.startswith("emanorm: interrupted; the last checkpoint is kept at "), repr(last)
     assert str(checkpoint) in last and "--resume" in last and "Traceback" not in err
