@@ -360,6 +360,7 @@ for i in range(3):
     opt.zero_grad(); loss.backward(); method.before_optimizer_step(); opt.step(); method.after_step(i, 10)
 if rank == 0:
     torch.save(method.state_dict(), sys.argv[1])
+del model  # DDP holds the process group: one left to interpreter exit aborts in gloo's threads
 torch.distributed.destroy_process_group()
 """
 

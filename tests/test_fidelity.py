@@ -154,6 +154,7 @@ for case, accumulate in fidelity.DDP_CASES:
     states[f"{case}-{accumulate}"] = method.state_dict()
 if rank == 0:
     torch.save(states, sys.argv[1])
+del ddp  # DDP holds the process group: one left to interpreter exit aborts in gloo's threads
 torch.distributed.destroy_process_group()
 """
 
