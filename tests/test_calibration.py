@@ -16,6 +16,7 @@ from emanorm import calibrate_batchnorm
 from emanorm.errors import UserError
 from emanorm.norms import SplitBatchNorm2d, convert_to_split_bn
 from emanorm.train import build_run, resolve_config, train
+from emanorm.train.recipe import calibrate_start
 from test_methods import make  # tests/ is on the path, as for conftest
 
 
@@ -108,7 +109,9 @@ def test_every_ema_copy_starts_from_the_calibrated_student_statistics(name, norm
 
 
 def tiny_cfg(data_dir, out, **extra) -> dict:
+    # calibrate_bn_batches 0 unless a test asks: small-moco's 20 would calibrate the runs meant as "plain"
     overrides = {"method": "moco", "norm": "eman", "dataset": "fashion_mnist", "data_dir": str(data_dir),
+                 "calibrate_bn_batches": 0,
                  "max_steps": 3, "batch_size": 8, "knn_bank_size": 32, "monitor_test_size": 16,
                  "device": "cpu", "out": str(out), "eval_every": 0, "logger": "jsonl",
                  "method_args": {"queue_size": 64}}  # fmt: skip
@@ -162,7 +165,25 @@ def test_calibration_settings_are_checked_before_anything_is_built(tiny_fashion_
     with pytest.raises(UserError, match="calibrate_bn_batches must be an integer >= 0"):
         tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "x", calibrate_bn_batches=2.5)
     with pytest.raises(UserError, match="calibrate_bn_batches 99 is more than the 15 batches of an epoch"):
-        build_run(tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "x", calibrate_bn_batches=99))
+        calibrate_start(build_run(tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "x")).method,
+                        build_run(tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "y")).stream, 99)
+
+
+def test_more_calibration_batches_than_an_epoch_has_use_the_whole_epoch_and_say_so(tiny_fashion_mnist_dir,
+                                                                                    tmp_path):
+    """A preset's 20 on a small dataset: epoch 0's 15 batches are all there is, and the run says it
+    used them (the same statistics as asking for 15)."""
+    asked = build_run(tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "x", calibrate_bn_batches=99))
+    assert asked.warnings == [
+        "calibrate_bn_batches 99 is more than the 15 batches of an epoch: calibrated on all 15"]
+    whole = build_run(tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "y", calibrate_bn_batches=15))
+    assert whole.warnings == []
+    for (name, value), (_, same) in zip(asked.method.state_dict().items(), whole.method.state_dict().items(),
+                                        strict=True):
+        assert torch.equal(value, same), name
+    uncalibrated = build_run(tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "z")).method.state_dict()
+    teacher_var = next(k for k in uncalibrated if k.startswith("teacher.") and k.endswith("running_var"))
+    assert not torch.equal(asked.method.state_dict()[teacher_var], uncalibrated[teacher_var])
 
 
 def test_the_summary_records_the_calibration_and_a_resume_compares_it(tiny_fashion_mnist_dir, tmp_path):

@@ -22,6 +22,7 @@ from emanorm.experiments.grid import (
 from emanorm.experiments.plots import band, plot_curves
 from emanorm.experiments.report import (
     aggregate,
+    calibration_note,
     collect_cells,
     format_stats,
     markdown_table,
@@ -132,6 +133,26 @@ def test_collect_and_render_results_from_entries():
     assert _table_rows(md, "## Wall-clock")[0] == ["bn", "110.0 ± 14.1", "2"]
     assert "fixmatch-eman-s1" in md.split("## Runs not in the tables")[1]
     assert "loss is nan at step 3" in md
+
+
+def test_the_report_says_which_eman_rows_started_calibrated():
+    def entry(variant, norm, batches=None, status="ok"):
+        fields = {"variant": variant, "norm": norm, "status": status}
+        return fields if batches is None else {**fields, "calibrate_bn_batches": batches}
+
+    entries = [
+        entry("eman", "eman", 0), entry("eman", "eman", 0),
+        entry("EMAN, calibrated", "eman", 20), entry("tpn", "teacher_pn", 20),
+        entry("old", "eman"),  # a results.json from before entries recorded it
+        entry("bn", "bn", 20), entry("lost", "eman", 20, status="failed"),  # no such teacher; not reported
+    ]
+    assert calibration_note(entries) == (
+        "Start of the EMAN / PN teachers' BN statistics: calibrated on 20 batches before step 0 "
+        "(`calibrate_bn_batches`, not the paper's start): `EMAN, calibrated`, `tpn`; not recorded (an entry "
+        "from before emanorm recorded it): `old`; the student's initial statistics, mean 0 / variance 1 "
+        "(the paper's start, uncalibrated): `eman`."
+    )
+    assert calibration_note([entry("bn", "bn", 20), entry("default", "default", 0)]) is None
 
 
 def test_paired_differences_pair_by_seed_and_count_wins():
@@ -293,6 +314,7 @@ def test_compare_grid_outputs_and_second_invocation_redoes_nothing(tmp_path, cap
     rows = _table_rows(md, "## Top-1")
     assert [r[0] for r in rows] == ["bn", "eman"]
     assert all(r[-1] == "2" and "±" in r[1] for r in rows)
+    assert "Start of the EMAN / PN teachers' BN statistics: " in md  # the preset's start, whichever it is
     # results.json: 4 raw entries, each with its run directory and the numbers of its summary.json
     record = json.loads((out / "results.json").read_text())
     runs = record["runs"]

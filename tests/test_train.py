@@ -151,7 +151,7 @@ def test_eman_teacher_statistics_follow_the_student(tmp_path, tiny_fashion_mnist
     """After training, the EMAN teacher's BN statistics are an EMA of the student's: moved from their
     defaults (mean 0, var 1) towards the student's, yet not a copy of them."""
     cfg = tiny_config("fixmatch", "eman", tmp_path / "run", tiny_fashion_mnist_dir, max_steps=3,
-                      ema_momentum=0.5)
+                      ema_momentum=0.5, calibrate_bn_batches=0)  # the defaults it moves from: uncalibrated
     _, method = train(cfg, monitor=knn_monitor, progress=False, return_method=True)
     teacher = method.teacher.module.state_dict()
     student = method.student.state_dict()

@@ -291,7 +291,8 @@ def test_single_label_transfer_to_rgb_data(fmnist_run, cifar10_dir, tmp_path):
     assert rec["input_adaptation"]["image_size"].startswith("32 -> 28")
     assert rec["results"]["runs"][0]["num_train"] == 100
     # a count of the 30 stand-in test images (made grey, their colour-coded labels are not learnable)
-    assert (rec["results"]["top1"] * 30 / 100) == pytest.approx(round(rec["results"]["top1"] * 30 / 100))
+    count = rec["results"]["top1"] * 30 / 100  # top1 is kept to 4 decimals: 26.6667 is 8.00001 images
+    assert count == pytest.approx(round(count), abs=1e-3)
     rec = eval_json(fmnist_run, "lowshot", f"{common} --shots 1 2 --draws 2 --val-per-class 2", tmp_path)
     assert rec["settings"]["metric"] == "accuracy" and set(rec["results"]["per_shot"]) == {"1", "2"}
     # The run's own data needs no adaptation.

@@ -280,6 +280,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from emanorm.experiments.report import (
         aggregate,
         aggregate_paired,
+        calibration_note,
         collect_cells,
         paired_differences,
         render_markdown,
@@ -357,6 +358,9 @@ def run_compare(args: argparse.Namespace) -> int:
             context.append(
                 f"Reported from `{path}` (trained elsewhere, not here): {', '.join(f'`{n}`' for n in names)}."
             )
+    start = calibration_note(entries)
+    if start:
+        context.append(start)
     if same:
         pairs = ", ".join(f"`{name}` = `{earlier}`" for name, (earlier, _) in same.items())
         reasons = "; ".join(sorted({why for _, why in same.values()}))

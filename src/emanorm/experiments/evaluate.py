@@ -218,6 +218,7 @@ def evaluate_run(
         steps=summary.get("steps"),
         epochs=summary.get("epochs"),
         labeled=summary.get("labeled"),
+        calibrate_bn_batches=summary.get("calibrate_bn_batches"),  # None: a run from before the option
         wall_clock_s=summary.get("wall_clock_s"),
         test_images=cfg.get("monitor_test_size") or "all",
         curve=read_curve(spec.run_dir, f"knn_{which}"),

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from emanorm.catalog import TEACHER_NORMS
 from emanorm.train.config import SEMI_SUPERVISED
 
 MISSING = "–"
@@ -216,6 +217,30 @@ def knn_protocol(entries: Sequence[Mapping[str, Any]]) -> str:
     if not seen:
         return "k and bank as in each run's config (knn_k, knn_bank_size)"
     return "; ".join(f"k={k}, a bank of {bank:,} labeled training images" for k, bank in seen)
+
+
+def calibration_note(entries: Sequence[Mapping[str, Any]]) -> str | None:
+    """Which rows' EMAN / PN teachers started from calibrated BN statistics (``calibrate_bn_batches``)
+    and which from the student's initial mean 0 / variance 1 (the paper's start); None when no
+    reported run has such a teacher. Runs recorded before entries kept the setting say so."""
+    starts: dict[str, set[str]] = {}
+    for entry in entries:
+        if entry.get("status") != "ok" or entry.get("norm") not in TEACHER_NORMS:
+            continue
+        batches = entry.get("calibrate_bn_batches")
+        if batches is None:
+            start = "not recorded (an entry from before emanorm recorded it)"
+        elif batches:
+            start = (f"calibrated on {batches} batches before step 0 (`calibrate_bn_batches`, "
+                     "not the paper's start)")
+        else:
+            start = "the student's initial statistics, mean 0 / variance 1 (the paper's start, uncalibrated)"
+        starts.setdefault(start, set()).add(str(entry.get("variant")))
+    if not starts:
+        return None
+    parts = [f"{start}: {', '.join(f'`{row}`' for row in sorted(rows))}"
+             for start, rows in sorted(starts.items())]
+    return "Start of the EMAN / PN teachers' BN statistics: " + "; ".join(parts) + "."
 
 
 def render_markdown(

@@ -188,7 +188,8 @@ class TrainConfig:
     calibrate_bn_batches: int = option(
         0, "before step 0, set the student's BatchNorm statistics from N training batches (cumulative "
         "average, no gradient) and start the teacher from them: an EMAN / PN teacher then does not "
-        "start from mean 0 / variance 1 (0: off, the paper's start; 20 is plenty; docs/methods.md)",
+        "start from mean 0 / variance 1 (0: off, the paper's start and the ImageNet presets'; 20 in the "
+        "small FixMatch, MoCo v2, BYOL and DINO presets; docs/methods.md)",
         bounds=NON_NEGATIVE, flag=Flag(OPTIMISATION, name="--calibrate-bn", metavar="N"),
     )
     method_args: dict[str, Any] = option(  # noqa: RUF009 (a default_factory)

@@ -252,7 +252,11 @@ def calibrate_start(method: Method, stream: BatchStream, batches: int) -> int:
     finally:
         first.close()  # a DataLoader's workers stop here, not whenever the generator is collected
     stream.set_epoch(0)
-    log.info("calibrated the BatchNorm statistics on %d batches (%d forwards) before step 0", batches, count)
+    if count:
+        log.info("calibrated the BatchNorm statistics on %d batches (%d forwards) before step 0",
+                 batches, count)
+    else:
+        log.info("calibrate_bn_batches: the model has no BatchNorm running statistics to calibrate")
     return count
 
 
@@ -297,7 +301,13 @@ def build_run(
         raise UserError(f"the dataset is too small for batch size {cfg['batch_size']}: zero steps per epoch")
     total_steps = planned_steps(cfg, steps_per_epoch)
     if cfg.get("calibrate_bn_batches", 0) and not resuming:  # a resumed run has its statistics
-        calibrate_start(method, stream, cfg["calibrate_bn_batches"])
+        batches = cfg["calibrate_bn_batches"]
+        used = calibrate_start(method, stream, min(batches, steps_per_epoch))
+        if used and batches > steps_per_epoch:  # a preset's 20 on a small dataset: epoch 0 is all there is
+            message = (f"calibrate_bn_batches {batches} is more than the {steps_per_epoch} batches of an "
+                       f"epoch: calibrated on all {steps_per_epoch}")
+            log.warning("warning: %s", message)
+            build_warnings.append(message)
     optimizer, scheduler = optimisation(cfg, method, total_steps, int(cfg["warmup_epochs"] * steps_per_epoch))
     amp, scaler = amp_context(device, cfg["amp"])
     return Run(
