@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 
 import pytest
@@ -186,13 +187,28 @@ def test_more_calibration_batches_than_an_epoch_has_use_the_whole_epoch_and_say_
     assert not torch.equal(asked.method.state_dict()[teacher_var], uncalibrated[teacher_var])
 
 
-def test_the_summary_records_the_calibration_and_a_resume_compares_it(tiny_fashion_mnist_dir, tmp_path):
+def test_the_summary_records_the_calibration_and_a_resume_keeps_the_start_it_had(
+    tiny_fashion_mnist_dir, tmp_path, caplog
+):
+    """A run started uncalibrated (as the small presets were before 2026-12-06) resumes under a
+    config that asks for 20: the setting acts only before step 0, so the run is not refused and
+    keeps, and records, the start it had."""
     out = tmp_path / "run"
     summary = train(tiny_cfg(tiny_fashion_mnist_dir, out, calibrate_bn_batches=2), progress=False)
     assert summary["calibrate_bn_batches"] == 2
     assert "calibrate_bn_batches: 2" in (out / "config.yaml").read_text()
-    with pytest.raises(UserError, match="calibrate_bn_batches"):
-        train(tiny_cfg(tiny_fashion_mnist_dir, out, calibrate_bn_batches=3, max_steps=4), resume=True,
+
+    old = tmp_path / "old"
+    train(tiny_cfg(tiny_fashion_mnist_dir, old), progress=False)
+    (old / "summary.json").unlink()  # unfinished again: the resume restores its checkpoint
+    with caplog.at_level(logging.INFO, logger="emanorm"):
+        resumed = train(tiny_cfg(tiny_fashion_mnist_dir, old, calibrate_bn_batches=20), resume=True,
+                        progress=False)
+    assert resumed["calibrate_bn_batches"] == 0
+    assert "calibrate_bn_batches: 0" in (old / "config.yaml").read_text()
+    assert any("calibrate_bn_batches stays 0 (asked: 20)" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match="max_steps"):  # what does change the run is still refused
+        train(tiny_cfg(tiny_fashion_mnist_dir, old, calibrate_bn_batches=20, max_steps=4), resume=True,
               progress=False)
 
 

@@ -70,7 +70,8 @@ def test_fixmatch_eman_starts_from_the_moco_eman_teacher(moco_run, tmp_path, mon
 
     def spy(method, path, which="teacher", **kwargs):
         original(method, path, which, **kwargs)
-        # What the trainer starts from: right after initialisation, before any step.
+        # What the trainer starts from: right after initialisation, before any step (the preset's
+        # calibrated start is not applied with --init-from: test below).
         seen["student"] = {k: v.clone() for k, v in method.encoder("student").state_dict().items()}
         seen["teacher"] = {k: v.clone() for k, v in method.encoder("teacher").state_dict().items()}
         seen["fc"] = {k: v.clone() for k, v in method.student.fc.state_dict().items()}
@@ -94,6 +95,22 @@ def test_fixmatch_eman_starts_from_the_moco_eman_teacher(moco_run, tmp_path, mon
     assert json.loads((out / "summary.json").read_text())["init_from"] == str(moco_run)
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["init_from"] == str(moco_run) and config["init_which"] == "teacher"
+
+
+def test_a_calibrating_preset_keeps_the_start_points_statistics(moco_run, tmp_path, tiny_fashion_mnist_dir):
+    """small-fixmatch calibrates (calibrate_bn_batches 20), but a run from --init-from starts from
+    the statistics it was given, as docs/transfer.md says, not from ones measured again."""
+    from emanorm.train import build_run
+
+    cfg = fixmatch_config(tmp_path / "f", init_from=str(moco_run), data_dir=str(tiny_fashion_mnist_dir))
+    assert cfg["calibrate_bn_batches"] == 20
+    start = build_run(cfg).method.encoder("teacher").state_dict()
+    given = source_backbone(moco_run, "teacher")
+    statistics = [k for k in given if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(start[k], given[k]) for k in statistics)
+    fresh = build_run(fixmatch_config(tmp_path / "g", data_dir=str(tiny_fashion_mnist_dir))).method
+    measured = fresh.encoder("teacher").state_dict()  # without --init-from the preset does calibrate
+    assert not all(torch.equal(measured[k], torch.ones_like(measured[k])) for k in statistics if "var" in k)
 
 
 @pytest.mark.parametrize(

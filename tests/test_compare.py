@@ -136,8 +136,8 @@ def test_collect_and_render_results_from_entries():
 
 
 def test_the_report_says_which_eman_rows_started_calibrated():
-    def entry(variant, norm, batches=None, status="ok"):
-        fields = {"variant": variant, "norm": norm, "status": status}
+    def entry(variant, norm, batches=None, status="ok", method="moco"):
+        fields = {"variant": variant, "norm": norm, "status": status, "run_method": method}
         return fields if batches is None else {**fields, "calibrate_bn_batches": batches}
 
     entries = [
@@ -145,14 +145,17 @@ def test_the_report_says_which_eman_rows_started_calibrated():
         entry("EMAN, calibrated", "eman", 20), entry("tpn", "teacher_pn", 20),
         entry("old", "eman"),  # a results.json from before entries recorded it
         entry("bn", "bn", 20), entry("lost", "eman", 20, status="failed"),  # no such teacher; not reported
+        entry("default", "default", 20, method="fixmatch"),  # its EMA evaluation copy is EMAN's
+        entry("default", "default", 20, method="moco"),  # ShuffleBN: no such copy
     ]
     assert calibration_note(entries) == (
-        "Start of the EMAN / PN teachers' BN statistics: calibrated on 20 batches before step 0 "
-        "(`calibrate_bn_batches`, not the paper's start): `EMAN, calibrated`, `tpn`; not recorded (an entry "
+        "Start of the EMAN / PN teachers' BN statistics (and FixMatch's EMA copy in `default`): calibrated "
+        "on 20 batches before step 0 (`calibrate_bn_batches`, not the paper's start): `EMAN, calibrated`, "
+        "`default`, `tpn`; not recorded (an entry "
         "from before emanorm recorded it): `old`; the student's initial statistics, mean 0 / variance 1 "
         "(the paper's start, uncalibrated): `eman`."
     )
-    assert calibration_note([entry("bn", "bn", 20), entry("default", "default", 0)]) is None
+    assert calibration_note([entry("bn", "bn", 20), entry("default", "default", 0)]) is None  # moco's
 
 
 def test_paired_differences_pair_by_seed_and_count_wins():
@@ -314,7 +317,7 @@ def test_compare_grid_outputs_and_second_invocation_redoes_nothing(tmp_path, cap
     rows = _table_rows(md, "## Top-1")
     assert [r[0] for r in rows] == ["bn", "eman"]
     assert all(r[-1] == "2" and "±" in r[1] for r in rows)
-    assert "Start of the EMAN / PN teachers' BN statistics: " in md  # the preset's start, whichever it is
+    assert "Start of the EMAN / PN teachers' BN statistics" in md  # the preset's start, whichever it is
     # results.json: 4 raw entries, each with its run directory and the numbers of its summary.json
     record = json.loads((out / "results.json").read_text())
     runs = record["runs"]
@@ -362,6 +365,13 @@ def test_compare_grid_outputs_and_second_invocation_redoes_nothing(tmp_path, cap
     assert {p: p.stat().st_mtime_ns for p in mtimes if victim not in p.parents} == {
         p: t for p, t in mtimes.items() if victim not in p.parents
     }
+
+    # a start-only setting changed since the grid started (the presets' calibrated start came later):
+    # not a different config; the unfinished run resumes with the start it had (the preset's 20)
+    (victim / "summary.json").unlink()
+    assert main([*argv, "--set", "calibrate_bn_batches=0"]) == 0
+    assert "3 finished, 1 to resume, 0 new" in capsys.readouterr().err
+    assert json.loads((victim / "summary.json").read_text())["calibrate_bn_batches"] == 20
 
     # the same --out with another config is refused, not mixed into the table
     changed = [a if a != "labels_per_class=4" else "labels_per_class=5" for a in argv]
@@ -530,6 +540,13 @@ def test_merged_results_check_each_entry_against_the_planned_run(tmp_path):
             continue
         with pytest.raises(UserError, match=differs):
             fresh.entry(planned)
+    # the start: checked where the entry records it (files before 2026-12-06 do not)
+    calibrated, _ = merged(entry(calibrate_bn_batches=20))
+    assert calibrated.entry(spec(calibrate_bn_batches=20))["calibrate_bn_batches"] == 20
+    hint = r"calibrate_bn_batches: 20 there, 0 here\) \(--set calibrate_bn_batches=N"
+    with pytest.raises(UserError, match=hint):
+        merged(entry(calibrate_bn_batches=20))[0].entry(spec(calibrate_bn_batches=0))
+    assert merged(entry())[0].entry(spec(calibrate_bn_batches=20))["primary"] == 70.0  # unrecorded: unchecked
     # a kNN-scored self-supervised run never stands in for a linear-probe one, nor another probe
     knn, _ = merged(entry("byol", protocol="knn"))
     with pytest.raises(UserError, match="protocol: 'knn' there, 'linear' here"):

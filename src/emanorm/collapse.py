@@ -80,8 +80,8 @@ def collapse_rules(method: str, options: Mapping[str, Any] | None = None) -> lis
                          "output is uniform", ceiling=uniform * (1 + LOSS_UNIFORM_TOLERANCE)),
             CollapseRule("target_entropy", TARGET_ENTROPY_LIMIT, True,
                          f"the teacher's targets have an entropy above {TARGET_ENTROPY_LIMIT} ln K: they "
-                         "are nearly uniform (a collapse, or an EMAN teacher's cold start: try "
-                         "--calibrate-bn 20)"),
+                         "are nearly uniform (a collapse, or an EMAN teacher's cold start if the run "
+                         "did not calibrate: try --calibrate-bn 20)"),
         ]
     if method in ("moco", "byol", "mocov3"):
         return [CollapseRule("output_std", OUTPUT_STD_LIMIT, False,

@@ -384,10 +384,16 @@ class MergedResults:
             expected["steps"] = budget["max_steps"]
         else:
             expected["epochs"] = budget["epochs"]
+        if "calibrate_bn_batches" in entry:  # recorded since 2026-12-06; older entries cannot be checked
+            expected["calibrate_bn_batches"] = cfg.get("calibrate_bn_batches", 0)
         differ = sorted(k for k, v in expected.items() if entry.get(k) != v)
         if differ:
             diffs = ", ".join(f"{k}: {entry.get(k)!r} there, {expected[k]!r} here" for k in differ)
-            raise UserError(f"--merge-results {path}: {spec.name} is not the run this grid plans ({diffs})")
+            hint = (" (--set calibrate_bn_batches=N plans the start it was trained with)"
+                    if "calibrate_bn_batches" in differ else "")
+            raise UserError(
+                f"--merge-results {path}: {spec.name} is not the run this grid plans ({diffs}){hint}"
+            )
         if expected["protocol"] == "linear":
             assert self.linear is not None
             theirs = entry.get("linear") if isinstance(entry.get("linear"), dict) else {}

@@ -26,6 +26,7 @@ from emanorm.train.config import (
     NORMS,
     SEMI_SUPERVISED,
     comparable,
+    keep_recorded_start,
     preset_names,
     resolve_config,
 )
@@ -358,6 +359,7 @@ def check_existing(specs: Iterable[RunSpec]) -> None:
         except (yaml.YAMLError, ValueError, OSError, RecursionError):  # ValueError: not UTF-8
             problems.append(f"{spec.name}: {config_file} is not valid YAML")
             continue
+        keep_recorded_start(previous, spec.config)  # as the run resumes: it started with them
         old, new = comparable(previous), comparable(spec.config)
         differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if differ:

@@ -220,12 +220,16 @@ def knn_protocol(entries: Sequence[Mapping[str, Any]]) -> str:
 
 
 def calibration_note(entries: Sequence[Mapping[str, Any]]) -> str | None:
-    """Which rows' EMAN / PN teachers started from calibrated BN statistics (``calibrate_bn_batches``)
-    and which from the student's initial mean 0 / variance 1 (the paper's start); None when no
-    reported run has such a teacher. Runs recorded before entries kept the setting say so."""
+    """Which rows' EMAN / PN teachers (and FixMatch's default form, which evaluates an EMAN-mode EMA
+    copy) started from calibrated BN statistics (``calibrate_bn_batches``) and which from the
+    student's initial mean 0 / variance 1 (the paper's start); None when no reported run has such a
+    teacher. Runs recorded before entries kept the setting say so."""
     starts: dict[str, set[str]] = {}
     for entry in entries:
-        if entry.get("status") != "ok" or entry.get("norm") not in TEACHER_NORMS:
+        norm, method = entry.get("norm"), entry.get("run_method", entry.get("method"))
+        # FixMatch's default form evaluates an EMAN-mode EMA copy, which the calibration starts too
+        ema_copy = norm in TEACHER_NORMS or (norm, method) == ("default", "fixmatch")
+        if entry.get("status") != "ok" or not ema_copy:
             continue
         batches = entry.get("calibrate_bn_batches")
         if batches is None:
@@ -240,7 +244,8 @@ def calibration_note(entries: Sequence[Mapping[str, Any]]) -> str | None:
         return None
     parts = [f"{start}: {', '.join(f'`{row}`' for row in sorted(rows))}"
              for start, rows in sorted(starts.items())]
-    return "Start of the EMAN / PN teachers' BN statistics: " + "; ".join(parts) + "."
+    return "Start of the EMAN / PN teachers' BN statistics (and FixMatch's EMA copy in `default`): " + \
+        "; ".join(parts) + "."
 
 
 def render_markdown(

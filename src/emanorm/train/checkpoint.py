@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from emanorm.errors import NonFiniteLossError, UserError
-from emanorm.train.config import config_changes
+from emanorm.train.config import config_changes, keep_recorded_start
 
 if TYPE_CHECKING:  # the recipe imports this module
     from emanorm.train.recipe import Run
@@ -331,6 +331,9 @@ def restore_checkpoint(run: Run, path: Path, force: bool = False) -> tuple[dict[
         isinstance(state.get(k), int) and state[k] >= 0 for k in ("epoch", "step_in_epoch", "global_step")
     ):
         raise UserError(f"{path} is not an emanorm training checkpoint (no config or position)")
+    for kept in keep_recorded_start(state["config"], run.cfg):  # before step 0 is past: as it started
+        if run.dist.is_main:
+            log.info("resuming: %s; it acts only before step 0", kept)
     details = config_changes(state["config"], run.cfg)
     if details and not force:
         raise UserError(f"--resume with a config that differs from the checkpoint's ({details}); "

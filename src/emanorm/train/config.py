@@ -450,12 +450,31 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: full[k] for k in DEFAULTS if k not in NOT_AFFECTING_WEIGHTS}
 
 
+#: Keys that act only before step 0: a resumed run keeps the value it started with
+#: (:func:`keep_recorded_start`), so a preset that changed them later does not block ``--resume``.
+START_ONLY_KEYS: tuple[str, ...] = ("calibrate_bn_batches",)
+
+
+def keep_recorded_start(recorded: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Give ``cfg`` the start-only settings (:data:`START_ONLY_KEYS`) a resumed run was started
+    with (a key it predates counts as its default); returns ``"key stays old (asked: new)"`` for
+    each one that differed, for the log."""
+    kept = []
+    for key in START_ONLY_KEYS:
+        old = recorded.get(key, DEFAULTS[key])
+        if cfg.get(key, DEFAULTS[key]) != old:
+            kept.append(f"{key} stays {old!r} (asked: {cfg.get(key)!r})")
+        cfg[key] = old
+    return kept
+
+
 def config_changes(old_cfg: dict[str, Any], new_cfg: dict[str, Any]) -> str | None:
     """What ``--resume`` refuses without ``--force``: ``"key: old -> new"`` for (up to 5 of) the
     keys whose change alters the run (:func:`comparable`); None when nothing does. The one diff
-    behind both refusals: the run directory's config.yaml and the checkpoint's own config."""
+    behind both refusals: the run directory's config.yaml and the checkpoint's own config.
+    Start-only keys are not compared: a resumed run keeps its own (:func:`keep_recorded_start`)."""
     old, new = comparable(old_cfg), comparable(new_cfg)
-    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in START_ONLY_KEYS)
     if not differ:
         return None
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
@@ -470,6 +489,7 @@ __all__ = [
     "METHODS",
     "NORMS",
     "SEMI_SUPERVISED",
+    "START_ONLY_KEYS",
     "Bounds",
     "Flag",
     "TrainConfig",
@@ -477,6 +497,7 @@ __all__ = [
     "comparable",
     "config_changes",
     "dump_config",
+    "keep_recorded_start",
     "load_config_source",
     "preset_names",
     "resolve_config",

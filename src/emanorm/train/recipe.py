@@ -300,7 +300,10 @@ def build_run(
     if steps_per_epoch < 1:
         raise UserError(f"the dataset is too small for batch size {cfg['batch_size']}: zero steps per epoch")
     total_steps = planned_steps(cfg, steps_per_epoch)
-    if cfg.get("calibrate_bn_batches", 0) and not resuming:  # a resumed run has its statistics
+    if cfg.get("calibrate_bn_batches", 0) and not resuming and cfg.get("init_from"):
+        log.info("calibrate_bn_batches: not applied, the --init-from start point brings its BatchNorm "
+                 "statistics")
+    elif cfg.get("calibrate_bn_batches", 0) and not resuming:  # a resumed run has its statistics
         batches = cfg["calibrate_bn_batches"]
         used = calibrate_start(method, stream, min(batches, steps_per_epoch))
         if used and batches > steps_per_epoch:  # a preset's 20 on a small dataset: epoch 0 is all there is
