@@ -176,7 +176,7 @@ def test_more_calibration_batches_than_an_epoch_has_use_the_whole_epoch_and_say_
     used them (the same statistics as asking for 15)."""
     asked = build_run(tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "x", calibrate_bn_batches=99))
     assert asked.warnings == [
-        "calibrate_bn_batches 99 is more than the 15 batches of an epoch: calibrated on all 15"]
+        "calibrate_bn_batches 99 is more than the 15 batches of an epoch: calibrated on all of them"]
     whole = build_run(tiny_cfg(tiny_fashion_mnist_dir, tmp_path / "y", calibrate_bn_batches=15))
     assert whole.warnings == []
     for (name, value), (_, same) in zip(asked.method.state_dict().items(), whole.method.state_dict().items(),

@@ -237,6 +237,26 @@ def log_method_setup(method: Method, cfg: Mapping[str, Any], dist_info: DistInfo
               torch.__version__)
 
 
+def start_statistics(cfg: Mapping[str, Any], method: Method, stream: BatchStream) -> list[str]:
+    """The calibrated start ``calibrate_bn_batches`` asks for, before step 0 of a new run; returns
+    what it warned about. A run from ``--init-from`` keeps its start point's statistics."""
+    batches = cfg.get("calibrate_bn_batches", 0)
+    if not batches:
+        return []
+    if cfg.get("init_from"):
+        log.info("calibrate_bn_batches: not applied, the --init-from start point brings its BatchNorm "
+                 "statistics")
+        return []
+    used = calibrate_start(method, stream, min(batches, stream.steps_per_epoch))
+    if not used or batches <= stream.steps_per_epoch:
+        return []
+    # a preset's 20 on a small dataset: epoch 0 is all there is
+    message = (f"calibrate_bn_batches {batches} is more than the {stream.steps_per_epoch} batches of an "
+               "epoch: calibrated on all of them")
+    log.warning("warning: %s", message)
+    return [message]
+
+
 def calibrate_start(method: Method, stream: BatchStream, batches: int) -> int:
     """Set the student's BN statistics from the first ``batches`` batches of epoch 0 and start
     every EMA copy from them (:meth:`Method.calibrate_statistics`); the stream is left at the start
@@ -300,17 +320,8 @@ def build_run(
     if steps_per_epoch < 1:
         raise UserError(f"the dataset is too small for batch size {cfg['batch_size']}: zero steps per epoch")
     total_steps = planned_steps(cfg, steps_per_epoch)
-    if cfg.get("calibrate_bn_batches", 0) and not resuming and cfg.get("init_from"):
-        log.info("calibrate_bn_batches: not applied, the --init-from start point brings its BatchNorm "
-                 "statistics")
-    elif cfg.get("calibrate_bn_batches", 0) and not resuming:  # a resumed run has its statistics
-        batches = cfg["calibrate_bn_batches"]
-        used = calibrate_start(method, stream, min(batches, steps_per_epoch))
-        if used and batches > steps_per_epoch:  # a preset's 20 on a small dataset: epoch 0 is all there is
-            message = (f"calibrate_bn_batches {batches} is more than the {steps_per_epoch} batches of an "
-                       f"epoch: calibrated on all {steps_per_epoch}")
-            log.warning("warning: %s", message)
-            build_warnings.append(message)
+    if not resuming:  # a resumed run has its statistics
+        build_warnings += start_statistics(cfg, method, stream)
     optimizer, scheduler = optimisation(cfg, method, total_steps, int(cfg["warmup_epochs"] * steps_per_epoch))
     amp, scaler = amp_context(device, cfg["amp"])
     return Run(
