@@ -26,6 +26,7 @@ from emanorm.train.config import (
     NORMS,
     SEMI_SUPERVISED,
     comparable,
+    config_changes,
     keep_recorded_start,
     preset_names,
     resolve_config,
@@ -312,7 +313,6 @@ def identical_runs(
     ``has_batch_norm(cfg)`` is asked once per group of such runs.
     """
     from emanorm.methods import METHODS as METHOD_CLASSES
-    from emanorm.train.config import comparable
 
     same: dict[str, tuple[str, str]] = {}
     first: dict[str, str] = {}
@@ -360,10 +360,8 @@ def check_existing(specs: Iterable[RunSpec]) -> None:
             problems.append(f"{spec.name}: {config_file} is not valid YAML")
             continue
         keep_recorded_start(previous, spec.config)  # as the run resumes: it started with them
-        old, new = comparable(previous), comparable(spec.config)
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if differ:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:3])
+        details = config_changes(previous, spec.config, limit=3)
+        if details:
             problems.append(f"{spec.name} ({details})")
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")

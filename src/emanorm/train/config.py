@@ -468,16 +468,17 @@ def keep_recorded_start(recorded: dict[str, Any], cfg: dict[str, Any]) -> list[s
     return kept
 
 
-def config_changes(old_cfg: dict[str, Any], new_cfg: dict[str, Any]) -> str | None:
-    """What ``--resume`` refuses without ``--force``: ``"key: old -> new"`` for (up to 5 of) the
-    keys whose change alters the run (:func:`comparable`); None when nothing does. The one diff
-    behind both refusals: the run directory's config.yaml and the checkpoint's own config.
+def config_changes(old_cfg: dict[str, Any], new_cfg: dict[str, Any], limit: int = 5) -> str | None:
+    """What ``--resume`` refuses without ``--force``: ``"key: old -> new"`` for (up to ``limit`` of)
+    the keys whose change alters the run (:func:`comparable`); None when nothing does. The one diff
+    behind the refusals: the run directory's config.yaml, the checkpoint's own config, and
+    ``emanorm compare``'s runs already in its ``--out``.
     Start-only keys are not compared: a resumed run keeps its own (:func:`keep_recorded_start`)."""
     old, new = comparable(old_cfg), comparable(new_cfg)
     differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in START_ONLY_KEYS)
     if not differ:
         return None
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:limit])
 
 
 __all__ = [
