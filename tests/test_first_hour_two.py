@@ -272,3 +272,24 @@ def test_compare_does_not_pass_on_trains_resume_hint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt) as caught:
         runner._run_in_process(spec, tmp_path / "a.log")
     assert not isinstance(caught.value, Interrupted)
+
+
+def test_progress_lines_without_a_bar_print_the_last_logged_loss(caplog):
+    """Without a bar, a line per tenth of the steps; its loss is the last train record's (a step's
+    own loss is a device tensor, and reading it would wait for the device's queue)."""
+    import logging
+
+    from emanorm.train.logger import Progress
+
+    progress = Progress("run", 20, 0, bar=False, is_main=True)
+    with caplog.at_level(logging.INFO, logger="emanorm"):
+        progress.advance(1)  # not a tenth: no line
+        progress.advance(2)  # nothing logged yet: no loss
+        progress.show_record({"step": 2, "loss": 1.25, "img_per_s": 3.0})
+        progress.advance(3)
+        progress.advance(4)
+        progress.show_record({"step": 6, "loss": 0.5, "img_per_s": 3.0})
+        progress.advance(6)
+    assert caplog.messages == ["step 2/20", "step 4/20, loss 1.2500 (logged at step 2)",
+                               "step 6/20, loss 0.5000"]
+    progress.close()

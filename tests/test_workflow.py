@@ -96,6 +96,35 @@ def test_accumulate_must_divide_the_batch(tiny_fashion_mnist_dir):
 
 
 # -- preemption ------------------------------------------------------------------------------------
+
+
+def _stop_flag_rank(rank: int, port: int, results: dict) -> None:
+    import torch.distributed as dist
+
+    from emanorm.train.preemption import StopSignals
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # a GPU run's device (never touched: the flag lives on the CPU, in a gloo group of its own)
+        with StopSignals(torch.device("cuda", rank), distributed=True) as stop:
+            quiet = stop.requested()
+            if rank == 1:
+                stop.received = "SIGTERM"
+            results[rank] = (quiet, stop.requested(), stop.received, stop._group is not None)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed  # two spawned ranks: the slow layer
+def test_ranks_agree_on_a_stop_through_a_cpu_group_when_training_on_gpus():
+    """The stop flag of a GPU run is all-reduced on the CPU, so reading it never waits for a GPU
+    (this machine has none: a flag on the device would fail here)."""
+    from conftest import spawn_ranks
+
+    results = spawn_ranks(_stop_flag_rank)
+    assert results[0] == (False, True, "a stop signal on another rank", True)
+    assert results[1] == (False, True, "SIGTERM", True)
 def signal_at(monkeypatch: pytest.MonkeyPatch, at_step: int, signum: int) -> None:
     """Send ``signum`` to this process during step ``at_step`` (as a scheduler would)."""
     real_step = loop.train_step

@@ -12,6 +12,7 @@ from typing import Any
 
 from emanorm.catalog import DEFAULT_LINEAR_LRS
 from emanorm.cli.common import add_command, add_repeatable, fraction, positive_int
+from emanorm.cli.train import add_schema_flag
 from emanorm.errors import UserError
 from emanorm.train.config import METHODS, NORMS
 
@@ -82,19 +83,16 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="a preset or YAML file for every run ({method} = the column's method); "
         "default: the small-<method> preset",
     )
-    cfg.add_argument("--dataset", help="dataset of every run (default: the preset's)")
-    cfg.add_argument("--data-dir", help="where the dataset lives")
+    # Type, metavar and allowed values from the config schema, as `emanorm train`'s flags.
+    add_schema_flag(cfg, "dataset", "dataset of every run (default: the preset's)")
+    add_schema_flag(cfg, "data_dir", "where the dataset lives")
     budget = cfg.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=positive_int, help="budget of every run in epochs")
-    budget.add_argument("--max-steps", type=positive_int, help="budget of every run in optimizer steps")
-    cfg.add_argument(
-        "--eval-every",
-        type=int,
-        help="kNN monitor every N epochs: the points of curves.png (0: only at the end)",
+    add_schema_flag(budget, "epochs", "budget of every run in epochs")
+    add_schema_flag(budget, "max_steps", "budget of every run in optimizer steps")
+    add_schema_flag(
+        cfg, "eval_every", "kNN monitor every N epochs: the points of curves.png (0: only at the end)"
     )
-    cfg.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], help="training device (default auto: GPU if any)"
-    )
+    add_schema_flag(cfg, "device", "training device (default auto: GPU if any)")
     add_repeatable(
         cfg, "--set", "KEY=VALUE", "override any config key of every run, as `emanorm train --set` "
         "(repeatable)",

@@ -43,15 +43,16 @@ def _choices(values: Any) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def _flag_help(key: str) -> str:
-    """A flag's help from its schema field: the text, the allowed values, the default."""
+def _flag_help(key: str, help_text: str | None = None) -> str:
+    """A flag's help from its schema field: the text, the allowed values, the default (a given
+    ``help_text`` says its own default)."""
     meta = FIELDS[key].metadata
-    text = meta["help"]
+    text = help_text or meta["help"]
     if key == "backbone":  # free-form (timm:<name>), so listed here rather than checked as choices
         text = f"{text}: one of {_choices(BACKBONES)}"
-    elif meta["choices"] and meta["flag"].show_choices:
+    elif meta["choices"] and (meta["flag"] is None or meta["flag"].show_choices):
         text = f"{text}: one of {_choices(meta['choices'])}"
-    if DEFAULTS[key] is not None and DEFAULTS[key] is not False:
+    if help_text is None and DEFAULTS[key] is not None and DEFAULTS[key] is not False:
         text = f"{text} {_default(key)}"
     return text.replace("%", "%%")
 
@@ -82,14 +83,25 @@ def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, Any]:
             if flag.exclusive not in exclusive:
                 exclusive[flag.exclusive] = group.add_mutually_exclusive_group()
             group = exclusive[flag.exclusive]
-        name = flag.name or "--" + key.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": key, "help": _flag_help(key)}
-        if isinstance(DEFAULTS[key], bool):
-            kwargs.update(action="store_true", default=None)
-        else:
-            kwargs.update(type=_flag_type(key), metavar=flag.metavar)
-        group.add_argument(name, **kwargs)
+        add_schema_flag(group, key)
     return groups
+
+
+def add_schema_flag(group: Any, key: str, help_text: str | None = None) -> None:
+    """The flag of one schema key: name, type, metavar and help from its ``TrainConfig`` field.
+
+    ``help_text`` replaces the field's own text (``compare`` says "of every run"); the allowed
+    values are still listed from the schema. The value is checked by the schema afterwards, with
+    its error messages (value, allowed values, suggestion), not by argparse.
+    """
+    flag = FIELDS[key].metadata["flag"]
+    name = (flag.name if flag else None) or "--" + key.replace("_", "-")
+    kwargs: dict[str, Any] = {"dest": key, "help": _flag_help(key, help_text)}
+    if isinstance(DEFAULTS[key], bool):
+        kwargs.update(action="store_true", default=None)
+    else:
+        kwargs.update(type=_flag_type(key), metavar=flag.metavar if flag else None)
+    group.add_argument(name, **kwargs)
 
 
 def _flag_type(key: str) -> type:

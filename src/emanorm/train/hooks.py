@@ -107,7 +107,7 @@ class Hooks:
         step, cfg = state.global_step, self.run.cfg
         if step % cfg["log_every"] == 0 or step == self.run.total_steps:
             self.record_train(state, loss, logs)
-        self.progress.advance(step, loss)
+        self.progress.advance(step)
         if cfg["checkpoint_every_steps"] and step % cfg["checkpoint_every_steps"] == 0:
             self.checkpoint(state)
         if self.stop.requested():

@@ -112,6 +112,9 @@ class Progress:
                                     evaluations=evaluations)
         self.report_every = 0 if bar or not is_main else max(1, total_steps // 10)
         self.window_start, self.window_images = self.bar.training_clock(), 0
+        # (step, loss) of the last train record: the progress lines print it rather than read the
+        # step's loss back from the device, which would wait for the device's queue (issue 29)
+        self.last_logged: tuple[int, float] | None = None
 
     def count_images(self, batch: dict[str, torch.Tensor]) -> None:
         self.window_images += sum(v.shape[0] for v in batch.values() if v.dim() == 4)
@@ -124,16 +127,24 @@ class Progress:
         return rate
 
     def show_record(self, record: dict[str, Any]) -> None:
+        self.last_logged = (record["step"], record["loss"])
         shown = {"loss": f"{record['loss']:.3f}", "img/s": f"{record['img_per_s']:.0f}"}
         if "mask" in record:
             shown["mask"] = f"{record['mask']:.2f}"
         self.bar.set_postfix(shown)
 
-    def advance(self, step: int, loss: torch.Tensor) -> None:
-        """One step done: the bar moves, or a progress line at every tenth of the steps."""
+    def advance(self, step: int) -> None:
+        """One step done: the bar moves, or a progress line at every tenth of the steps (with the
+        loss of the last train record, at most ``log_every`` steps old)."""
         self.bar.advance(step)
         if self.report_every and (step % self.report_every == 0 or step == self.total_steps):
-            log.info("step %d/%d, loss %.4f", step, self.total_steps, float(loss.detach()))
+            if self.last_logged is None:
+                log.info("step %d/%d", step, self.total_steps)
+            elif self.last_logged[0] == step:
+                log.info("step %d/%d, loss %.4f", step, self.total_steps, self.last_logged[1])
+            else:
+                log.info("step %d/%d, loss %.4f (logged at step %d)", step, self.total_steps,
+                         self.last_logged[1], self.last_logged[0])
 
     @contextlib.contextmanager
     def evaluating(self, step: int, kind: str, *, final: bool, images: int | None = None) -> Iterator[None]:

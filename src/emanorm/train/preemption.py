@@ -3,7 +3,9 @@
 A scheduler (SLURM, Kubernetes, torchrun's agent) signals every process of a job. The handler
 only notes the signal; the loop asks :meth:`StopSignals.requested` after each real step. Under
 torchrun the ranks agree with one 1-element all-reduce a step (a signal seen by any rank stops
-all of them after the same step), so every rank writes the same checkpoint. The process then
+all of them after the same step), so every rank writes the same checkpoint. That all-reduce runs
+on the CPU (a gloo group when training on GPUs), so reading its answer never waits for the GPU's
+queue: a step stays free of host-device synchronisation (issue 29). The process then
 exits with :data:`RESUMABLE_EXIT`; ``emanorm train --resume`` (or ``--resume auto``) continues
 exactly from there.
 """
@@ -44,11 +46,15 @@ class StopSignals:
         self.distributed = distributed
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
+        self._group: Any = None  # the process group of the flag's all-reduce (None: the default)
 
     def _note(self, signum: int, _frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name
 
     def __enter__(self) -> StopSignals:
+        if self.distributed and self.device.type != "cpu":
+            # collective: every rank enters here at the same point of the run
+            self._group = dist.new_group(backend="gloo")
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._note)
@@ -58,13 +64,15 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        # the gloo group goes with the default group (train's cleanup), which is skipped when a
+        # peer died: destroying a group with a dead member may hang
 
     def requested(self) -> bool:
         """Whether this process, or under torchrun any rank, was signalled (same answer on all)."""
         if not self.distributed:
             return self.received is not None
-        flag = torch.tensor([1 if self.received else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([1 if self.received else 0])  # a CPU tensor: its .item() waits for no GPU
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         if flag.item() and self.received is None:
             self.received = "a stop signal on another rank"
         return bool(flag.item())
