@@ -16,9 +16,9 @@ from emanorm.train.finite import FiniteWatch, NonFiniteLossError
 make, make_batch = _methods_tests.make, _methods_tests.make_batch
 _one_thread = _methods_tests._one_thread
 
-#: Every EMA-teacher method (and FixMatch's teacher-free form) with a BatchNorm-free backbone; DINO
-#: with clipping on and its last layer frozen in epoch 0; MoCo v3 (no ``gn`` norm of its own) with
-#: every BatchNorm, its MLP heads' included, made GroupNorm.
+#: Every EMA-teacher method (and FixMatch's teacher-free form, and the supervised baseline) with a
+#: BatchNorm-free backbone; DINO with clipping on and its last layer frozen in epoch 0; MoCo v3 (no
+#: ``gn`` norm of its own) with every BatchNorm, its MLP heads' included, made GroupNorm.
 BN_FREE = {
     "moco": {"norm": "gn"},
     "byol": {"norm": "gn"},
@@ -27,6 +27,7 @@ BN_FREE = {
     "meanteacher": {"norm": "gn"},
     "dino": {"norm": "gn", "clip_grad": 0.05, "freeze_last_layer_epochs": 1},
     "mocov3": {"norm": "default", "gn_everywhere": True},
+    "supervised": {"norm": "gn"},  # the labeled-only baseline: no teacher, plain cross-entropy
 }
 
 #: The cases where ``--accumulate N`` is exactly one step on the whole batch: not MoCo v3, whose
@@ -135,7 +136,7 @@ def test_dino_centre_moves_once_with_the_mean_over_every_micro_batch(float64):
 # -- two gloo ranks against one process --------------------------------------------------------
 #: (case, accumulate per rank) run under 2-rank DDP; the reference is one process, accumulate 1.
 DDP_CASES = [("moco", 1), ("byol", 1), ("fixmatch", 1), ("fixmatch-default", 1), ("meanteacher", 1),
-             ("dino", 1), ("dino", 2), ("mocov3", 1)]
+             ("dino", 1), ("dino", 2), ("mocov3", 1), ("supervised", 1)]
 
 DDP_WORKER = """
 import sys, torch

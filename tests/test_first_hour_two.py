@@ -293,3 +293,33 @@ def test_progress_lines_without_a_bar_print_the_last_logged_loss(caplog):
     assert caplog.messages == ["step 2/20", "step 4/20, loss 1.2500 (logged at step 2)",
                                "step 6/20, loss 0.5000"]
     progress.close()
+
+
+def readme_python_blocks() -> list[str]:
+    """The README's Python snippets, in order."""
+    return [block.split("```", 1)[0] for block in README.read_text().split("```python\n")[1:]]
+
+
+def test_the_readme_python_snippets_run_in_order(tiny_fashion_mnist_dir, capsys):
+    """Each snippet as a reader would run it after the previous ones (one namespace), with the
+    loaders it leaves to the reader given as two tiny batches and a 2-step budget on stand-in data."""
+    blocks = readme_python_blocks()
+    assert len(blocks) == 3, "a README snippet was added or removed: run it here too"
+    torch.manual_seed(0)
+    images = [torch.rand(4, 3, 32, 32) for _ in range(4)]
+    namespace: dict = {"unlabeled_loader": [(images[0], images[1]), (images[2], images[3])],
+                       "two_view_loader": [(images[0], images[1]), (images[2], images[3])], "total_steps": 2}
+    budget = '"max_steps": 50}'
+    assert budget in blocks[1]
+    blocks[1] = blocks[1].replace(budget, f'"max_steps": 2, "batch_size": 16, "data_dir": '
+                                          f'{str(tiny_fashion_mnist_dir)!r}, "calibrate_bn_batches": 0}}')
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    teacher, student = namespace["teacher"].module, namespace["student"]  # snippet 1: the teacher moved
+    # (no pseudo-label reaches 0.95 on an untrained net: the loss is 0 and only BN statistics move)
+    moved = student.bn1.running_mean
+    assert moved.abs().sum() > 0 and teacher.bn1.running_mean.abs().sum() > 0  # EMAN's EMA (Eq. 9)
+    assert not torch.equal(teacher.bn1.running_mean, moved)  # ... which lags the student's
+    assert capsys.readouterr().out.startswith("0 ")  # snippet 2 printed its step-0 loss
+    assert isinstance(namespace["teacher_backbone"], torch.nn.Module)
+    assert torch.isfinite(namespace["loss"]) and namespace["step"] == 1  # snippet 3's two steps

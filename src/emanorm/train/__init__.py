@@ -16,6 +16,7 @@ _WHERE = {
     ),
     **dict.fromkeys(("Monitor", "NonFiniteLossError", "train", "train_step"), "emanorm.train.loop"),
     **dict.fromkeys(("Run", "build_run"), "emanorm.train.recipe"),
+    "FiniteWatch": "emanorm.train.finite",
     **dict.fromkeys(
         ("initialise_from", "load_backbone", "load_method", "make_method"), "emanorm.train.restore"
     ),
@@ -26,6 +27,7 @@ __all__ = [
     "METHODS",
     "NORMS",
     "SEMI_SUPERVISED",
+    "FiniteWatch",
     "Monitor",
     "NonFiniteLossError",
     "Run",
@@ -41,6 +43,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from emanorm.train.config import DEFAULTS, METHODS, NORMS, SEMI_SUPERVISED, resolve_config
+    from emanorm.train.finite import FiniteWatch
     from emanorm.train.loop import Monitor, NonFiniteLossError, train, train_step
     from emanorm.train.recipe import Run, build_run
     from emanorm.train.restore import initialise_from, load_backbone, load_method, make_method
