@@ -111,6 +111,8 @@ def test_every_preset_resolves_against_the_schema():
         ({"norm": "EMAN"}, "unknown norm 'EMAN' (did you mean 'eman'?); allowed: default, bn"),
         ({"method": "fixmach"}, "unknown method 'fixmach' (did you mean 'fixmatch'?)"),
         ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
+        ({"backbone": "resnet18x"}, "backbone 'resnet18x' (did you mean 'resnet18'?); allowed: small,"),
+        ({"backbone": "timm:"}, "unknown backbone 'timm:'; allowed: small,"),
         ({"optimizer": "adam"}, "unknown optimizer 'adam' (did you mean 'adamw'?); allowed: sgd, lars"),
         ({"channels_last": 1}, "unknown channels_last 1"),
         ({"batch_size": 0}, "batch_size must be positive, got 0"),

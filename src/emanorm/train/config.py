@@ -337,10 +337,20 @@ def validate_config(cfg: dict[str, Any]) -> None:
     admitted = field_types(TrainConfig)
     for key, schema_field in FIELDS.items():
         cfg[key] = check_field(key, cfg[key], schema_field, admitted[key])
+    _check_backbone(cfg["backbone"])
     _check_augment_options(cfg["augment_options"])
     _check_lr_milestones(cfg["lr_milestones"])
     _check_together(cfg)
     check_feasible(cfg)
+
+
+def _check_backbone(name: str) -> None:
+    """A named backbone, or ``timm:`` / ``torchvision:`` and a model name (checked when it is built)."""
+    named = [b for b in BACKBONES if not b.endswith("<name>")]
+    prefix, _, model = name.partition(":")
+    if name not in named and not (prefix in ("timm", "torchvision") and model):
+        allowed = ", ".join(BACKBONES)
+        raise UserError(f"unknown backbone {name!r}{suggestion(name, named)}; allowed: {allowed}")
 
 
 def _check_augment_options(options: dict[str, Any]) -> None:
