@@ -166,3 +166,35 @@ def test_split_statistics_per_chunk_equal_the_layout_forward(shape, options):
         for (name, a), b in zip(fast.named_buffers(), slow.buffers(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
         x = x * 0.5 + step
+
+
+def test_split_batchnorm_is_per_gpu_batchnorm_with_averaged_running_statistics():
+    """What ``--bn-splits s`` emulates: s GPUs, each with its own BatchNorm on its share of the batch
+    (outputs and gradients exactly theirs), and the running statistics averaged across them, as
+    the trainer's all-reduce does after each step under torchrun."""
+    gen = torch.Generator().manual_seed(0)
+    splits, channels = 4, 3
+    split = SplitBatchNorm2d(channels, splits, dtype=torch.float64)
+    gpus = [torch.nn.BatchNorm2d(channels, dtype=torch.float64) for _ in range(splits)]
+    with torch.no_grad():
+        split.weight.uniform_(0.5, 1.5, generator=gen)
+        split.bias.uniform_(-1, 1, generator=gen)
+    for gpu in gpus:
+        gpu.load_state_dict(split.state_dict())
+    for step in range(2):
+        x = torch.randn(16, channels, 5, 4, generator=gen, dtype=torch.float64) * (2 + step) + step
+        grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        xs, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = split(xs)
+        outs = [gpu(chunk) for gpu, chunk in zip(gpus, xg.chunk(splits), strict=True)]
+        assert torch.equal(out, torch.cat(outs))  # each share normalised with its own statistics
+        (out * grad).sum().backward()
+        (torch.cat(outs) * grad).sum().backward()
+        assert torch.equal(xs.grad, xg.grad)
+        torch.testing.assert_close(split.weight.grad, sum(g.weight.grad for g in gpus), rtol=1e-13, atol=0)
+        with torch.no_grad():  # the all-reduce average of the running statistics across the GPUs
+            for name in ("running_mean", "running_var"):
+                average = torch.stack([getattr(g, name) for g in gpus]).mean(0)
+                torch.testing.assert_close(getattr(split, name), average, rtol=1e-14, atol=1e-15)
+                for gpu in gpus:
+                    getattr(gpu, name).copy_(average)
