@@ -61,7 +61,7 @@ def cli(*args: str, **kwargs) -> subprocess.Popen:
 
 def run(*args: str) -> subprocess.CompletedProcess:
     process = cli(*args)
-    out, err = process.communicate(timeout=600)
+    out, err = process.communicate(timeout=HANG_BOUND_S)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
@@ -111,7 +111,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(method, tmp_path):
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 kills += 1
-        process.communicate(timeout=600)
+        process.communicate(timeout=HANG_BOUND_S)
         if (killed / "summary.json").exists():
             break
     assert kills >= 1, "the run finished before it could be killed"
