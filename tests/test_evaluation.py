@@ -649,7 +649,7 @@ def test_export_command(fake_run, fmt, capsys):
 
 # --- end to end on the real data set ------------------------------------------------------------------------
 needs_fashion_mnist = pytest.mark.skipif(
-    not (Path(FASHION_MNIST_SYSTEM_DIR) / "train-images-idx3-ubyte.gz").exists(),
+    not (FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists(),
     reason="apt-get install dataset-fashion-mnist")
 
 
