@@ -168,7 +168,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_same_global_batch(tmp_path, flo
     """GN backbones, float64: DDP's averaged gradients over two half batches (and, for DINO, two
     micro-batches per rank) equal one process's whole-batch step; MoCo's gathered keys, DINO's
     all-reduced centre, its clipping of the averaged gradient and its frozen first epoch included."""
-    # eight cases in one job: the job's bound is twice the usual
+    # every DDP_CASES case in one job: the job's bound is twice the usual
     out = run_two_rank_script(tmp_path, DDP_WORKER, dist_timeout_s=HANG_BOUND_S, timeout=2 * HANG_BOUND_S)
     ranks = torch.load(out, weights_only=True)
     for case, accumulate in DDP_CASES:
