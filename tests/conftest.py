@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-def torchrun_command(nproc: int, *target: str, dist_timeout_s: int) -> tuple[list[str], dict[str, str]]:
+def torchrun_command(nproc: int, *target: str, dist_timeout_s: float) -> tuple[list[str], dict[str, str]]:
     """``python -m torch.distributed.run`` with ``nproc`` CPU ranks on this machine, one thread each.
 
     ``target`` is what torchrun starts (a script and its arguments, or ``-m emanorm ...``). The
@@ -47,7 +47,7 @@ def torchrun_command(nproc: int, *target: str, dist_timeout_s: int) -> tuple[lis
     return [*command, *target], env
 
 
-def run_two_rank_script(tmp_path: Path, source: str, *, dist_timeout_s: int, timeout: int) -> Path:
+def run_two_rank_script(tmp_path: Path, source: str, *, dist_timeout_s: float, timeout: float) -> Path:
     """``source`` written as a script and run on 2 torchrun ranks with ``(output file, tests dir)``
     as its arguments; asserts it succeeded and returns the output file the script wrote."""
     import subprocess

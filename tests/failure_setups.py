@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import write_cifar, write_fashion_mnist, write_stl10
+from conftest import HANG_BOUND_S, write_cifar, write_fashion_mnist, write_stl10
 
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")
@@ -223,7 +223,7 @@ def _trained() -> Path:
                    "--out", str(cache / "run"), "--max-steps", "1", "--batch-size", "16", "--device", "cpu",
                    "--no-progress"]
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       timeout=300)
+                       timeout=HANG_BOUND_S)
         _TRAINED.append(cache / "run")
     return _TRAINED[0]
 

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from conftest import HANG_BOUND_S
+
 HEAVY = ("torch", "sklearn", "matplotlib")
 
 PROBE = """
@@ -29,7 +31,8 @@ print("\\n" + json.dumps({"code": code, "heavy": [m for m in HEAVY if m in sys.m
 
 def run_probe(*args: str) -> tuple[int, list[str], str]:
     code = f"HEAVY = {HEAVY!r}\n{PROBE}"
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=HANG_BOUND_S)
     assert done.returncode == 0, done.stderr
     verdict = json.loads(done.stdout.strip().splitlines()[-1])
     return verdict["code"], verdict["heavy"], done.stderr
@@ -76,10 +79,10 @@ def test_importing_the_package_and_its_config_schema_imports_no_torch():
         "import sys, emanorm, emanorm.train, emanorm.evaluation, emanorm.train.config, emanorm.catalog; "
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_BOUND_S)
     assert done.stdout.strip() == "[]", done.stderr
     used = "import sys, emanorm; emanorm.EMATeacher; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", used], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", used], capture_output=True, text=True, timeout=HANG_BOUND_S)
     assert done.stdout.strip() == "True", done.stderr  # a torch name still works, loaded on use
 
 

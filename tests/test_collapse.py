@@ -53,7 +53,8 @@ def test_a_healthy_log_resets_the_window_and_values_missing_or_not_finite_do_not
         alarm = watch.observe(r)
     assert alarm is None  # the 8.0 at step 80 broke the window: 100..180 is only 80 steps
     assert watch.observe({"kind": "train", "step": 190, "loss": float("nan")}) is None
-    assert watch.observe({"kind": "train", "step": 200, "loss": LN_4096}) is not None
+    alarm = watch.observe({"kind": "train", "step": 200, "loss": LN_4096})
+    assert alarm is not None and (alarm.since_step, alarm.step) == (100, 200)  # the NaN kept the window
 
 
 def test_uniform_teacher_targets_sound_the_alarm_and_name_the_calibration():

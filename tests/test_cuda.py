@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import torchrun_command
+from conftest import HANG_BOUND_S, torchrun_command
 from emanorm import EMATeacher
 from emanorm.models import build_backbone
 
@@ -157,8 +157,9 @@ def test_one_gpu_nccl_ddp_run_trains_like_the_plain_method(tmp_path, tiny_fashio
     overrides = {"data_dir": str(tiny_fashion_mnist_dir), "batch_size": 8, "log_every": 1, "max_steps": 10,
                  "amp": "off", **SMALL["fixmatch"]}
     spec = json.dumps({"overrides": overrides, "out": str(out)})
-    command, env = torchrun_command(1, str(script), str(BENCH), spec, dist_timeout_s=60)
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    command, env = torchrun_command(1, str(script), str(BENCH), spec, dist_timeout_s=HANG_BOUND_S)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=HANG_BOUND_S,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(out, weights_only=True)
     assert result["backend"] == "nccl" and result["world"] == 1 and result["probe"] == 1.0

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import test_methods as _methods_tests  # tests/ is on the path, as for conftest
-from conftest import run_two_rank_script
+from conftest import HANG_BOUND_S, run_two_rank_script
 from emanorm import cosine_momentum
 from emanorm.data import BatchStream, DataError, build_augmentation
 from emanorm.data.augment import dino_local_size
@@ -342,11 +342,13 @@ def test_split_bn_student_sees_each_crop_size_per_emulated_gpu():
 
 # -- two ranks against one process -------------------------------------------------------------------
 WORKER = """
-import sys, torch
+import datetime, os, sys, torch
 from torch import nn
 sys.path.insert(0, sys.argv[2])
 from test_dino import make, make_batch
-torch.distributed.init_process_group("gloo")
+# the bound the test gives (conftest.torchrun_command), not gloo's default of 30 min
+timeout = datetime.timedelta(seconds=float(os.environ["EMANORM_DIST_TIMEOUT"]))
+torch.distributed.init_process_group("gloo", timeout=timeout)
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 torch.manual_seed(0)
 method = make("gn", clip_grad=0.0)
@@ -371,7 +373,7 @@ def test_two_gloo_ranks_match_one_process_with_batch_independent_norms(tmp_path)
     """With GN (no batch statistics) and no clipping, DDP's averaged gradients over two half
     batches equal one process's full-batch gradients, and the all-reduced centre is the full-batch
     mean: two ranks and one process agree up to rounding."""
-    out = run_two_rank_script(tmp_path, WORKER, dist_timeout_s=60, timeout=300)
+    out = run_two_rank_script(tmp_path, WORKER, dist_timeout_s=HANG_BOUND_S, timeout=HANG_BOUND_S)
     torch.manual_seed(0)
     method = make("gn", clip_grad=0.0)
     opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=0.1, momentum=0.9)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import torchrun_command
+from conftest import HANG_BOUND_S, torchrun_command
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 pytestmark = [
@@ -47,8 +47,8 @@ CASES = {
 def torchrun(tmp_path: Path, overrides: dict, nproc: int = 2) -> subprocess.CompletedProcess:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    command, env = torchrun_command(nproc, str(script), json.dumps(overrides), dist_timeout_s=60)
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    command, env = torchrun_command(nproc, str(script), json.dumps(overrides), dist_timeout_s=HANG_BOUND_S)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=HANG_BOUND_S)
 
 
 @pytest.mark.parametrize("method", list(CASES))

@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 from emanorm.cli.evaluate import add_eval_parsers, add_export_parser
+from emanorm.data.datasets import FASHION_MNIST_SYSTEM_DIR
 from emanorm.errors import UserError
 from emanorm.evaluation import (
     MulticlassSVMTask,
@@ -646,17 +647,18 @@ def test_export_command(fake_run, fmt, capsys):
     assert str(path) in capsys.readouterr().out
 
 
-# --- end to end (enabled by the integrator once data, models and the trainer are in) ---------------------
+# --- end to end on the real data set ------------------------------------------------------------------------
+needs_fashion_mnist = pytest.mark.skipif(
+    not (FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="apt-get install dataset-fashion-mnist")
 
 
 @pytest.mark.slow
+@needs_fashion_mnist
 def test_commands_end_to_end_on_fashion_mnist(tmp_path, monkeypatch):
     """Every command on real Fashion-MNIST through emanorm.data and a real backbone (checkpoint faked)."""
-    data = pytest.importorskip("emanorm.data")
-    models = pytest.importorskip("emanorm.models")
-    for name in ("load_dataset", "build_augmentation", "select_labeled"):
-        if not hasattr(data, name):
-            pytest.skip(f"emanorm.data.{name} not available yet")
+    from emanorm import models
+
     run = tmp_path / "run"
     run.mkdir()
 
@@ -679,17 +681,15 @@ def test_commands_end_to_end_on_fashion_mnist(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@needs_fashion_mnist
 def test_commands_on_a_trained_run(tmp_path):
     """A real run directory from the trainer, evaluated and exported through the real CLI and loader."""
-    recipe = pytest.importorskip("emanorm.train.restore")
-    cli = pytest.importorskip("emanorm.cli")
+    from emanorm import cli
+    from emanorm.train import restore as recipe
+
     run = tmp_path / "run"
-    try:
-        train = "--method byol --dataset fashion_mnist --backbone small --max-steps 5 --batch-size 32"
-        rc = cli.main(f"train {train} --out {run} --device cpu --no-progress".split())
-    except ImportError as err:  # a part the trainer needs is not in yet
-        pytest.skip(f"trainer not runnable yet: {err}")
-    assert rc == 0
+    train = "--method byol --dataset fashion_mnist --backbone small --max-steps 5 --batch-size 32"
+    assert cli.main(f"train {train} --out {run} --device cpu --no-progress".split()) == 0
     _, config = recipe.load_backbone(run, which="teacher")
     assert config["dataset"] == "fashion_mnist"
     for which in ("teacher", "student"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import test_methods as _methods_tests  # tests/ is on the path, as for conftest
-from conftest import run_two_rank_script
+from conftest import HANG_BOUND_S, run_two_rank_script
 from emanorm.methods import Method
 from emanorm.methods.tensors import logs_to_floats
 from emanorm.train import train_step
@@ -139,12 +139,14 @@ DDP_CASES = [("moco", 1), ("byol", 1), ("fixmatch", 1), ("fixmatch-default", 1),
              ("dino", 1), ("dino", 2), ("mocov3", 1), ("supervised", 1)]
 
 DDP_WORKER = """
-import sys, torch
+import datetime, os, sys, torch
 sys.path.insert(0, sys.argv[2])
 torch.set_default_dtype(torch.float64)
 torch.set_num_threads(1)
 import test_fidelity as fidelity
-torch.distributed.init_process_group("gloo")
+# the bound the test gives (conftest.torchrun_command), not gloo's default of 30 min
+timeout = datetime.timedelta(seconds=float(os.environ["EMANORM_DIST_TIMEOUT"]))
+torch.distributed.init_process_group("gloo", timeout=timeout)
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 states = {}
 for case, accumulate in fidelity.DDP_CASES:
@@ -166,7 +168,8 @@ def test_two_gloo_ranks_equal_one_process_on_the_same_global_batch(tmp_path, flo
     """GN backbones, float64: DDP's averaged gradients over two half batches (and, for DINO, two
     micro-batches per rank) equal one process's whole-batch step; MoCo's gathered keys, DINO's
     all-reduced centre, its clipping of the averaged gradient and its frozen first epoch included."""
-    out = run_two_rank_script(tmp_path, DDP_WORKER, dist_timeout_s=120, timeout=600)
+    # every DDP_CASES case in one job: the job's bound is twice the usual
+    out = run_two_rank_script(tmp_path, DDP_WORKER, dist_timeout_s=HANG_BOUND_S, timeout=2 * HANG_BOUND_S)
     ranks = torch.load(out, weights_only=True)
     for case, accumulate in DDP_CASES:
         reference = build(case)

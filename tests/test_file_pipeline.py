@@ -17,6 +17,7 @@ from PIL import Image
 from scipy import stats
 from torchvision import transforms as T
 
+from conftest import HANG_BOUND_S
 from emanorm.data import BatchStream, DataError, FileImageDataset, load_dataset
 from emanorm.data.augment import RandomResizedCropFlip
 from emanorm.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, dataset_info, decode_views
@@ -257,7 +258,7 @@ def test_cli_corrupt_file_with_two_workers_prints_one_line(tmp_path, corrupt_fol
            "--data-dir", str(corrupt_folder_dir), "--set", "image_size=32", "--max-steps", "2",
            "--method-arg", "queue_size=64", "--batch-size", "4", "--num-workers", "2", "--device", "cpu",
            "--no-progress", "--out", str(tmp_path / "run")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_BOUND_S,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("emanorm: error")]

@@ -430,11 +430,39 @@ def test_moco_updates_teacher_before_the_key_forward():
     assert order.count("update") == 1
 
 
-def test_moco_accuracy_and_loss_are_logged():
-    method = make("moco", "eman")
-    _, logs = method.training_step(make_batch(method), 0)
-    assert set(logs) >= {"loss", "acc"} and 0.0 <= logs["acc"] <= 1.0
-    assert logs["loss"] > 0
+def test_moco_logs_the_info_nce_and_top1_of_a_case_worked_by_hand():
+    """Queries, keys and queue built by hand (the network's outputs replaced): query ``i`` is the
+    unit vector ``e_i``, its key is ``e_i`` too except key 0, which is ``(e_0 + e_1) / sqrt 2``; the
+    queue holds ``e_0`` and rows at 0.5 from every query. Query 0's positive (0.71) loses to the
+    queue's ``e_0`` (1.0), the other three win: top-1 is 3/4, and the loss is the cross-entropy of
+    these logits. The student must see view1 and the teacher view2."""
+    method = make("moco", "eman")  # dim 4 = B, queue of 8
+    batch = make_batch(method)
+    eye = torch.eye(B)
+    queries = eye.clone()
+    keys = eye.clone()
+    keys[0] = torch.nn.functional.normalize(eye[0] + eye[1], dim=0)
+    with torch.no_grad():
+        method.queue.copy_(torch.full((8, B), 0.5))
+        method.queue[0] = eye[0]
+
+    def student_hook(_module, inputs, _out):
+        assert torch.equal(inputs[0], batch["view1"])
+        return queries
+
+    def teacher_forward(x: torch.Tensor) -> torch.Tensor:
+        assert torch.equal(x, batch["view2"])
+        return keys
+
+    method.student.register_forward_hook(student_hook)
+    method.teacher_forward = teacher_forward
+    _, logs = method.training_step(batch, 0)
+    assert logs["acc"].item() == 0.75
+    temperature = method.options["temperature"]
+    rows = [[2 ** -0.5, 1.0, *[0.5] * 7]] + [[1.0, 0.0, *[0.5] * 7]] * 3  # [positive, queue...] per query
+    expected = sum(-math.log(math.exp(r[0] / temperature) / sum(math.exp(v / temperature) for v in r))
+                   for r in rows) / B
+    assert logs["loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
 # -- BYOL -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import HANG_BOUND_S
 from emanorm.errors import UserError
 from emanorm.evaluation import knn_monitor
 from emanorm.methods import METHODS
@@ -175,7 +176,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         text=True,
         cwd=cwd,
         env=env,
-        timeout=300,
+        timeout=HANG_BOUND_S,
     )
 
 

@@ -229,7 +229,7 @@ def test_sigterm_stops_two_ranks_at_one_step_and_resume_matches_an_uninterrupted
     ]
 
     def launch(out: Path, *extra: str, gate: Path | None = None) -> subprocess.Popen:
-        return launch_two_ranks(script, *common, "--out", str(out), *extra, dist_timeout_s=60,
+        return launch_two_ranks(script, *common, "--out", str(out), *extra, dist_timeout_s=HANG_BOUND_S,
                                 gate=gate, hold_at=2)
 
     straight = tmp_path / "straight"
