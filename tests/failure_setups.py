@@ -375,6 +375,37 @@ def setup_damaged_checkpoint(tmp: Path) -> Path:
     return _damaged_copy(tmp) / "checkpoints" / "last.pt"
 
 
+def damage_a_local_header(path: Path, count: int = 2000) -> None:
+    """Flip ``count`` bytes of ``path`` from its largest zip member's local header + 22 on: the sizes,
+    the name and what follows (was: a UnicodeDecodeError traceback, the name being flagged UTF-8)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    for i in range(member.header_offset + 22, min(len(data), member.header_offset + 22 + count)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def setup_header_damaged_run(tmp: Path) -> Path:
+    """A trained run whose last.pt has a damaged local header (see ``damage_a_local_header``)."""
+    run = setup_trained_run(tmp)
+    damage_a_local_header(run / "checkpoints" / "last.pt")
+    return run
+
+
+def setup_header_damaged_unfinished_run(tmp: Path) -> Path:
+    """That run without its summary.json: ``--resume`` has to read the checkpoint."""
+    run = setup_header_damaged_run(tmp)
+    (run / "summary.json").unlink()
+    return run
+
+
+def setup_header_damaged_checkpoint(tmp: Path) -> Path:
+    return setup_header_damaged_run(tmp) / "checkpoints" / "last.pt"
+
+
 
 def _unfinished_run_with_metrics(tmp: Path, content: bytes) -> Path:
     """The shared trained run without summary.json (so ``--resume`` resumes it) and this metrics.jsonl."""

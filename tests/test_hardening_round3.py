@@ -57,6 +57,61 @@ def test_a_damaged_zip_directory_is_refused_in_one_line(tmp_path):
         ckpt.safe_load(path)
 
 
+@pytest.mark.parametrize("reader", ["--resume", "doctor", "--init-from", "export", "eval"])
+def test_a_damaged_local_header_is_refused_by_every_reader_in_one_line(tmp_path, capsys, reader):
+    # the name of torch's members is flagged UTF-8: flipped name bytes were a UnicodeDecodeError traceback
+    from failure_setups import setup_header_damaged_unfinished_run, setup_trained_data
+
+    run = setup_header_damaged_unfinished_run(tmp_path)
+    checkpoint = run / "checkpoints" / "last.pt"
+    before = _fingerprint(run)
+    fast = ["--data-dir", str(setup_trained_data(tmp_path)), "--max-steps", "1", "--batch-size", "16",
+            "--device", "cpu", "--no-progress"]
+    argv = {"--resume": ["train", "--resume", "--out", str(run), *fast],
+            "doctor": ["doctor", str(checkpoint)],
+            "--init-from": ["train", "--init-from", str(run), "--out", str(tmp_path / "new"), *fast],
+            "export": ["export", str(run)],
+            "eval": ["eval", "knn", str(run), "--device", "cpu", "--no-progress"]}[reader]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    damaged = [line for line in err.splitlines() if "damaged" in line]
+    assert len(damaged) == 1, err
+    assert f"checkpoint {checkpoint} is damaged (not the file that was written): a member name in its zip " \
+           "records is not UTF-8" in damaged[0]
+    assert _fingerprint(run) == before and not (tmp_path / "new").exists()
+
+
+def test_every_kind_of_damage_to_a_zip_directory_record_is_one_line(tmp_path):
+    # each byte of the first central-directory record flipped in turn: whatever CPython's zipfile raises
+    # for it (a name flagged UTF-8 that is not, a method or version it cannot read, "encrypted", a
+    # method whose decompressor refuses the bytes, an offset past the file) is reported as damage
+    path = tmp_path / "a.pt"
+    torch.save({"w": torch.randn(4, 4), "step": 3}, path)
+    intact = path.read_bytes()
+    start = intact.find(b"PK\x01\x02")
+    record_end = start + 46 + int.from_bytes(intact[start + 28:start + 30], "little")
+    prefix = f"checkpoint {path} is damaged (not the file that was written): "
+    details = set()
+    for at in range(start, record_end):
+        for flip in (0xFF, 0x01, 0x08):
+            data = bytearray(intact)
+            data[at] ^= flip
+            path.write_bytes(bytes(data))
+            try:
+                ckpt.verify_checkpoint_integrity(path)
+            except UserError as err:
+                assert "\n" not in str(err), str(err)
+                details.add(str(err).partition(prefix)[2])
+    expected = ["a member name in its zip records is not UTF-8", "NotImplementedError: That compression",
+                "NotImplementedError: zip file version", "RuntimeError: File <ZipInfo filename='a/data.pkl'",
+                "zlib.error: Error -3 while decompressing", "member 'a/data.pkl' starts outside the file",
+                "Bad CRC-32 for file 'a/data.pkl'", "File name in directory"]
+    for start_of_detail in expected:
+        assert any(d.startswith(start_of_detail) for d in details), (start_of_detail, details)
+    assert "" not in details  # every refusal says the file is damaged
+
+
 @pytest.mark.parametrize("damage", [b'{"step": 2, "lo', b"\xff\xfe\x00\n", b"[1, 2]\n", b'{"step": "3"}\n',
                                     b'"text"\n', b'{"step": true}\n'])
 def test_damaged_metrics_keep_their_valid_records_up_to_the_resume_step(tmp_path, damage, caplog):
