@@ -179,16 +179,21 @@ def test_a_read_only_mlflow_store_is_refused_before_training(tmp_path, monkeypat
     tracking.check_trackers("jsonl,mlflow")  # writable: accepted
 
 
-def test_an_mlflow_run_missing_from_the_store_starts_a_new_run(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("stale_id", ["0123456789abcdef0123456789abcdef", "not-a-run-id/../x", "a\nb"],
+                         ids=["missing", "invalid", "two-lines"])
+def test_an_mlflow_run_missing_from_the_store_starts_a_new_run(tmp_path, monkeypatch, caplog, stale_id):
+    # an id the store calls invalid (MLflow: INVALID_PARAMETER_VALUE) blocked the resume until edited
     pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    (tmp_path / "trackers.json").write_text('{"mlflow": "0123456789abcdef0123456789abcdef"}')
+    (tmp_path / "trackers.json").write_text(json.dumps({"mlflow": stale_id}))
     trackers = tracking.open_trackers("mlflow", tmp_path, {"lr": 0.1}, resume_step=3)
-    assert "not in the file store" in caplog.text and "starting a new run" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if "starting a new run" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0], caplog.text
+    assert f"named in {tmp_path / 'trackers.json'} is not in the file store" in warnings[0]
     new_id = trackers[0].tracker.run_id
-    assert new_id != "0123456789abcdef0123456789abcdef"
+    assert new_id != stale_id
     assert json.loads((tmp_path / "trackers.json").read_text()) == {"mlflow": new_id}
     trackers[0].finish([], "finished")
 
