@@ -435,6 +435,22 @@ def setup_metrics_string_step(tmp: Path) -> Path:
     return _unfinished_run_with_metrics(tmp, _GOOD_RECORD + b'{"step": "one"}\n')
 
 
+#: What a damaged metrics.jsonl may hold besides its records: binary bytes, a JSON list, a string step,
+#: a record without a step; the torn last line of a killed write is added after the records.
+DAMAGED_METRICS_LINES = (b"\xff\xfe\x00", b"[1, 2]", b'{"kind": "train", "step": "3", "loss": 1.0}',
+                         b'{"kind": "train", "loss": 1.0}')
+
+
+def setup_run_metrics_damaged(tmp: Path) -> Path:
+    """A finished run whose metrics.jsonl holds every kind of damaged line between and after its two
+    records (was: ``doctor RUN`` gave a UnicodeDecodeError or ValueError traceback)."""
+    run = setup_trained_run(tmp)
+    first, *rest = [line for line in (run / "metrics.jsonl").read_bytes().split(b"\n") if line]
+    torn = b'{"step": 2, "lo'
+    (run / "metrics.jsonl").write_bytes(b"\n".join([first, *DAMAGED_METRICS_LINES, *rest, torn]))
+    return run
+
+
 def setup_trackers_json_damaged(tmp: Path) -> Path:
     """An unfinished run whose trackers.json is ``{bad`` (was: a traceback)."""
     run = _unfinished_run_with_metrics(tmp, _GOOD_RECORD)

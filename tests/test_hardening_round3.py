@@ -16,6 +16,7 @@ from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
 from emanorm.train import tracking
 from emanorm.train.run_records import keep_metrics_until, read_tracker_ids
+from failure_setups import DAMAGED_METRICS_LINES
 
 
 def _flip(path, count=64):
@@ -122,6 +123,43 @@ def test_damaged_metrics_keep_their_valid_records_up_to_the_resume_step(tmp_path
     keep_metrics_until(path, 2)
     assert path.read_bytes() == good[0] + b"\n" + good[1] + b"\n"
     assert "dropped 1 damaged line(s) (the first is line 2); kept 2 valid records up to step 2" in caplog.text
+
+
+# records of a step whose values cannot be drawn: read, and drawn without those values
+ODD_RECORDS = (b'{"kind": "eval", "step": 2, "knn_bank": [1], "knn_k": "x", "knn": "high"}',
+               b'{"kind": "train", "step": 2, "loss": 1' + b"0" * 400 + b"}")
+
+
+@pytest.mark.parametrize("line", [*DAMAGED_METRICS_LINES, *ODD_RECORDS],
+                         ids=["binary", "list", "string-step", "no-step", "odd-eval-values", "huge-integer"])
+def test_damaged_metrics_are_skipped_by_curves_and_doctor(tmp_path, line, caplog):
+    # run files are records: doctor and curves.png read past what they cannot use (was: tracebacks)
+    from emanorm.train.curves import plot_run_curves, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = [b'{"kind": "train", "step": 1, "loss": 2.0}',
+            b'{"kind": "eval", "step": 1, "knn": 10.0, "knn_k": 20, "knn_bank": 100}',
+            b'{"kind": "train", "step": 3, "loss": 1.0}']
+    path.write_bytes(b"\n".join([good[0], line, *good[1:], b'{"step": 4, "lo']))
+    kept = [good[0], line, *good[1:]] if line in ODD_RECORDS else good
+    assert read_metrics(path) == [json.loads(record) for record in kept]
+    damaged = 1 if line in ODD_RECORDS else 2  # the torn last line, and the damaged one
+    assert f"metrics.jsonl: skipped {damaged} damaged line(s) (the first is line " in caplog.text
+    assert plot_run_curves(path, tmp_path / "curves.png") == tmp_path / "curves.png"
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_doctor_of_a_run_with_damaged_metrics_reads_past_them(tmp_path, capsys, caplog):
+    from failure_setups import setup_run_metrics_damaged
+
+    run = setup_run_metrics_damaged(tmp_path)
+    before = _fingerprint(run)
+    assert main(["doctor", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "teacher check: no problems found" in captured.out
+    skipped = f"{run}/metrics.jsonl: skipped 5 damaged line(s) (the first is line 2); read 2 records"
+    assert skipped in caplog.text  # stderr when run as a command (catalogue row R3-3f)
+    assert _fingerprint(run) == before
 
 
 @pytest.mark.parametrize("content", [b"{bad", b"\xff", b"[1]", b'{"mlflow": 5}', b""])
