@@ -341,6 +341,20 @@ def setup_timm_integer_only(tmp: Path) -> Path:
     return _timm_style(tmp, keep_integers)
 
 
+def setup_timm_complex_only(tmp: Path) -> Path:
+    """Student and teacher hold complex tensors only (was: "no problems found ... 0 tensors compared")."""
+    import torch
+
+    def keep_complex(s: dict, t: dict) -> None:
+        for state in (s, t):
+            for key in list(state):
+                if state[key].is_floating_point():
+                    state[key] = torch.complex(state[key], state[key] / 2)
+                else:
+                    del state[key]
+    return _timm_style(tmp, keep_complex)
+
+
 def setup_timm_far_teacher(tmp: Path) -> Path:
     """A teacher 1000 times the student: a lag no EMA produces."""
     return _timm_style(tmp, lambda s, t: t["conv.weight"].mul_(1000))
@@ -375,6 +389,37 @@ def setup_damaged_checkpoint(tmp: Path) -> Path:
     return _damaged_copy(tmp) / "checkpoints" / "last.pt"
 
 
+def damage_a_local_header(path: Path, count: int = 2000) -> None:
+    """Flip ``count`` bytes of ``path`` from its largest zip member's local header + 22 on: the sizes,
+    the name and what follows (was: a UnicodeDecodeError traceback, the name being flagged UTF-8)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    for i in range(member.header_offset + 22, min(len(data), member.header_offset + 22 + count)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def setup_header_damaged_run(tmp: Path) -> Path:
+    """A trained run whose last.pt has a damaged local header (see ``damage_a_local_header``)."""
+    run = setup_trained_run(tmp)
+    damage_a_local_header(run / "checkpoints" / "last.pt")
+    return run
+
+
+def setup_header_damaged_unfinished_run(tmp: Path) -> Path:
+    """That run without its summary.json: ``--resume`` has to read the checkpoint."""
+    run = setup_header_damaged_run(tmp)
+    (run / "summary.json").unlink()
+    return run
+
+
+def setup_header_damaged_checkpoint(tmp: Path) -> Path:
+    return setup_header_damaged_run(tmp) / "checkpoints" / "last.pt"
+
+
 
 def _unfinished_run_with_metrics(tmp: Path, content: bytes) -> Path:
     """The shared trained run without summary.json (so ``--resume`` resumes it) and this metrics.jsonl."""
@@ -402,6 +447,22 @@ def setup_metrics_list(tmp: Path) -> Path:
 
 def setup_metrics_string_step(tmp: Path) -> Path:
     return _unfinished_run_with_metrics(tmp, _GOOD_RECORD + b'{"step": "one"}\n')
+
+
+#: What a damaged metrics.jsonl may hold besides its records: binary bytes, a JSON list, a string step,
+#: a record without a step; the torn last line of a killed write is added after the records.
+DAMAGED_METRICS_LINES = (b"\xff\xfe\x00", b"[1, 2]", b'{"kind": "train", "step": "3", "loss": 1.0}',
+                         b'{"kind": "train", "loss": 1.0}')
+
+
+def setup_run_metrics_damaged(tmp: Path) -> Path:
+    """A finished run whose metrics.jsonl holds every kind of damaged line between and after its two
+    records (was: ``doctor RUN`` gave a UnicodeDecodeError or ValueError traceback)."""
+    run = setup_trained_run(tmp)
+    first, *rest = [line for line in (run / "metrics.jsonl").read_bytes().split(b"\n") if line]
+    torn = b'{"step": 2, "lo'
+    (run / "metrics.jsonl").write_bytes(b"\n".join([first, *DAMAGED_METRICS_LINES, *rest, torn]))
+    return run
 
 
 def setup_trackers_json_damaged(tmp: Path) -> Path:

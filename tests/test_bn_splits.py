@@ -11,7 +11,7 @@ from emanorm.methods import build_method
 from emanorm.models import build_backbone
 from emanorm.norms import SplitBatchNorm1d, SplitBatchNorm2d
 from emanorm.train import build_run, resolve_config
-from emanorm.train.config import comparable
+from emanorm.train.config import check_feasible, comparable
 
 
 def method(name: str, norm: str, bn_splits: int, **options):
@@ -92,6 +92,18 @@ def test_a_batch_the_splits_do_not_divide_is_refused_before_training(tiny_fashio
     cfg["batch_size"] = 12  # a config edited after validation still meets the method's own check
     with pytest.raises(UserError, match="batch_size 12 must be divisible"):
         build_run(cfg)
+
+
+def test_the_batch_is_checked_against_processes_accumulate_and_splits_together():
+    # the recipe calls check_feasible with the process count: 2 processes x 2 micro-batches x 8 BN groups
+    # need 32 samples; each factor alone divides 16 (was: a ValueError at step 0)
+    cfg = resolve_config(None, {"method": "fixmatch", "norm": "bn", "batch_size": 16, "accumulate": 2,
+                                "bn_splits": 8, "max_steps": 1, "device": "cpu"})  # fits one process
+    with pytest.raises(UserError, match=r"^batch_size 16 must be divisible by processes x accumulate x "
+                                        r"bn_splits \(2 x 2 x 8 = 32\)"):
+        check_feasible(cfg, world_size=2)
+    check_feasible({**cfg, "batch_size": 32}, world_size=2)  # 8 per process and micro-batch: 1 per group
+    check_feasible({**cfg, "bn_splits": 4}, world_size=2)  # 16 = 2 x 2 x 4
 
 
 def test_config_and_resume_compatibility():

@@ -192,6 +192,27 @@ def test_catalogue_parses() -> None:
         assert used <= set(SETUPS), f"docs/failures.md:{row.line}: no setup for {used - set(SETUPS)}"
 
 
+def test_the_tests_cited_for_cases_that_are_not_rows_exist() -> None:
+    # the tables with a `test` column name the test that covers each case: a renamed or deleted test
+    # would leave the catalogue citing nothing
+    cited, defined = set(), set()
+    in_table = False
+    for line in CATALOGUE.read_text().splitlines():
+        if not line.startswith("|"):
+            in_table = False
+            continue
+        cells = _cells(line)
+        if not in_table:
+            in_table, column = "test" in cells, cells.index("test") if "test" in cells else -1
+            continue
+        if in_table and len(cells) > column:
+            cited.update(re.findall(r"`(test_\w+)`", cells[column]))
+    for path in Path(__file__).resolve().parent.rglob("test_*.py"):
+        defined.update(re.findall(r"^(?:async )?def (test_\w+)\(", path.read_text(), flags=re.M))
+    assert len(cited) >= 5, "no table of failures.md cites a test"
+    assert cited <= defined, f"docs/failures.md cites tests that do not exist: {sorted(cited - defined)}"
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_catalogue_row(row: Row, tmp_path: Path, runner: Runner) -> None:
     sub = Substitution(tmp_path)

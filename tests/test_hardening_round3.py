@@ -16,6 +16,7 @@ from emanorm.errors import UserError
 from emanorm.train import checkpoint as ckpt
 from emanorm.train import tracking
 from emanorm.train.run_records import keep_metrics_until, read_tracker_ids
+from failure_setups import DAMAGED_METRICS_LINES
 
 
 def _flip(path, count=64):
@@ -57,6 +58,61 @@ def test_a_damaged_zip_directory_is_refused_in_one_line(tmp_path):
         ckpt.safe_load(path)
 
 
+@pytest.mark.parametrize("reader", ["--resume", "doctor", "--init-from", "export", "eval"])
+def test_a_damaged_local_header_is_refused_by_every_reader_in_one_line(tmp_path, capsys, reader):
+    # the name of torch's members is flagged UTF-8: flipped name bytes were a UnicodeDecodeError traceback
+    from failure_setups import setup_header_damaged_unfinished_run, setup_trained_data
+
+    run = setup_header_damaged_unfinished_run(tmp_path)
+    checkpoint = run / "checkpoints" / "last.pt"
+    before = _fingerprint(run)
+    fast = ["--data-dir", str(setup_trained_data(tmp_path)), "--max-steps", "1", "--batch-size", "16",
+            "--device", "cpu", "--no-progress"]
+    argv = {"--resume": ["train", "--resume", "--out", str(run), *fast],
+            "doctor": ["doctor", str(checkpoint)],
+            "--init-from": ["train", "--init-from", str(run), "--out", str(tmp_path / "new"), *fast],
+            "export": ["export", str(run)],
+            "eval": ["eval", "knn", str(run), "--device", "cpu", "--no-progress"]}[reader]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    damaged = [line for line in err.splitlines() if "damaged" in line]
+    assert len(damaged) == 1, err
+    assert f"checkpoint {checkpoint} is damaged (not the file that was written): a member name in its zip " \
+           "records is not UTF-8" in damaged[0]
+    assert _fingerprint(run) == before and not (tmp_path / "new").exists()
+
+
+def test_every_kind_of_damage_to_a_zip_directory_record_is_one_line(tmp_path):
+    # each byte of the first central-directory record flipped in turn: whatever CPython's zipfile raises
+    # for it (a name flagged UTF-8 that is not, a method or version it cannot read, "encrypted", a
+    # method whose decompressor refuses the bytes, an offset past the file) is reported as damage
+    path = tmp_path / "a.pt"
+    torch.save({"w": torch.randn(4, 4), "step": 3}, path)
+    intact = path.read_bytes()
+    start = intact.find(b"PK\x01\x02")
+    record_end = start + 46 + int.from_bytes(intact[start + 28:start + 30], "little")
+    prefix = f"checkpoint {path} is damaged (not the file that was written): "
+    details = set()
+    for at in range(start, record_end):
+        for flip in (0xFF, 0x01, 0x08):
+            data = bytearray(intact)
+            data[at] ^= flip
+            path.write_bytes(bytes(data))
+            try:
+                ckpt.verify_checkpoint_integrity(path)
+            except UserError as err:
+                assert "\n" not in str(err), str(err)
+                details.add(str(err).partition(prefix)[2])
+    expected = ["a member name in its zip records is not UTF-8", "NotImplementedError: That compression",
+                "NotImplementedError: zip file version", "RuntimeError: File <ZipInfo filename='a/data.pkl'",
+                "zlib.error: Error -3 while decompressing", "member 'a/data.pkl' starts outside the file",
+                "Bad CRC-32 for file 'a/data.pkl'", "File name in directory"]
+    for start_of_detail in expected:
+        assert any(d.startswith(start_of_detail) for d in details), (start_of_detail, details)
+    assert "" not in details  # every refusal says the file is damaged
+
+
 @pytest.mark.parametrize("damage", [b'{"step": 2, "lo', b"\xff\xfe\x00\n", b"[1, 2]\n", b'{"step": "3"}\n',
                                     b'"text"\n', b'{"step": true}\n'])
 def test_damaged_metrics_keep_their_valid_records_up_to_the_resume_step(tmp_path, damage, caplog):
@@ -67,6 +123,43 @@ def test_damaged_metrics_keep_their_valid_records_up_to_the_resume_step(tmp_path
     keep_metrics_until(path, 2)
     assert path.read_bytes() == good[0] + b"\n" + good[1] + b"\n"
     assert "dropped 1 damaged line(s) (the first is line 2); kept 2 valid records up to step 2" in caplog.text
+
+
+# records of a step whose values cannot be drawn: read, and drawn without those values
+ODD_RECORDS = (b'{"kind": "eval", "step": 2, "knn_bank": [1], "knn_k": "x", "knn": "high"}',
+               b'{"kind": "train", "step": 2, "loss": 1' + b"0" * 400 + b"}")
+
+
+@pytest.mark.parametrize("line", [*DAMAGED_METRICS_LINES, *ODD_RECORDS],
+                         ids=["binary", "list", "string-step", "no-step", "odd-eval-values", "huge-integer"])
+def test_damaged_metrics_are_skipped_by_curves_and_doctor(tmp_path, line, caplog):
+    # run files are records: doctor and curves.png read past what they cannot use (was: tracebacks)
+    from emanorm.train.curves import plot_run_curves, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = [b'{"kind": "train", "step": 1, "loss": 2.0}',
+            b'{"kind": "eval", "step": 1, "knn": 10.0, "knn_k": 20, "knn_bank": 100}',
+            b'{"kind": "train", "step": 3, "loss": 1.0}']
+    path.write_bytes(b"\n".join([good[0], line, *good[1:], b'{"step": 4, "lo']))
+    kept = [good[0], line, *good[1:]] if line in ODD_RECORDS else good
+    assert read_metrics(path) == [json.loads(record) for record in kept]
+    damaged = 1 if line in ODD_RECORDS else 2  # the torn last line, and the damaged one
+    assert f"metrics.jsonl: skipped {damaged} damaged line(s) (the first is line " in caplog.text
+    assert plot_run_curves(path, tmp_path / "curves.png") == tmp_path / "curves.png"
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_doctor_of_a_run_with_damaged_metrics_reads_past_them(tmp_path, capsys, caplog):
+    from failure_setups import setup_run_metrics_damaged
+
+    run = setup_run_metrics_damaged(tmp_path)
+    before = _fingerprint(run)
+    assert main(["doctor", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "teacher check: no problems found" in captured.out
+    skipped = f"{run}/metrics.jsonl: skipped 5 damaged line(s) (the first is line 2); read 2 records"
+    assert skipped in caplog.text  # stderr when run as a command (catalogue row R3-3f)
+    assert _fingerprint(run) == before
 
 
 @pytest.mark.parametrize("content", [b"{bad", b"\xff", b"[1]", b'{"mlflow": 5}', b""])
@@ -124,16 +217,21 @@ def test_a_read_only_mlflow_store_is_refused_before_training(tmp_path, monkeypat
     tracking.check_trackers("jsonl,mlflow")  # writable: accepted
 
 
-def test_an_mlflow_run_missing_from_the_store_starts_a_new_run(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("stale_id", ["0123456789abcdef0123456789abcdef", "not-a-run-id/../x", "a\nb"],
+                         ids=["missing", "invalid", "two-lines"])
+def test_an_mlflow_run_missing_from_the_store_starts_a_new_run(tmp_path, monkeypatch, caplog, stale_id):
+    # an id the store calls invalid (MLflow: INVALID_PARAMETER_VALUE) blocked the resume until edited
     pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    (tmp_path / "trackers.json").write_text('{"mlflow": "0123456789abcdef0123456789abcdef"}')
+    (tmp_path / "trackers.json").write_text(json.dumps({"mlflow": stale_id}))
     trackers = tracking.open_trackers("mlflow", tmp_path, {"lr": 0.1}, resume_step=3)
-    assert "not in the file store" in caplog.text and "starting a new run" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if "starting a new run" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0], caplog.text
+    assert f"named in {tmp_path / 'trackers.json'} is not in the file store" in warnings[0]
     new_id = trackers[0].tracker.run_id
-    assert new_id != "0123456789abcdef0123456789abcdef"
+    assert new_id != stale_id
     assert json.loads((tmp_path / "trackers.json").read_text()) == {"mlflow": new_id}
     trackers[0].finish([], "finished")
 

@@ -17,6 +17,7 @@ import random
 import re
 import signal
 import stat
+import struct
 import tempfile
 import threading
 import zipfile
@@ -36,6 +37,11 @@ from emanorm.train.config import config_changes, keep_recorded_start
 
 if TYPE_CHECKING:  # the recipe imports this module
     from emanorm.train.recipe import Run
+
+try:  # zipfile reads LZMA members only where Python was built with lzma
+    import lzma
+except ImportError:  # pragma: no cover
+    lzma = None  # type: ignore[assignment]
 
 log = logging.getLogger("emanorm")
 
@@ -138,6 +144,18 @@ def _looks_like_text(head: bytes) -> bool:
     return all(ch.isprintable() or ch in "\t\n\r" for ch in text)
 
 
+# What CPython's zipfile raises, besides BadZipFile, OSError, UnicodeDecodeError (a name flagged
+# UTF-8 that is not) and EOFError (a member shorter than its recorded size), while it reads a damaged
+# archive's directory and members: a damaged compression method, version or flag
+# (NotImplementedError; RuntimeError for "encrypted" or a decompressor this Python lacks), other
+# ValueErrors, an offset past what a seek takes (OverflowError), a record too short to unpack
+# (struct.error), and the decompressors' own errors once the method field names one (zlib, lzma).
+_DAMAGED_ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.LargeZipFile, NotImplementedError, RuntimeError, ValueError, OverflowError,
+    struct.error, zlib.error, *((lzma.LZMAError,) if lzma is not None else ()),
+)
+
+
 def verify_checkpoint_integrity(path: Path) -> None:
     """Refuse a damaged checkpoint: every member of torch's zip archive is read once, in 1 MiB
     chunks, and checked against the CRC-32 ``torch.save`` stored with it (``torch.load`` checks
@@ -150,18 +168,41 @@ def verify_checkpoint_integrity(path: Path) -> None:
     damaged = "is damaged (not the file that was written): "
     try:
         with zipfile.ZipFile(path) as archive:
+            size = path.stat().st_size
             for member in archive.infolist():
+                if not 0 <= member.header_offset < size:  # else a seek fails as EINVAL, read as the disk's
+                    raise zipfile.BadZipFile(f"member {member.filename!r} starts outside the file")
                 if member.CRC == 0 and member.file_size > 0:
                     continue  # written without checksums
                 with archive.open(member) as handle:
                     while handle.read(1 << 20):
                         pass
     except zipfile.BadZipFile as err:
-        raise UserError(f"checkpoint {path} {damaged}{err}") from None
-    except (zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error) as err:
-        raise UserError(f"checkpoint {path} {damaged}{type(err).__name__}: {err}") from None
+        raise UserError(f"checkpoint {path} {damaged}{_first_line(err)}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"checkpoint {path} {damaged}a member name in its zip records is not UTF-8 "
+                        f"({err.reason} at byte {err.start})") from None
+    except EOFError:
+        raise UserError(f"checkpoint {path} {damaged}a member ends before its recorded size") from None
+    except _DAMAGED_ZIP_ERRORS as err:
+        raise UserError(f"checkpoint {path} {damaged}{_error_name(err)}: {_first_line(err)}") from None
     except OSError as err:
+        if err.errno is None:  # a decompressor's refusal (bz2: "Invalid data stream"), not the disk's
+            raise UserError(f"checkpoint {path} {damaged}{_error_name(err)}: {_first_line(err)}") from None
         raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+
+
+def _error_name(err: BaseException) -> str:
+    """``NotImplementedError``, ``zlib.error``: a module's class is named with its module."""
+    kind = type(err)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of ``err``, cut at ``limit`` characters (zipfile quotes damaged names whole)."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def refused_global(err: Exception) -> str:

@@ -5,7 +5,6 @@ Written into every run directory at the end of training (matplotlib's Agg backen
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -16,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from emanorm.train.run_records import read_metrics_records
+
 log = logging.getLogger("emanorm")
 
 CURVES_NAME = "curves.png"
@@ -24,24 +25,29 @@ PROTOCOL_KEYS = ("knn_k", "knn_bank", "eval_s", "light")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; unreadable lines are skipped (a killed write leaves one)."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    """The records of a metrics.jsonl with an integer step; damaged lines (a killed write's torn
+    line, binary bytes, a list, a string step) are skipped with one warning: run files are the
+    trainer's records, never inputs that stop a reader."""
+    return read_metrics_records(path)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (a string, a bool, inf, an integer too large for a float)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    points = [
-        (int(r["step"]), float(r[key]))
-        for r in records
-        if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r
-    ]
+    points = [(r["step"], value) for r in records if (value := _number(r.get(key))) is not None]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -60,8 +66,9 @@ def plot_run_curves(metrics_file: str | Path, path: str | Path) -> Path | None:
     eval_keys = sorted({k for r in evals for k in r if k not in ("kind", "step", "epoch", *PROTOCOL_KEYS)})
     if eval_keys:
         title = "evaluation (%)"
-        banks = list(dict.fromkeys(r["knn_bank"] for r in evals if "knn_bank" in r))  # in step order
-        ks = sorted({r["knn_k"] for r in evals if "knn_k" in r})
+        # in step order; only integers (a damaged record's list or string is no bank size)
+        banks = list(dict.fromkeys(r["knn_bank"] for r in evals if _is_count(r.get("knn_bank"))))
+        ks = sorted({r["knn_k"] for r in evals if _is_count(r.get("knn_k"))})
         if banks:
             shown = f"bank {banks[0]}"
             if len(banks) > 1:

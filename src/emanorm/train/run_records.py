@@ -1,6 +1,7 @@
 """The trainer's own records in a run directory (``metrics.jsonl``, ``trackers.json``), read back
-on ``--resume``. They are records, not inputs: a damaged one never stops a resume. What cannot be
-read is dropped (metrics) or started anew (tracker runs), each with one line saying so."""
+on ``--resume`` (and metrics.jsonl by ``doctor`` and ``curves.png``). They are records, not inputs:
+a damaged one never stops a resume or a reader. What cannot be read is dropped (metrics) or started
+anew (tracker runs), each with one line saying so."""
 
 from __future__ import annotations
 
@@ -14,15 +15,48 @@ from emanorm.errors import UserError
 log = logging.getLogger("emanorm")
 
 
-def _record_step(line: bytes) -> int | None:
-    """The ``step`` of one metrics line, or None when the line is no record (torn, binary, not an
-    object, a step that is not an integer)."""
+def _json_object(line: bytes) -> dict[str, Any] | None:
+    """One metrics line as a JSON object, or None when it is none (torn, binary, a list, a string)."""
     try:
         record = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    step = record.get("step", 0) if isinstance(record, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+    return record if isinstance(record, dict) else None
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _record_step(line: bytes) -> int | None:
+    """The ``step`` of one metrics line, or None when the line is no record (torn, binary, not an
+    object, a step that is not an integer)."""
+    record = _json_object(line)
+    step = record.get("step", 0) if record is not None else None
+    return step if _is_step(step) else None
+
+
+def read_metrics_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl that carry an integer ``step``, in file order, for readers
+    that draw or judge a run (``curves.png``, ``doctor``); damaged lines are skipped, with one line
+    saying how many. A file that cannot be read gives no records (also said)."""
+    try:
+        lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+    except OSError as err:
+        log.warning("warning: cannot read %s (%s); its records are left out", path, err.strerror or err)
+        return []
+    records, damaged, first_damaged = [], 0, None
+    for number, line in enumerate(lines, start=1):
+        record = _json_object(line)
+        if record is None or not _is_step(record.get("step")):
+            damaged += 1
+            first_damaged = first_damaged or number
+        else:
+            records.append(record)
+    if damaged:
+        log.warning("warning: %s: skipped %d damaged line(s) (the first is line %d); read %d records",
+                    path, damaged, first_damaged, len(records))
+    return records
 
 
 def keep_metrics_until(path: Path, resume_step: int) -> None:

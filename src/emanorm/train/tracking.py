@@ -100,8 +100,9 @@ class MLflowTracker:
             uri = (run_dir / "mlruns").resolve().as_uri()
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is not None and not self._run_exists(run_id):
+            shown = run_id if run_id.isprintable() else repr(run_id)  # one line, whatever the file holds
             log.warning("warning: MLflow run %s named in %s is not in %s; starting a new run",
-                        run_id, run_dir / IDS_FILE, self.setting)
+                        shown, run_dir / IDS_FILE, self.setting)
             run_id = None
         if run_id is None:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "emanorm")
@@ -117,12 +118,14 @@ class MLflowTracker:
         self.run_id = run_id
 
     def _run_exists(self, run_id: str) -> bool:
+        """Whether the store holds ``run_id``; an id the store calls invalid (``not-a-run-id/../x``,
+        an edited trackers.json) names no run either: a new run starts instead of the resume failing."""
         from mlflow.exceptions import MlflowException
 
         try:
             self.client.get_run(run_id)
         except MlflowException as err:
-            if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return False
             raise
         return True
