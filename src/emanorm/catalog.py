@@ -4,8 +4,8 @@ datasets, loggers, augmentation options and the evaluation defaults the CLI show
 The command line lists these choices in ``--help`` and checks a config against them before it
 imports torch (``emanorm --help`` and a mistyped ``--norm`` answer at once). The registries that
 build things stay beside the code that builds them (``emanorm.methods.METHODS``,
-``emanorm.models.BACKBONES``, ``emanorm.data.DATASETS``, ...); ``tests/test_catalog.py`` checks
-that every table here equals its registry, so a new method, backbone or dataset is one line here
+``emanorm.models.BACKBONES``, ``emanorm.data.DATASETS``, ...); ``tests/test_config_schema.py``
+checks that every table here equals its registry, so a new method, backbone or dataset is one line here
 beside its registry entry, and a forgotten line fails that test. This module imports nothing from
 emanorm and nothing heavy.
 """
@@ -13,6 +13,7 @@ emanorm and nothing heavy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 # -- methods -------------------------------------------------------------------------------------
 #: Every ``--method``, in the registry's order (``emanorm.methods.METHODS``).
@@ -118,6 +119,9 @@ BACKBONES: tuple[str, ...] = (
 )
 #: ``--dataset`` (``emanorm.data.DATASETS``).
 DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder", "voc2007")
+#: Where Fashion-MNIST is read from without a ``data_dir`` (the Debian package
+#: ``dataset-fashion-mnist``; ``emanorm.data.formats`` and the command line's early checks name it).
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 #: The config's ``augment_options``: ``build_augmentation``'s keyword options and their type
 #: (``pair``: a ``[low, high]`` range, checked where it is used).
 AUGMENT_OPTIONS: dict[str, str] = {

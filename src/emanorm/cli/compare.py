@@ -13,7 +13,7 @@ from typing import Any
 from emanorm.catalog import DEFAULT_LINEAR_LRS
 from emanorm.cli.common import add_command, add_repeatable, fraction, positive_int
 from emanorm.cli.train import add_schema_flag
-from emanorm.errors import UserError
+from emanorm.errors import Interrupted, UserError
 from emanorm.train.config import METHODS, NORMS
 
 COMPARE_HELP = """\
@@ -295,8 +295,24 @@ def _paired_row(choice: str, rows: list[str]) -> str | None:
     return choice
 
 
+#: Ctrl-C in ``compare``: as for SIGTERM, the same command picks the grid up again (exit 130).
+COMPARE_INTERRUPTED = (
+    "compare interrupted; unfinished runs keep their last checkpoints: rerun the same compare command "
+    "to resume (a run continues from its last checkpoint, finished runs are not trained again)"
+)
+
+
 def run_compare(args: argparse.Namespace) -> int:
-    """The ``compare`` handler: plan, train what is missing, evaluate, write the three outputs.
+    """The ``compare`` handler; Ctrl-C ends it with one line saying how to resume the grid (the
+    progress bar is closed by then, so the line stands on its own)."""
+    try:
+        return compare(args)
+    except KeyboardInterrupt:  # a run's own Interrupted too: its --resume hint is for `emanorm train`
+        raise Interrupted(COMPARE_INTERRUPTED) from None
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Plan, train what is missing, evaluate, write the three outputs.
 
     The grid is parsed and checked first: an unknown method or norm, a bad ``--variant``, ``--set``
     or ``--linear-lrs``, label keys for a self-supervised column or a missing ``--merge-results``

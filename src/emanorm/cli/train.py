@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from emanorm.catalog import BACKBONES, METHOD_NAMES
+from emanorm.catalog import BACKBONES, FASHION_MNIST_SYSTEM_DIR, METHOD_NAMES
 from emanorm.cli.common import add_command, add_repeatable, add_verbose, key_value
 from emanorm.errors import UserError
 from emanorm.train.config import (
@@ -181,6 +181,7 @@ def run_train(args: argparse.Namespace) -> int:
     refuse_resume_of_nothing(cfg, args.resume)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # under torchrun, rank 0 checks under the lock
         check_run_dir_early(cfg, bool(args.resume), args.force)
+    refuse_missing_paths(cfg, args.resume, args.force)
     # torch loads from here on: every argument and config error above was answered without it
     from emanorm.evaluation.monitor import knn_monitor
     from emanorm.train import train
@@ -207,6 +208,34 @@ def refuse_resume_of_nothing(cfg: dict[str, Any], resume: bool | str) -> None:
             f"--resume: {run_dir} {what}, so there is no run to continue; leave out --resume to start it, "
             "or use --resume auto (resume when there is a checkpoint, start fresh otherwise)"
         )
+
+
+def refuse_missing_paths(cfg: dict[str, Any], resume: bool | str, force: bool) -> None:
+    """A ``data_dir``, ``label_index_csv`` or ``init_from`` that does not exist, refused before torch
+    loads with the message the trainer would give after loading it (same wording, same order: the
+    data, the labeled split, the start point). Only where the trainer reads the path: ``--resume``
+    of a finished run reads nothing, and a resumed checkpoint replaces ``init_from``. Without a
+    ``data_dir``, Fashion-MNIST looks in its system and cache folders (and may download): not
+    checked here."""
+    run_dir = Path(cfg["out"] or default_run_dir(cfg))
+    if resume and not force and (run_dir / "summary.json").exists():
+        return  # nothing is loaded: the finished run's summary is reported
+    data_dir = cfg["data_dir"]
+    if data_dir is not None and str(data_dir).strip():
+        root = Path(data_dir).expanduser()
+        if not root.exists():  # emanorm.data.datasets.load_dataset's message
+            message = f"{cfg['dataset']}: data_dir {root} is not a directory (it does not exist)"
+            if cfg["dataset"] == "fashion_mnist":
+                message += (f"; leave it out to use {FASHION_MNIST_SYSTEM_DIR} "
+                            "(`apt-get install dataset-fashion-mnist`)")
+            raise UserError(message)
+    csv_file = cfg["label_index_csv"]
+    if csv_file is not None and not Path(csv_file).exists():  # emanorm.data.splits.read_split_csv's
+        raise UserError(f"split CSV {Path(csv_file)} not found")
+    resuming = bool(resume) and (run_dir / CHECKPOINT_FILE).exists()
+    init_from = cfg["init_from"]
+    if init_from and not resuming and not Path(init_from).exists():  # resolve_checkpoint_path's
+        raise UserError(f"checkpoint or run directory not found: {Path(init_from)}")
 
 
 def refuse_unused_labels(cfg: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from emanorm.catalog import FASHION_MNIST_SYSTEM_DIR  # where the command line's early checks read it
 from emanorm.data.images import FileImageDataset
 from emanorm.data.registry import (
     _INFO,
@@ -28,7 +29,6 @@ from emanorm.data.registry import (
 )
 from emanorm.data.safe_pickle import ADMITTED, RefusedGlobal, load_data_pickle
 
-FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CACHE_DIR = Path(os.environ.get("EMANORM_DATA_CACHE",
                                         Path.home() / ".cache" / "emanorm" / "datasets"))
 
