@@ -161,6 +161,8 @@ def test_missing_paths_are_refused_before_torch_in_the_loaders_words(tmp_path):
          "/usr/share/datasets/fashion-mnist (`apt-get install dataset-fashion-mnist`)"),
         (["train", "--dataset", "cifar10", "--max-steps", "1", "--out", out, "--data-dir", str(missing)],
          f"cifar10: data_dir {missing} is not a directory (it does not exist)"),
+        (["train", "--dataset", "stl10", "--max-steps", "1", "--out", out],
+         "stl10 needs data_dir; expected DIR/stl10_binary/ (binary layout)"),
         (["train", "--max-steps", "1", "--out", out, "--label-index-csv", f"{missing}.csv"],
          f"split CSV {missing}.csv not found"),
         (["train", "--max-steps", "1", "--out", out, "--init-from", str(missing)],
@@ -200,6 +202,11 @@ def test_the_early_path_messages_are_the_loaders_own(tmp_path):
         extra = ["--max-steps", "1", "--out", str(tmp_path / "run")] if args[0] == "train" else []
         code, _, stderr = run_probe(*args, str(missing), *extra)
         assert code == 2 and one_line(stderr) == f"emanorm: error: {refused.value}", (args, stderr)
+    for dataset in ("cifar10", "stl10", "imagenet", "folder", "voc2007"):  # no data_dir at all
+        with pytest.raises(FileNotFoundError) as refused:
+            load_dataset(dataset, "train")
+        code, _, stderr = run_probe("train", "--dataset", dataset, "--max-steps", "1", "--out", str(tmp_path))
+        assert code == 2 and one_line(stderr) == f"emanorm: error: {refused.value}", (dataset, stderr)
 
 
 def test_a_missing_data_dir_is_left_to_the_loader_where_it_reads_nothing(tmp_path):

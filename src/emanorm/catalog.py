@@ -122,6 +122,18 @@ DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "stl10", "i
 #: Where Fashion-MNIST is read from without a ``data_dir`` (the Debian package
 #: ``dataset-fashion-mnist``; ``emanorm.data.formats`` and the command line's early checks name it).
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: The layout a dataset read from files expects in its ``data_dir`` (the loaders' error messages,
+#: and the command line's, which refuses a missing ``data_dir`` before torch loads).
+FOLDER_LAYOUT = ("an ImageFolder tree DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg (or test/), "
+                 "or a flat folder of images (unlabeled)")
+DATA_DIR_LAYOUTS: dict[str, str] = {
+    "cifar10": "DIR/cifar-10-batches-py/ (python-pickle layout)",
+    "cifar100": "DIR/cifar-100-python/ (python-pickle layout)",
+    "stl10": "DIR/stl10_binary/ (binary layout)",
+    "voc2007": "DIR/[VOCdevkit/]VOC2007/ (the devkit layout)",
+    "imagenet": FOLDER_LAYOUT,
+    "folder": FOLDER_LAYOUT,
+}
 #: The config's ``augment_options``: ``build_augmentation``'s keyword options and their type
 #: (``pair``: a ``[low, high]`` range, checked where it is used).
 AUGMENT_OPTIONS: dict[str, str] = {

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from emanorm.catalog import BACKBONES, FASHION_MNIST_SYSTEM_DIR, METHOD_NAMES
+from emanorm.catalog import BACKBONES, DATA_DIR_LAYOUTS, FASHION_MNIST_SYSTEM_DIR, METHOD_NAMES
 from emanorm.cli.common import add_command, add_repeatable, add_verbose, key_value
 from emanorm.errors import UserError
 from emanorm.train.config import (
@@ -211,16 +211,19 @@ def refuse_resume_of_nothing(cfg: dict[str, Any], resume: bool | str) -> None:
 
 
 def refuse_missing_paths(cfg: dict[str, Any], resume: bool | str, force: bool) -> None:
-    """A ``data_dir``, ``label_index_csv`` or ``init_from`` that does not exist, refused before torch
-    loads with the message the trainer would give after loading it (same wording, same order: the
-    data, the labeled split, the start point). Only where the trainer reads the path: ``--resume``
-    of a finished run reads nothing, and a resumed checkpoint replaces ``init_from``. Without a
-    ``data_dir``, Fashion-MNIST looks in its system and cache folders (and may download): not
-    checked here."""
+    """Missing data and files, refused before torch loads with the message the trainer would give
+    after loading it (same wording, same order: the data, the labeled split, the start point): a
+    ``data_dir`` that does not exist (or none, for a dataset read from files), a
+    ``label_index_csv`` or an ``init_from`` that does not exist. Only where the trainer reads the
+    path: ``--resume`` of a finished run reads nothing, and a resumed checkpoint replaces
+    ``init_from``. Without a ``data_dir``, Fashion-MNIST looks in its system and cache folders (and
+    may download): left to the loader."""
     run_dir = Path(cfg["out"] or default_run_dir(cfg))
     if resume and not force and (run_dir / "summary.json").exists():
         return  # nothing is loaded: the finished run's summary is reported
     data_dir = cfg["data_dir"]
+    if data_dir is None and cfg["dataset"] in DATA_DIR_LAYOUTS:  # load_dataset's message
+        raise UserError(f"{cfg['dataset']} needs data_dir; expected {DATA_DIR_LAYOUTS[cfg['dataset']]}")
     if data_dir is not None and str(data_dir).strip():
         root = Path(data_dir).expanduser()
         if not root.exists():  # emanorm.data.datasets.load_dataset's message

@@ -16,7 +16,10 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from emanorm.catalog import FASHION_MNIST_SYSTEM_DIR  # where the command line's early checks read it
+from emanorm.catalog import (  # where the command line's early checks read them too
+    FASHION_MNIST_SYSTEM_DIR,
+    FOLDER_LAYOUT,
+)
 from emanorm.data.images import FileImageDataset
 from emanorm.data.registry import (
     _INFO,
@@ -364,8 +367,7 @@ def scan_image_folder(d: Path, classes: Sequence[str] | None = None
     return paths, [-1] * len(paths), []
 
 
-_FOLDER_LAYOUT = ("an ImageFolder tree DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg (or test/), "
-                  "or a flat folder of images (unlabeled)")
+_FOLDER_LAYOUT = FOLDER_LAYOUT
 
 
 def _load_folder(name: str, root: Path, split: str, image_size: int | None, crop_fraction: float,
