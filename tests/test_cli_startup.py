@@ -132,6 +132,8 @@ def one_line(stderr: str) -> str:
         (["--linear-lrs", "0.1,x"], "--linear-lrs takes numbers like 0.1,1,10, got 'x'"),
         (["--norms", "bn,eman", "--paired-against", "gn"], "--paired-against 'gn' is not a row of this grid"),
         (["--config", "no-such-preset"], "unknown preset"),
+        (["--methods", "supervised", "--norms", "eman"], "supervised with norm eman (allowed: default, bn,"),
+        (["--methods", "moco", "--method-arg", "moco:nosuch=1"], "moco with method_args nosuch (allowed:"),
         (
             ["--methods", "moco", "--norms", "eman", "--set", "labels_per_class=5"],
             "--set gives moco labels_per_class=5, but moco trains without labels",
@@ -165,6 +167,11 @@ def test_missing_paths_are_refused_before_torch_in_the_loaders_words(tmp_path):
          "stl10 needs data_dir; expected DIR/stl10_binary/ (binary layout)"),
         (["train", "--max-steps", "1", "--out", out, "--label-index-csv", f"{missing}.csv"],
          f"split CSV {missing}.csv not found"),
+        (["train", "--max-steps", "1", "--out", out, "--method", "supervised", "--norm", "eman"],
+         "norm 'eman' is not valid for method 'supervised'; allowed: default, bn, sync_bn, gn, in"),
+        (["train", "--max-steps", "1", "--out", out, "--method", "moco", "--method-arg", "nosuch=1"],
+         "unknown option(s) nosuch for method 'moco'; allowed: dim=128, queue_size=65536, temperature=0.2, "
+         "symmetric=False, num_splits=8, momentum_warmup=False, exclude_bias_and_norm=False"),
         (["train", "--max-steps", "1", "--out", out, "--init-from", str(missing)],
          f"checkpoint or run directory not found: {missing}"),
         *[(["eval", protocol, str(missing)], f"no run directory or checkpoint at '{missing}'")
@@ -179,11 +186,13 @@ def test_missing_paths_are_refused_before_torch_in_the_loaders_words(tmp_path):
 
 
 def test_the_early_path_messages_are_the_loaders_own(tmp_path):
-    """The early refusals repeat what the loaders say once torch is there (the wording is theirs)."""
+    """The early refusals repeat what the loaders and the methods say once torch is there (the
+    wording is theirs)."""
     from emanorm.data import load_dataset
     from emanorm.data.splits import read_split_csv
     from emanorm.errors import UserError
     from emanorm.evaluation.context import load_run_backbone
+    from emanorm.methods import build_method
     from emanorm.train.checkpoint import resolve_checkpoint_path
 
     missing = tmp_path / "missing"
@@ -202,6 +211,14 @@ def test_the_early_path_messages_are_the_loaders_own(tmp_path):
         extra = ["--max-steps", "1", "--out", str(tmp_path / "run")] if args[0] == "train" else []
         code, _, stderr = run_probe(*args, str(missing), *extra)
         assert code == 2 and one_line(stderr) == f"emanorm: error: {refused.value}", (args, stderr)
+    for method, norm, options in (("supervised", "eman", {}), ("moco", "eman", {"nosuch": 1})):
+        with pytest.raises(ValueError) as refused:  # both checked before anything is built
+            build_method(method, backbone_factory=None, num_classes=10, norm=norm, momentum=0.99,
+                         eman_momentum=None, bn_momentum=0.1, **options)  # fmt: skip
+        args = ["train", "--method", method, "--norm", norm, "--max-steps", "1", "--out", str(tmp_path)]
+        args += [f"--method-arg={key}={value}" for key, value in options.items()]
+        code, _, stderr = run_probe(*args)
+        assert code == 2 and one_line(stderr) == f"emanorm: error: {refused.value}", (method, stderr)
     for dataset in ("cifar10", "stl10", "imagenet", "folder", "voc2007"):  # no data_dir at all
         with pytest.raises(FileNotFoundError) as refused:
             load_dataset(dataset, "train")
@@ -212,7 +229,7 @@ def test_the_early_path_messages_are_the_loaders_own(tmp_path):
 def test_a_missing_data_dir_is_left_to_the_loader_where_it_reads_nothing(tmp_path):
     """--resume of a finished run reports it and loads nothing: a --data-dir that is gone since is
     not refused (the early check covers only what the trainer would read)."""
-    from emanorm.cli.train import refuse_missing_paths
+    from emanorm.cli.train import refuse_before_loading
     from emanorm.errors import UserError
     from emanorm.train.config import resolve_config
     from emanorm.train.lock import CHECKPOINT_FILE
@@ -221,19 +238,19 @@ def test_a_missing_data_dir_is_left_to_the_loader_where_it_reads_nothing(tmp_pat
     cfg = resolve_config(None, {"out": str(run), "data_dir": str(tmp_path / "gone"),
                                 "init_from": str(tmp_path / "gone-too")})  # fmt: skip
     with pytest.raises(UserError, match=r"data_dir .* does not exist"):
-        refuse_missing_paths(cfg, True, False)
+        refuse_before_loading(cfg, True, False)
     run.mkdir()
     (run / "summary.json").write_text("{}")
-    refuse_missing_paths(cfg, True, False)  # finished, resumed: the summary is reported
+    refuse_before_loading(cfg, True, False)  # finished, resumed: the summary is reported
     with pytest.raises(UserError, match="data_dir"):
-        refuse_missing_paths(cfg, True, True)  # --force trains again: it reads the data
+        refuse_before_loading(cfg, True, True)  # --force trains again: it reads the data
     (run / "summary.json").unlink()
     (run / CHECKPOINT_FILE).parent.mkdir()
     (run / CHECKPOINT_FILE).write_bytes(b"")
     cfg["data_dir"] = None
-    refuse_missing_paths(cfg, True, False)  # a resumed checkpoint replaces --init-from
+    refuse_before_loading(cfg, True, False)  # a resumed checkpoint replaces --init-from
     with pytest.raises(UserError, match="checkpoint or run directory not found"):
-        refuse_missing_paths(cfg, False, True)
+        refuse_before_loading(cfg, False, True)
 
 
 def test_resume_of_a_run_that_does_not_exist_is_refused_in_one_line(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # -- methods -------------------------------------------------------------------------------------
 #: Every ``--method``, in the registry's order (``emanorm.methods.METHODS``).
@@ -25,6 +26,41 @@ SEMI_SUPERVISED: tuple[str, ...] = ("fixmatch", "meanteacher", "supervised")
 #: the cost of a step (100000: a hang).
 METHOD_OPTION_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "dino": {"local_crops": (0, 64), "center_momentum": (0.0, 1.0)},
+}
+
+#: Each method's options and their defaults (each class's ``OPTIONS``; ``--method-arg``), so that
+#: an unknown option is refused before torch loads.
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "fixmatch": {
+        "threshold": 0.95, "lambda_u": 1.0, "temperature": 1.0, "distribution": "none",
+        "distribution_momentum": 0.999, "eval_ema": True, "num_splits": 8, "momentum_warmup": False,
+        "exclude_bias_and_norm": False,
+    },
+    "moco": {
+        "dim": 128, "queue_size": 65536, "temperature": 0.2, "symmetric": False, "num_splits": 8,
+        "momentum_warmup": False, "exclude_bias_and_norm": False,
+    },
+    "byol": {
+        "hidden_dim": 4096, "proj_dim": 256, "num_splits": 8, "momentum_warmup": False,
+        "exclude_bias_and_norm": True,
+    },
+    "meanteacher": {
+        "consistency": 100.0, "rampup_steps": 1000, "num_splits": 8, "momentum_warmup": False,
+        "exclude_bias_and_norm": False,
+    },
+    "supervised": {"label_smoothing": 0.0, "exclude_bias_and_norm": False},
+    "dino": {
+        "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "head_batch_norm": False,
+        "norm_last_layer": True, "local_crops": 8, "student_temp": 0.1, "teacher_temp": 0.07,
+        "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 30, "center_momentum": 0.9,
+        "freeze_last_layer_epochs": 1, "clip_grad": 3.0, "local_crop_statistics": False, "num_splits": 8,
+        "momentum_warmup": False, "exclude_bias_and_norm": True, "exclude_1d_params": False,
+    },
+    "mocov3": {
+        "dim": 256, "hidden_dim": 4096, "temperature": 1.0, "projector_layers": 3, "predictor_layers": 2,
+        "predictor_last_batch_norm": True, "cosine_momentum": True, "freeze_patch_embed": False,
+        "zero_init_residual": False, "exclude_bias_and_norm": True,
+    },
 }
 
 
@@ -100,6 +136,13 @@ NORM_PLANS: dict[str, NormChoice] = {
 # The older names, derived from the two tables above (kept: tests, docs and users import them).
 #: Every ``--norm`` value.
 ALL_NORMS: tuple[str, ...] = tuple(NORM_PLANS)
+#: Each method's ``--norm`` values (each class's ``NORMS``): the supervised baseline has no EMA
+#: teacher to run in EMAN or PN mode; MoCo v3 keeps BatchNorm in its heads.
+METHOD_NORMS: dict[str, tuple[str, ...]] = {
+    **{name: ALL_NORMS for name in METHOD_NAMES},
+    "supervised": ("default", "bn", "sync_bn", "gn", "in"),
+    "mocov3": ("default", "bn", "sync_bn", "eman", "teacher_pn", "student_pn"),
+}
 #: Norms whose teacher normalises with running statistics (the EMATeacher modes of the same name).
 TEACHER_NORMS: tuple[str, ...] = tuple(
     name for name, plan in NORM_PLANS.items()

@@ -2,8 +2,8 @@
 are done (``RunSpec.state``), and which plans are refused before anything trains (identical runs,
 existing runs of another config, missing ``init_from`` sources). Run by :mod:`emanorm.experiments.runner`.
 
-Torch loads only where a method class or a network is needed (each method's norms and options,
-whether a network holds BatchNorm): ``emanorm compare`` answers a typo in its grid before that.
+Torch loads only where a network is built (whether a network holds BatchNorm, for
+:func:`identical_runs`): ``emanorm compare`` answers a mistake in its grid before that.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from emanorm.catalog import METHOD_NORMS, METHOD_OPTIONS
 from emanorm.errors import UserError
 from emanorm.train.config import (
     LABEL_KEYS,
@@ -234,9 +235,9 @@ def plan_grid(
 ) -> list[RunSpec]:
     """Every run of the grid with its resolved config; invalid settings fail here, before any training.
 
-    The names, keys and values are checked against the torch-free tables first (unknown methods,
-    norms and keys, label keys for a self-supervised method); only each method's own norms and
-    options need the method classes, and so torch, which load after those checks.
+    Everything is checked against the torch-free tables (:mod:`emanorm.catalog`, the config
+    schema): unknown methods, norms and keys, label keys for a self-supervised method, each
+    method's own norms and options. Planning imports no torch.
     """
     if not methods:
         raise UserError(f"--methods is empty; choose from {', '.join(METHODS)}")
@@ -290,20 +291,18 @@ def plan_grid(
                 specs.append(RunSpec(variant.label, column, seed, name, run_dir, cfg))
     if not specs:
         raise UserError("the grid is empty: no variant applies to the chosen --methods")
-    from emanorm.methods import METHODS as METHOD_CLASSES  # torch loads here, after the checks above
-
     invalid: list[str] = []
     for spec in specs:
         cfg = spec.config
-        cls = METHOD_CLASSES[cfg["method"]]
-        if cfg["norm"] not in cls.NORMS:
-            allowed = ", ".join(cls.NORMS)
+        norms, options = METHOD_NORMS[cfg["method"]], METHOD_OPTIONS[cfg["method"]]
+        if cfg["norm"] not in norms:
+            allowed = ", ".join(norms)
             invalid.append(f"{cfg['method']} with norm {cfg['norm']} (allowed: {allowed})")
-        unknown = sorted(set(cfg["method_args"] or {}) - set(cls.OPTIONS))
+        unknown = sorted(set(cfg["method_args"] or {}) - set(options))
         if unknown:
             invalid.append(
                 f"{cfg['method']} with method_args {', '.join(unknown)} "
-                f"(allowed: {', '.join(cls.OPTIONS) or 'none'}; limit a --variant with columns=[...])"
+                f"(allowed: {', '.join(options) or 'none'}; limit a --variant with columns=[...])"
             )
     if invalid:
         raise UserError(f"invalid settings in the grid: {'; '.join(sorted(set(invalid)))}")
