@@ -76,7 +76,8 @@ def test_print_config_answers_before_torch(tmp_path):
 
 def test_importing_the_package_and_its_config_schema_imports_no_torch():
     code = (
-        "import sys, emanorm, emanorm.train, emanorm.evaluation, emanorm.train.config, emanorm.catalog; "
+        "import sys, emanorm, emanorm.train, emanorm.evaluation, emanorm.train.config, emanorm.catalog, "
+        "emanorm.experiments, emanorm.experiments.grid, emanorm.experiments.planner; "
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_BOUND_S)
@@ -84,6 +85,12 @@ def test_importing_the_package_and_its_config_schema_imports_no_torch():
     used = "import sys, emanorm; emanorm.EMATeacher; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", used], capture_output=True, text=True, timeout=HANG_BOUND_S)
     assert done.stdout.strip() == "True", done.stderr  # a torch name still works, loaded on use
+    used = (
+        "import sys; from emanorm.experiments.grid import run_grid; import emanorm.experiments as e; "
+        "print(e.run_grid is run_grid, e.plot_curves.__module__, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", used], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "True emanorm.experiments.plots True", done.stderr
 
 
 def test_a_finished_started_or_busy_out_is_refused_before_torch(tmp_path):
