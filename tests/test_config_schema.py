@@ -35,6 +35,16 @@ def test_catalog_methods_equal_the_method_registry():
     assert {norm for cls in METHODS.values() for norm in cls.NORMS} <= set(catalog.ALL_NORMS)
 
 
+def test_catalog_method_norms_and_options_equal_each_method_class():
+    """The command line refuses a method's unknown option or disallowed norm from these tables,
+    before torch loads, in the classes' words (tests/test_cli_startup.py)."""
+    from emanorm.methods import METHODS
+
+    assert {name: cls.NORMS for name, cls in METHODS.items()} == catalog.METHOD_NORMS
+    for name, cls in METHODS.items():
+        assert list(cls.OPTIONS.items()) == list(catalog.METHOD_OPTIONS[name].items()), name  # order too
+
+
 def test_catalog_backbones_datasets_and_evaluation_defaults_equal_their_modules():
     from emanorm.data import DATASETS, build_augmentation
     from emanorm.evaluation import DEFAULT_BACKBONE_LRS, DEFAULT_LINEAR_LRS, DEFAULT_SHOTS, EXPORT_FORMATS

@@ -244,6 +244,62 @@ def test_label_flags_for_a_method_without_labels_are_refused_in_one_line(flags, 
     assert main(["train", "--method", "fixmatch", "--labels-per-class", "4", "--print-config"]) == 0
 
 
+@pytest.mark.parametrize(("flags", "source"), [
+    (["--methods", "moco", "--set", "labels_per_class=5"], "--set gives moco labels_per_class=5"),
+    (["--methods", "fixmatch,byol", "--set", "label_fraction=0.1"], "--set gives byol label_fraction=0.1"),
+    (["--methods", "dino", "--variant", "few:labels_per_class=4"],
+     "--variant 'few' gives dino labels_per_class=4"),
+])  # fmt: skip
+def test_compare_refuses_label_keys_for_a_self_supervised_column_before_training(
+    flags, source, tmp_path, capsys
+):
+    from emanorm.cli import main
+
+    out = tmp_path / "grid"
+    assert main(["compare", *flags, "--norms", "eman", "--seeds", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and source in err and "trains without labels" in err, err
+    if "fixmatch" in flags[1]:  # the way out names the grid's column that uses labels
+        assert "give it to fixmatch only with a row limited to it (--variant " in err
+        assert "'LABEL:label_fraction=0.1,columns=[fixmatch]')" in err
+    else:
+        assert "methods that use labels: fixmatch, meanteacher, supervised" in err
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_compare_gives_label_keys_to_the_columns_that_use_them(tmp_path, capsys):
+    """What the refusal suggests works; the supervised row and a semi-supervised grid keep their labels."""
+    from emanorm.cli import main
+
+    out = tmp_path / "grid"
+    grid = ["compare", "--norms", "eman", "--seeds", "1", "--max-steps", "1", "--out", str(out), "--dry-run"]
+    few = "few:labels_per_class=4,columns=[fixmatch]"
+    assert main([*grid, "--methods", "fixmatch,moco", "--variant", few, "--supervised"]) == 0
+    assert main([*grid, "--methods", "fixmatch,meanteacher", "--set", "labels_per_class=4"]) == 0
+    assert "fixmatch-few-s0" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_compare_says_on_its_own_line_to_rerun_the_same_command(tmp_path, monkeypatch, capsys):
+    """As for SIGTERM (tests/test_compare.py): the same compare command resumes the grid; exit 130."""
+    from emanorm.cli import main
+    from emanorm.experiments import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train", interrupted)
+    out = tmp_path / "grid"
+    code = main(["compare", "--methods", "fixmatch", "--norms", "eman", "--seeds", "1", "--max-steps", "1",
+                 "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 130
+    last = err.rstrip("\n").split("\n")[-1]  # after the progress bar's last line break: a line of its own
+    assert last == (
+        "emanorm: compare interrupted; unfinished runs keep their last checkpoints: rerun the same compare "
+        "command to resume (a run continues from its last checkpoint, finished runs are not trained again)"
+    ), err
+
+
 def test_a_self_supervised_report_counts_unlabeled_images():
     from emanorm.cli.train import format_report
 

@@ -4,8 +4,8 @@ datasets, loggers, augmentation options and the evaluation defaults the CLI show
 The command line lists these choices in ``--help`` and checks a config against them before it
 imports torch (``emanorm --help`` and a mistyped ``--norm`` answer at once). The registries that
 build things stay beside the code that builds them (``emanorm.methods.METHODS``,
-``emanorm.models.BACKBONES``, ``emanorm.data.DATASETS``, ...); ``tests/test_catalog.py`` checks
-that every table here equals its registry, so a new method, backbone or dataset is one line here
+``emanorm.models.BACKBONES``, ``emanorm.data.DATASETS``, ...); ``tests/test_config_schema.py``
+checks that every table here equals its registry, so a new method, backbone or dataset is one line here
 beside its registry entry, and a forgotten line fails that test. This module imports nothing from
 emanorm and nothing heavy.
 """
@@ -13,6 +13,8 @@ emanorm and nothing heavy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 # -- methods -------------------------------------------------------------------------------------
 #: Every ``--method``, in the registry's order (``emanorm.methods.METHODS``).
@@ -24,6 +26,41 @@ SEMI_SUPERVISED: tuple[str, ...] = ("fixmatch", "meanteacher", "supervised")
 #: the cost of a step (100000: a hang).
 METHOD_OPTION_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "dino": {"local_crops": (0, 64), "center_momentum": (0.0, 1.0)},
+}
+
+#: Each method's options and their defaults (each class's ``OPTIONS``; ``--method-arg``), so that
+#: an unknown option is refused before torch loads.
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "fixmatch": {
+        "threshold": 0.95, "lambda_u": 1.0, "temperature": 1.0, "distribution": "none",
+        "distribution_momentum": 0.999, "eval_ema": True, "num_splits": 8, "momentum_warmup": False,
+        "exclude_bias_and_norm": False,
+    },
+    "moco": {
+        "dim": 128, "queue_size": 65536, "temperature": 0.2, "symmetric": False, "num_splits": 8,
+        "momentum_warmup": False, "exclude_bias_and_norm": False,
+    },
+    "byol": {
+        "hidden_dim": 4096, "proj_dim": 256, "num_splits": 8, "momentum_warmup": False,
+        "exclude_bias_and_norm": True,
+    },
+    "meanteacher": {
+        "consistency": 100.0, "rampup_steps": 1000, "num_splits": 8, "momentum_warmup": False,
+        "exclude_bias_and_norm": False,
+    },
+    "supervised": {"label_smoothing": 0.0, "exclude_bias_and_norm": False},
+    "dino": {
+        "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "head_batch_norm": False,
+        "norm_last_layer": True, "local_crops": 8, "student_temp": 0.1, "teacher_temp": 0.07,
+        "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 30, "center_momentum": 0.9,
+        "freeze_last_layer_epochs": 1, "clip_grad": 3.0, "local_crop_statistics": False, "num_splits": 8,
+        "momentum_warmup": False, "exclude_bias_and_norm": True, "exclude_1d_params": False,
+    },
+    "mocov3": {
+        "dim": 256, "hidden_dim": 4096, "temperature": 1.0, "projector_layers": 3, "predictor_layers": 2,
+        "predictor_last_batch_norm": True, "cosine_momentum": True, "freeze_patch_embed": False,
+        "zero_init_residual": False, "exclude_bias_and_norm": True,
+    },
 }
 
 
@@ -99,6 +136,13 @@ NORM_PLANS: dict[str, NormChoice] = {
 # The older names, derived from the two tables above (kept: tests, docs and users import them).
 #: Every ``--norm`` value.
 ALL_NORMS: tuple[str, ...] = tuple(NORM_PLANS)
+#: Each method's ``--norm`` values (each class's ``NORMS``): the supervised baseline has no EMA
+#: teacher to run in EMAN or PN mode; MoCo v3 keeps BatchNorm in its heads.
+METHOD_NORMS: dict[str, tuple[str, ...]] = {
+    **{name: ALL_NORMS for name in METHOD_NAMES},
+    "supervised": ("default", "bn", "sync_bn", "gn", "in"),
+    "mocov3": ("default", "bn", "sync_bn", "eman", "teacher_pn", "student_pn"),
+}
 #: Norms whose teacher normalises with running statistics (the EMATeacher modes of the same name).
 TEACHER_NORMS: tuple[str, ...] = tuple(
     name for name, plan in NORM_PLANS.items()
@@ -118,6 +162,21 @@ BACKBONES: tuple[str, ...] = (
 )
 #: ``--dataset`` (``emanorm.data.DATASETS``).
 DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder", "voc2007")
+#: Where Fashion-MNIST is read from without a ``data_dir`` (the Debian package
+#: ``dataset-fashion-mnist``; ``emanorm.data.formats`` and the command line's early checks name it).
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: The layout a dataset read from files expects in its ``data_dir`` (the loaders' error messages,
+#: and the command line's, which refuses a missing ``data_dir`` before torch loads).
+FOLDER_LAYOUT = ("an ImageFolder tree DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg (or test/), "
+                 "or a flat folder of images (unlabeled)")
+DATA_DIR_LAYOUTS: dict[str, str] = {
+    "cifar10": "DIR/cifar-10-batches-py/ (python-pickle layout)",
+    "cifar100": "DIR/cifar-100-python/ (python-pickle layout)",
+    "stl10": "DIR/stl10_binary/ (binary layout)",
+    "voc2007": "DIR/[VOCdevkit/]VOC2007/ (the devkit layout)",
+    "imagenet": FOLDER_LAYOUT,
+    "folder": FOLDER_LAYOUT,
+}
 #: The config's ``augment_options``: ``build_augmentation``'s keyword options and their type
 #: (``pair``: a ``[low, high]`` range, checked where it is used).
 AUGMENT_OPTIONS: dict[str, str] = {

@@ -13,7 +13,7 @@ from typing import Any
 from emanorm.catalog import DEFAULT_LINEAR_LRS
 from emanorm.cli.common import add_command, add_repeatable, fraction, positive_int
 from emanorm.cli.train import add_schema_flag
-from emanorm.errors import UserError
+from emanorm.errors import Interrupted, UserError
 from emanorm.train.config import METHODS, NORMS
 
 COMPARE_HELP = """\
@@ -166,11 +166,8 @@ def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return common
 
 
-def _linear_settings(args: argparse.Namespace):
-    from emanorm.experiments.evaluate import LinearProtocol
-
-    if args.no_linear:
-        return None
+def _linear_lrs(args: argparse.Namespace) -> tuple[float, ...]:
+    """``--linear-lrs`` as numbers, checked (torch-free: before anything is imported or trained)."""
     lrs = []
     for item in args.linear_lrs.split(","):
         try:
@@ -182,21 +179,36 @@ def _linear_settings(args: argparse.Namespace):
         lrs.append(lr)
     if not lrs:
         raise UserError("--linear-lrs is empty")
+    return tuple(lrs)
+
+
+def _linear_settings(args: argparse.Namespace):
+    from emanorm.experiments.evaluate import LinearProtocol
+
+    if args.no_linear:
+        return None
     return LinearProtocol(
-        fraction=args.linear_fraction, epochs=args.linear_epochs, lrs=tuple(lrs), which=args.which
+        fraction=args.linear_fraction, epochs=args.linear_epochs, lrs=_linear_lrs(args), which=args.which
     )
 
 
-def plan_from_args(args: argparse.Namespace):
-    """(methods, variants, seeds, specs) of a ``compare`` command line, validated."""
+def check_merge_files(args: argparse.Namespace) -> None:
+    """A ``--merge-results`` file that is not there, answered before torch loads (reading one is
+    :class:`emanorm.experiments.evaluate.MergedResults`'s)."""
+    for path in args.merge_results:
+        if not Path(path).exists():
+            raise UserError(f"--merge-results {Path(path)}: no such file")
+
+
+def parse_grid(args: argparse.Namespace):
+    """(methods, variants, seeds) of a ``compare`` command line, checked against the torch-free
+    tables (names, norms, ``--variant`` syntax, momentums, seeds)."""
     from emanorm.experiments.grid import (
         build_variants,
         parse_floats,
         parse_init_from,
-        parse_method_args,
         parse_seeds,
         parse_variant,
-        plan_grid,
         split_list,
     )
 
@@ -210,9 +222,17 @@ def plan_from_args(args: argparse.Namespace):
         supervised=args.supervised,
     )
     seeds = parse_seeds(args.seeds, args.first_seed)
+    return methods, variants, seeds
+
+
+def plan_specs(args: argparse.Namespace, methods, variants, seeds):
+    """Every run of the grid (:func:`emanorm.experiments.grid.plan_grid`); a method's own norms and
+    options are checked last, with torch."""
+    from emanorm.experiments.grid import parse_method_args, plan_grid
+
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} exists and is not a directory; choose a folder for the grid")
-    specs = plan_grid(
+    return plan_grid(
         methods,
         variants,
         seeds,
@@ -221,7 +241,12 @@ def plan_from_args(args: argparse.Namespace):
         common=_common_overrides(args),
         method_args=parse_method_args(args.method_arg),
     )
-    return methods, variants, seeds, specs
+
+
+def plan_from_args(args: argparse.Namespace):
+    """(methods, variants, seeds, specs) of a ``compare`` command line, validated."""
+    methods, variants, seeds = parse_grid(args)
+    return methods, variants, seeds, plan_specs(args, methods, variants, seeds)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -270,8 +295,37 @@ def _paired_row(choice: str, rows: list[str]) -> str | None:
     return choice
 
 
+#: Ctrl-C in ``compare``: as for SIGTERM, the same command picks the grid up again (exit 130).
+COMPARE_INTERRUPTED = (
+    "compare interrupted; unfinished runs keep their last checkpoints: rerun the same compare command "
+    "to resume (a run continues from its last checkpoint, finished runs are not trained again)"
+)
+
+
 def run_compare(args: argparse.Namespace) -> int:
-    """The ``compare`` handler: plan, train what is missing, evaluate, write the three outputs."""
+    """The ``compare`` handler; Ctrl-C ends it with one line saying how to resume the grid (the
+    progress bar is closed by then, so the line stands on its own)."""
+    try:
+        return compare(args)
+    except KeyboardInterrupt:  # a run's own Interrupted too: its --resume hint is for `emanorm train`
+        raise Interrupted(COMPARE_INTERRUPTED) from None
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Plan, train what is missing, evaluate, write the three outputs.
+
+    The grid is parsed and checked first: an unknown method or norm, a bad ``--variant``, ``--set``
+    or ``--linear-lrs``, label keys for a self-supervised column or a missing ``--merge-results``
+    file is answered before torch, scikit-learn or matplotlib load (only each method's own norms and
+    options need torch, in :func:`emanorm.experiments.grid.plan_grid`).
+    """
+    methods, variants, seeds = parse_grid(args)
+    rows = [v.label for v in variants]
+    paired_against = _paired_row(args.paired_against, rows)  # a typo fails before anything trains
+    if not args.no_linear:
+        _linear_lrs(args)
+    check_merge_files(args)
+    specs = plan_specs(args, methods, variants, seeds)  # torch loads in here, after the grid's own checks
     from emanorm.experiments.evaluate import DatasetCache, MergedResults, evaluate_run, run_identity
     from emanorm.experiments.grid import check_existing, check_init_sources, identical_runs, run_grid
     from emanorm.experiments.plots import curves_from_entries, plot_curves
@@ -285,9 +339,6 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     from emanorm.train.lock import check_writable_dir
 
-    methods, variants, seeds, specs = plan_from_args(args)
-    rows = [v.label for v in variants]
-    paired_against = _paired_row(args.paired_against, rows)  # a typo fails before anything trains
     linear = _linear_settings(args)
     out = Path(args.out)
     merged = MergedResults(args.merge_results, which=args.which, linear=linear)

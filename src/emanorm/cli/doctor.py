@@ -54,6 +54,8 @@ def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_doctor(args: argparse.Namespace) -> int:
     """The ``doctor`` handler: print the teacher report; 1 when it found problems."""
+    if not Path(args.path).exists():  # answered before torch loads, in resolve_checkpoint_path's words
+        raise UserError(f"checkpoint or run directory not found: {Path(args.path)}")
     # imported here: `emanorm doctor --help` answers without torch
     from emanorm.teacher_check import (
         Finding,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # torch-free: `emanorm eval ... --help` answers before torch; each handler imports the workflows
@@ -24,6 +25,7 @@ from emanorm.catalog import (
     EXPORT_FORMATS,
 )
 from emanorm.cli.common import fraction, positive_int
+from emanorm.errors import UserError
 from emanorm.evaluation.settings import ProbeSettings
 
 if TYPE_CHECKING:
@@ -161,6 +163,13 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 # --- handlers ----------------------------------------------------------------------------------------
 
 
+def refuse_missing_run(run: str) -> None:
+    """A run directory or checkpoint that does not exist, refused before torch loads with the
+    message :func:`emanorm.evaluation.context.load_run_backbone` gives."""
+    if not Path(run).exists():
+        raise UserError(f"no run directory or checkpoint at '{run}'")
+
+
 def _context(args: argparse.Namespace, *, multilabel_ok: bool = False) -> EvalContext:
     """Load the run and the data the flags name (Namespaces built by hand may lack a flag)."""
     from emanorm.evaluation.context import EvalRequest, prepare  # torch: imported when the command runs
@@ -185,6 +194,7 @@ def _finish(ctx: EvalContext, result: ProtocolResult) -> int:
 
 def run_knn(args: argparse.Namespace) -> int:
     """``emanorm eval knn``: labeled training images are the database, the test split the queries."""
+    refuse_missing_run(args.run)
     from emanorm.evaluation import protocols  # torch: imported when the command runs
 
     ctx = _context(args)
@@ -193,6 +203,7 @@ def run_knn(args: argparse.Namespace) -> int:
 
 def run_retrieval(args: argparse.Namespace) -> int:
     """``emanorm eval retrieval``: labeled training images are the database, the test split the queries."""
+    refuse_missing_run(args.run)
     from emanorm.evaluation import protocols  # torch: imported when the command runs
 
     ctx = _context(args)
@@ -206,6 +217,7 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_linear(args: argparse.Namespace) -> int:
     """``emanorm eval linear``: frozen features cached once, lr searched on a validation split."""
+    refuse_missing_run(args.run)
     from emanorm.evaluation import protocols  # torch: imported when the command runs
 
     ctx = _context(args)
@@ -217,6 +229,7 @@ def run_linear(args: argparse.Namespace) -> int:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """``emanorm eval finetune``: whole network, weak augmentation, backbone lr searched on validation."""
+    refuse_missing_run(args.run)
     from emanorm.evaluation import protocols  # torch: imported when the command runs
 
     ctx = _context(args)
@@ -228,6 +241,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_lowshot(args: argparse.Namespace) -> int:
     """``emanorm eval lowshot``: linear SVMs on k labeled images per class (mAP on multi-label data)."""
+    refuse_missing_run(args.run)
     from emanorm.evaluation import protocols  # torch: imported when the command runs
 
     ctx = _context(args, multilabel_ok=True)
@@ -238,6 +252,9 @@ def run_lowshot(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """``emanorm export``: the backbone's state_dict for torchvision or safetensors."""
+    # export_run checks that --out fits --format first; a missing run is refused before torch loads
+    if args.out is None or (Path(args.out).suffix == ".safetensors") == (args.format == "safetensors"):
+        refuse_missing_run(args.run)
     from emanorm.evaluation import protocols  # torch: imported when the command runs
 
     out, tensors, recipe = protocols.export_run(args.run, args.which, args.format, args.out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from emanorm.catalog import DATA_DIR_LAYOUTS
 from emanorm.data.formats import (
     _CIFAR,
     _FOLDER_LAYOUT,
@@ -113,12 +114,8 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *,
     if name == "fashion_mnist":
         return _load_fashion_mnist(root, split, download)
     if root is None:
-        raise DataNotFoundError(f"{name} needs data_dir; expected "
-                                + {"cifar10": "DIR/cifar-10-batches-py/ (python-pickle layout)",
-                                   "cifar100": "DIR/cifar-100-python/ (python-pickle layout)",
-                                   "stl10": "DIR/stl10_binary/ (binary layout)",
-                                   "voc2007": "DIR/[VOCdevkit/]VOC2007/ (the devkit layout)",
-                                   }.get(name, _FOLDER_LAYOUT))
+        layout = DATA_DIR_LAYOUTS.get(name, _FOLDER_LAYOUT)
+        raise DataNotFoundError(f"{name} needs data_dir; expected {layout}")
     if not root.is_dir():
         what = "is not a directory" + ("" if root.exists() else " (it does not exist)")
         raise DataNotFoundError(f"{name}: data_dir {root} {what}")

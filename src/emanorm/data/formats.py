@@ -16,6 +16,10 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from emanorm.catalog import (  # where the command line's early checks read them too
+    FASHION_MNIST_SYSTEM_DIR,
+    FOLDER_LAYOUT,
+)
 from emanorm.data.images import FileImageDataset
 from emanorm.data.registry import (
     _INFO,
@@ -28,7 +32,6 @@ from emanorm.data.registry import (
 )
 from emanorm.data.safe_pickle import ADMITTED, RefusedGlobal, load_data_pickle
 
-FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CACHE_DIR = Path(os.environ.get("EMANORM_DATA_CACHE",
                                         Path.home() / ".cache" / "emanorm" / "datasets"))
 
@@ -364,8 +367,7 @@ def scan_image_folder(d: Path, classes: Sequence[str] | None = None
     return paths, [-1] * len(paths), []
 
 
-_FOLDER_LAYOUT = ("an ImageFolder tree DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg (or test/), "
-                  "or a flat folder of images (unlabeled)")
+_FOLDER_LAYOUT = FOLDER_LAYOUT
 
 
 def _load_folder(name: str, root: Path, split: str, image_size: int | None, crop_fraction: float,

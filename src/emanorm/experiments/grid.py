@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emanorm.errors import UserError
 from emanorm.experiments.planner import (
@@ -31,16 +31,33 @@ from emanorm.experiments.planner import (
     resolve_run_config,
     slug,
 )
-from emanorm.experiments.runner import (
-    PARENT_ENV,
-    StepProgress,
-    die_with_parent,
-    run_grid,
-    steps_done,
-    write_run_config,
-)
 from emanorm.train.lock import RunBusyError, run_lock
 from emanorm.train.presets import parse_key_value, parse_value  # the one KEY=VALUE parser
+
+# The runner (torch, the trainer) loads on first use of one of its names, so that parsing and
+# planning a grid (``emanorm compare``'s argument checks) import no torch.
+_RUNNER_NAMES = (
+    "PARENT_ENV", "StepProgress", "die_with_parent", "run_grid", "steps_done", "write_run_config",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RUNNER_NAMES:
+        from emanorm.experiments import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from emanorm.experiments.runner import (
+        PARENT_ENV,
+        StepProgress,
+        die_with_parent,
+        run_grid,
+        steps_done,
+        write_run_config,
+    )
 
 __all__ = [
     "BN_ONLY_KEYS",

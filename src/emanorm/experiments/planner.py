@@ -1,6 +1,9 @@
 """The grid's planner: what runs (variants x methods x seeds, each with its resolved config), which
 are done (``RunSpec.state``), and which plans are refused before anything trains (identical runs,
 existing runs of another config, missing ``init_from`` sources). Run by :mod:`emanorm.experiments.runner`.
+
+Torch loads only where a network is built (whether a network holds BatchNorm, for
+:func:`identical_runs`): ``emanorm compare`` answers a mistake in its grid before that.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from emanorm.data import dataset_info
+from emanorm.catalog import METHOD_NORMS, METHOD_OPTIONS
 from emanorm.errors import UserError
-from emanorm.methods import METHODS as METHOD_CLASSES
 from emanorm.train.config import (
+    LABEL_KEYS,
     METHODS,
     NORMS,
     SEMI_SUPERVISED,
@@ -31,7 +33,7 @@ from emanorm.train.config import (
     preset_names,
     resolve_config,
 )
-from emanorm.train.restore import make_method
+from emanorm.train.schema import suggestion
 
 log = logging.getLogger("emanorm")
 
@@ -124,7 +126,9 @@ def build_variants(
     """
     for norm in norms:
         if norm not in NORMS:
-            raise UserError(f"unknown norm {norm!r} in --norms; allowed: {', '.join(NORMS)}")
+            raise UserError(
+                f"unknown norm {norm!r} in --norms{suggestion(norm, NORMS)}; allowed: {', '.join(NORMS)}"
+            )
     if bn_momentums and not any(n in PN_NORMS for n in norms):
         raise UserError("--bn-momentums applies to teacher_pn / student_pn; add one of them to --norms")
     variants: list[Variant] = []
@@ -229,15 +233,26 @@ def plan_grid(
     common: dict[str, Any] | None = None,
     method_args: dict[str, dict[str, Any]] | None = None,
 ) -> list[RunSpec]:
-    """Every run of the grid with its resolved config; invalid settings fail here, before any training."""
+    """Every run of the grid with its resolved config; invalid settings fail here, before any training.
+
+    Everything is checked against the torch-free tables (:mod:`emanorm.catalog`, the config
+    schema): unknown methods, norms and keys, label keys for a self-supervised method, each
+    method's own norms and options. Planning imports no torch.
+    """
     if not methods:
         raise UserError(f"--methods is empty; choose from {', '.join(METHODS)}")
     for method in method_args or {}:
         if method not in METHODS:
-            raise UserError(f"--method-arg names unknown method {method!r}; allowed: {', '.join(METHODS)}")
+            raise UserError(
+                f"--method-arg names unknown method {method!r}{suggestion(method, METHODS)}; "
+                f"allowed: {', '.join(METHODS)}"
+            )
     for method in methods:
         if method not in METHODS:
-            raise UserError(f"unknown method {method!r} in --methods; allowed: {', '.join(METHODS)}")
+            raise UserError(
+                f"unknown method {method!r} in --methods{suggestion(method, METHODS)}; "
+                f"allowed: {', '.join(METHODS)}"
+            )
     for key in (*GRID_KEYS, "norm"):
         if common and key in common:
             flag = {"method": "--methods", "seed": "--seeds", "out": "--out", "norm": "--norms"}[key]
@@ -252,7 +267,6 @@ def plan_grid(
     out = Path(out)
     specs: list[RunSpec] = []
     names: dict[str, str] = {}
-    invalid: list[str] = []
     # seed-major: an interrupted grid already holds whole tables for its first seeds
     for seed in seeds:
         for variant in variants:
@@ -270,26 +284,80 @@ def plan_grid(
                 cfg = resolve_run_config(
                     column, variant, seed, run_dir, config=config, common=common, method_args=method_args
                 )
-                cls = METHOD_CLASSES[cfg["method"]]
-                if cfg["norm"] not in cls.NORMS:
-                    allowed = ", ".join(cls.NORMS)
-                    invalid.append(f"{cfg['method']} with norm {cfg['norm']} (allowed: {allowed})")
-                unknown = sorted(set(cfg["method_args"] or {}) - set(cls.OPTIONS))
-                if unknown:
-                    invalid.append(
-                        f"{cfg['method']} with method_args {', '.join(unknown)} "
-                        f"(allowed: {', '.join(cls.OPTIONS) or 'none'}; limit a --variant with columns=[...])"
-                    )
+                refuse_unused_labels(
+                    column, variant, cfg, config=config, common=common,
+                    label_columns=[m for m in methods if m in SEMI_SUPERVISED],
+                )
                 specs.append(RunSpec(variant.label, column, seed, name, run_dir, cfg))
-    if invalid:
-        raise UserError(f"invalid settings in the grid: {'; '.join(sorted(set(invalid)))}")
     if not specs:
         raise UserError("the grid is empty: no variant applies to the chosen --methods")
+    invalid: list[str] = []
+    for spec in specs:
+        cfg = spec.config
+        norms, options = METHOD_NORMS[cfg["method"]], METHOD_OPTIONS[cfg["method"]]
+        if cfg["norm"] not in norms:
+            allowed = ", ".join(norms)
+            invalid.append(f"{cfg['method']} with norm {cfg['norm']} (allowed: {allowed})")
+        unknown = sorted(set(cfg["method_args"] or {}) - set(options))
+        if unknown:
+            invalid.append(
+                f"{cfg['method']} with method_args {', '.join(unknown)} "
+                f"(allowed: {', '.join(options) or 'none'}; limit a --variant with columns=[...])"
+            )
+    if invalid:
+        raise UserError(f"invalid settings in the grid: {'; '.join(sorted(set(invalid)))}")
     return specs
+
+
+def refuse_unused_labels(
+    column: str,
+    variant: Variant,
+    cfg: dict[str, Any],
+    *,
+    config: str | None = None,
+    common: dict[str, Any] | None = None,
+    label_columns: Sequence[str] = (),
+) -> None:
+    """A label key (``labels_per_class``, ``label_fraction``, ``label_index_csv``) that reaches a
+    run of a method training without labels (MoCo, MoCo v3, BYOL, DINO) would change nothing but
+    its recorded config (and so retrain it): refused, as ``emanorm train --method moco
+    --labels-per-class 5`` is. The sources are ``--set``, the row's overrides and ``--config``; a
+    row running another method in a semi-supervised column (``method=moco``) does not inherit the
+    column recipe's labels as given by the user, so only its own overrides count. ``label_columns``
+    (the grid's columns that use labels) are named in the way out the message gives."""
+    method = cfg["method"]
+    if method in SEMI_SUPERVISED:
+        return
+    sources = [("--set", common or {}), (f"--variant {variant.label!r}", variant.overrides)]
+    if method == column:  # its own recipe: the --config file or preset
+        sources.append((f"--config {config}" if config else f"the {cfg.get('preset')} preset", cfg))
+    for source, settings in sources:
+        given = [key for key in LABEL_KEYS if settings.get(key) is not None]
+        if given:
+            key = given[0]
+            setting = f"{key}={settings[key]}"
+            if label_columns:
+                way = (
+                    f"give it to {', '.join(label_columns)} only with a row limited to "
+                    f"{'them' if len(label_columns) > 1 else 'it'} (--variant "
+                    f"'LABEL:{setting},columns=[{','.join(label_columns)}]') or a compare of "
+                    f"{'those columns' if len(label_columns) > 1 else 'that column'} alone"
+                )
+            else:
+                way = f"leave it out (methods that use labels: {', '.join(SEMI_SUPERVISED)})"
+            raise UserError(
+                f"{source} gives {method} {setting}, but {method} trains without labels, so it would "
+                f"change nothing (compare's linear probe takes --linear-fraction); {way}"
+            )
 
 
 def method_has_batch_norm(cfg: dict[str, Any]) -> bool:
     """Whether the networks a run's config builds (plain BN plan, on CPU) hold any BatchNorm layer."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from emanorm.data import dataset_info
+    from emanorm.train.restore import make_method
+
     info = dataset_info(cfg["dataset"], image_size=cfg.get("image_size"))
     with warnings.catch_warnings():  # the trainer shows its warnings when the run trains
         warnings.simplefilter("ignore")
