@@ -192,22 +192,23 @@ def _finish(ctx: EvalContext, result: ProtocolResult) -> int:
     return 0
 
 
-def run_knn(args: argparse.Namespace) -> int:
-    """``emanorm eval knn``: labeled training images are the database, the test split the queries."""
+def _evaluate(args: argparse.Namespace, protocol: str, *, multilabel_ok: bool = False, **options: Any) -> int:
+    """Run ``protocols.<protocol>`` on the run the flags name: its table, its JSON record, exit 0."""
     refuse_missing_run(args.run)
     from emanorm.evaluation import protocols  # torch: imported when the command runs
 
-    ctx = _context(args)
-    return _finish(ctx, protocols.eval_knn(ctx, k=args.k, temperature=args.temperature))
+    ctx = _context(args, multilabel_ok=multilabel_ok)
+    return _finish(ctx, getattr(protocols, protocol)(ctx, **options))
+
+
+def run_knn(args: argparse.Namespace) -> int:
+    """``emanorm eval knn``: labeled training images are the database, the test split the queries."""
+    return _evaluate(args, "eval_knn", k=args.k, temperature=args.temperature)
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
     """``emanorm eval retrieval``: labeled training images are the database, the test split the queries."""
-    refuse_missing_run(args.run)
-    from emanorm.evaluation import protocols  # torch: imported when the command runs
-
-    ctx = _context(args)
-    return _finish(ctx, protocols.eval_retrieval(ctx, topk=args.topk))
+    return _evaluate(args, "eval_retrieval", topk=args.topk)
 
 
 def _training_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -217,37 +218,20 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_linear(args: argparse.Namespace) -> int:
     """``emanorm eval linear``: frozen features cached once, lr searched on a validation split."""
-    refuse_missing_run(args.run)
-    from emanorm.evaluation import protocols  # torch: imported when the command runs
-
-    ctx = _context(args)
-    result = protocols.eval_linear(
-        ctx, lrs=args.lrs, probe_batch_size=args.probe_batch_size, **_training_options(args)
-    )
-    return _finish(ctx, result)
+    return _evaluate(args, "eval_linear", lrs=args.lrs, probe_batch_size=args.probe_batch_size,
+                     **_training_options(args))
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     """``emanorm eval finetune``: whole network, weak augmentation, backbone lr searched on validation."""
-    refuse_missing_run(args.run)
-    from emanorm.evaluation import protocols  # torch: imported when the command runs
-
-    ctx = _context(args)
-    result = protocols.eval_finetune(
-        ctx, backbone_lrs=args.backbone_lrs, classifier_lr=args.classifier_lr, **_training_options(args)
-    )
-    return _finish(ctx, result)
+    return _evaluate(args, "eval_finetune", backbone_lrs=args.backbone_lrs,
+                     classifier_lr=args.classifier_lr, **_training_options(args))
 
 
 def run_lowshot(args: argparse.Namespace) -> int:
     """``emanorm eval lowshot``: linear SVMs on k labeled images per class (mAP on multi-label data)."""
-    refuse_missing_run(args.run)
-    from emanorm.evaluation import protocols  # torch: imported when the command runs
-
-    ctx = _context(args, multilabel_ok=True)
-    return _finish(
-        ctx, protocols.eval_lowshot(ctx, shots=args.shots, draws=args.draws, val_per_class=args.val_per_class)
-    )
+    return _evaluate(args, "eval_lowshot", multilabel_ok=True, shots=args.shots, draws=args.draws,
+                     val_per_class=args.val_per_class)
 
 
 def run_export(args: argparse.Namespace) -> int:

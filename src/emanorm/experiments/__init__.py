@@ -12,18 +12,6 @@ from typing import TYPE_CHECKING
 
 from emanorm._lazy import lazy_package
 
-_MODULES = {
-    "evaluate": ("LinearProtocol", "evaluate_run", "linear_probe_run", "read_curve"),
-    "grid": (
-        "RunOutcome", "RunSpec", "Variant", "build_variants", "parse_variant", "plan_grid",
-        "resolve_run_config", "run_grid",
-    ),
-    "plots": ("band", "plot_curves"),
-    "report": ("Stats", "format_stats", "markdown_table", "render_markdown", "summarize"),
-}
-_WHERE = {name: f"emanorm.experiments.{module}" for module, names in _MODULES.items() for name in names}
-lazy_package(__name__, _WHERE)
-
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from emanorm.experiments.evaluate import LinearProtocol, evaluate_run, linear_probe_run, read_curve
     from emanorm.experiments.grid import (
@@ -38,6 +26,18 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     )
     from emanorm.experiments.plots import band, plot_curves
     from emanorm.experiments.report import Stats, format_stats, markdown_table, render_markdown, summarize
+
+_MODULES = {
+    "evaluate": ("LinearProtocol", "evaluate_run", "linear_probe_run", "read_curve"),
+    "grid": (
+        "RunOutcome", "RunSpec", "Variant", "build_variants", "parse_variant", "plan_grid",
+        "resolve_run_config", "run_grid",
+    ),
+    "plots": ("band", "plot_curves"),
+    "report": ("Stats", "format_stats", "markdown_table", "render_markdown", "summarize"),
+}
+_WHERE = {name: f"emanorm.experiments.{module}" for module, names in _MODULES.items() for name in names}
+lazy_package(__name__, _WHERE)
 
 __all__ = [
     "LinearProtocol",
