@@ -89,7 +89,7 @@ def test_importing_the_package_and_its_config_schema_imports_no_torch():
         "import sys; from emanorm.experiments.grid import run_grid; import emanorm.experiments as e; "
         "print(e.run_grid is run_grid, e.plot_curves.__module__, 'torch' in sys.modules)"
     )
-    done = subprocess.run([sys.executable, "-c", used], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", used], capture_output=True, text=True, timeout=HANG_BOUND_S)
     assert done.stdout.strip() == "True emanorm.experiments.plots True", done.stderr
 
 

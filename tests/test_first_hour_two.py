@@ -279,6 +279,26 @@ def test_compare_gives_label_keys_to_the_columns_that_use_them(tmp_path, capsys)
     assert "fixmatch-few-s0" in capsys.readouterr().out
 
 
+def test_a_self_supervised_row_in_a_semi_supervised_column_drops_its_labels(tmp_path, capsys):
+    """`method=moco` in a FixMatch column: the column recipe's 10 labels per class are not the row's
+    (its written config is what a --jobs > 1 compare trains with `emanorm train --config`, which
+    refuses label keys for moco); a `method=supervised` row keeps them."""
+    from emanorm.cli import main
+    from emanorm.experiments import build_variants, parse_variant, plan_grid
+    from emanorm.experiments.runner import write_run_config
+
+    custom = [parse_variant("ssl:method=moco,norm=eman"), parse_variant("sup:method=supervised,norm=bn")]
+    variants = build_variants(["eman"], custom=custom)
+    specs = {s.name: s for s in plan_grid(["fixmatch"], variants, [0], tmp_path / "grid")}
+    assert specs["fixmatch-eman-s0"].config["labels_per_class"] == 10  # the small-fixmatch preset's
+    assert specs["fixmatch-sup-s0"].config["labels_per_class"] == 10
+    ssl = specs["fixmatch-ssl-s0"].config
+    assert ssl["method"] == "moco" and all(ssl[k] is None for k in ("labels_per_class", "label_fraction"))
+    written = write_run_config(specs["fixmatch-ssl-s0"], tmp_path / "configs")
+    capsys.readouterr()
+    assert main(["train", "--config", str(written), "--print-config"]) == 0, capsys.readouterr().err
+
+
 def test_ctrl_c_in_compare_says_on_its_own_line_to_rerun_the_same_command(tmp_path, monkeypatch, capsys):
     """As for SIGTERM (tests/test_compare.py): the same compare command resumes the grid; exit 130."""
     from emanorm.cli import main

@@ -99,12 +99,14 @@ def test_accumulate_must_divide_the_batch(tiny_fashion_mnist_dir):
 
 
 def _stop_flag_rank(rank: int, port: int, results: dict) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     from emanorm.train.preemption import StopSignals
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=HANG_BOUND_S))
     try:
         # a GPU run's device (never touched: the flag lives on the CPU, in a gloo group of its own)
         with StopSignals(torch.device("cuda", rank), distributed=True) as stop:
@@ -125,6 +127,25 @@ def test_ranks_agree_on_a_stop_through_a_cpu_group_when_training_on_gpus():
     results = spawn_ranks(_stop_flag_rank)
     assert results[0] == (False, True, "a stop signal on another rank", True)
     assert results[1] == (False, True, "SIGTERM", True)
+def test_without_a_gloo_group_the_stop_flag_warns_once_and_goes_through_the_device(monkeypatch, caplog):
+    """gloo may not reach the peers (a hostname on loopback): one warning naming GLOO_SOCKET_IFNAME,
+    and the flag then travels through the device's own process group."""
+    import torch.distributed as dist
+
+    from emanorm.train.preemption import StopSignals
+
+    def unreachable(**kwargs):
+        assert kwargs["backend"] == "gloo" and kwargs["timeout"].total_seconds() == 300  # bounded
+        raise RuntimeError("Connection refused\nat 127.0.1.1")
+
+    monkeypatch.setattr(dist, "new_group", unreachable)
+    monkeypatch.delenv("EMANORM_DIST_TIMEOUT", raising=False)
+    with caplog.at_level("WARNING", logger="emanorm"), StopSignals(torch.device("cuda"), True) as stop:
+        assert stop._group is None
+    assert len(caplog.messages) == 1 and "Connection refused" in caplog.messages[0]
+    assert "GLOO_SOCKET_IFNAME" in caplog.messages[0] and "127.0.1.1" not in caplog.messages[0]
+
+
 def signal_at(monkeypatch: pytest.MonkeyPatch, at_step: int, signum: int) -> None:
     """Send ``signum`` to this process during step ``at_step`` (as a scheduler would)."""
     real_step = loop.train_step

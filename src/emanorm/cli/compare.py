@@ -226,8 +226,8 @@ def parse_grid(args: argparse.Namespace):
 
 
 def plan_specs(args: argparse.Namespace, methods, variants, seeds):
-    """Every run of the grid (:func:`emanorm.experiments.grid.plan_grid`); a method's own norms and
-    options are checked last, with torch."""
+    """Every run of the grid (:func:`emanorm.experiments.grid.plan_grid`), a method's own norms and
+    options checked last (against the torch-free catalog)."""
     from emanorm.experiments.grid import parse_method_args, plan_grid
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -316,8 +316,9 @@ def compare(args: argparse.Namespace) -> int:
 
     The grid is parsed and checked first: an unknown method or norm, a bad ``--variant``, ``--set``
     or ``--linear-lrs``, label keys for a self-supervised column or a missing ``--merge-results``
-    file is answered before torch, scikit-learn or matplotlib load (only each method's own norms and
-    options need torch, in :func:`emanorm.experiments.grid.plan_grid`).
+    file, a method's own norms and options (:func:`emanorm.experiments.grid.plan_grid`) are answered
+    before torch, scikit-learn or matplotlib load; torch loads with the checks that build a network
+    (``identical_runs``) and for training.
     """
     methods, variants, seeds = parse_grid(args)
     rows = [v.label for v in variants]
@@ -325,7 +326,7 @@ def compare(args: argparse.Namespace) -> int:
     if not args.no_linear:
         _linear_lrs(args)
     check_merge_files(args)
-    specs = plan_specs(args, methods, variants, seeds)  # torch loads in here, after the grid's own checks
+    specs = plan_specs(args, methods, variants, seeds)  # still torch-free
     from emanorm.experiments.evaluate import DatasetCache, MergedResults, evaluate_run, run_identity
     from emanorm.experiments.grid import check_existing, check_init_sources, identical_runs, run_grid
     from emanorm.experiments.plots import curves_from_entries, plot_curves

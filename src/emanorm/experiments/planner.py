@@ -218,6 +218,11 @@ def resolve_run_config(
     if run_method != column:
         # the column's method options (FixMatch's threshold...) mean nothing to another method
         cfg["method_args"] = {**own_args, **(variant.overrides.get("method_args") or {})}
+        if run_method not in SEMI_SUPERVISED:
+            # nor do the column recipe's labels to one that trains without them: `emanorm train
+            # --config` of the run's written config would refuse them (the row's own are refused
+            # by refuse_grid_labels)
+            cfg.update(dict.fromkeys(LABEL_KEYS))
     if "init_from" in overrides and overrides["init_from"] is None:
         cfg["init_from"] = None  # 'scratch' beats a config file's init_from (resolve_config drops None)
     return cfg
@@ -284,7 +289,7 @@ def plan_grid(
                 cfg = resolve_run_config(
                     column, variant, seed, run_dir, config=config, common=common, method_args=method_args
                 )
-                refuse_unused_labels(
+                refuse_grid_labels(
                     column, variant, cfg, config=config, common=common,
                     label_columns=[m for m in methods if m in SEMI_SUPERVISED],
                 )
@@ -309,7 +314,7 @@ def plan_grid(
     return specs
 
 
-def refuse_unused_labels(
+def refuse_grid_labels(
     column: str,
     variant: Variant,
     cfg: dict[str, Any],
@@ -322,8 +327,8 @@ def refuse_unused_labels(
     run of a method training without labels (MoCo, MoCo v3, BYOL, DINO) would change nothing but
     its recorded config (and so retrain it): refused, as ``emanorm train --method moco
     --labels-per-class 5`` is. The sources are ``--set``, the row's overrides and ``--config``; a
-    row running another method in a semi-supervised column (``method=moco``) does not inherit the
-    column recipe's labels as given by the user, so only its own overrides count. ``label_columns``
+    row running another method in a semi-supervised column (``method=moco``) drops the column
+    recipe's labels (``resolve_run_config``), so only its own overrides count. ``label_columns``
     (the grid's columns that use labels) are named in the way out the message gives."""
     method = cfg["method"]
     if method in SEMI_SUPERVISED:

@@ -348,7 +348,7 @@ def _check_backbone(name: str) -> None:
     """A named backbone, or ``timm:`` / ``torchvision:`` and a model name (checked when it is built)."""
     named = [b for b in BACKBONES if not b.endswith("<name>")]
     prefix, _, model = name.partition(":")
-    if name not in named and not (prefix in ("timm", "torchvision") and model):
+    if name not in named and not (prefix in ("timm", "torchvision") and model.strip()):
         allowed = ", ".join(BACKBONES)
         raise UserError(f"unknown backbone {name!r}{suggestion(name, named)}; allowed: {allowed}")
 

@@ -49,10 +49,14 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        # A dead peer must stop the job in bounded time rather than hang forever.
-        timeout = timedelta(seconds=float(os.environ.get("EMANORM_DIST_TIMEOUT", "300")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for a peer (``EMANORM_DIST_TIMEOUT`` seconds, default 300): a
+    dead peer must stop the job in bounded time rather than hang forever."""
+    return timedelta(seconds=float(os.environ.get("EMANORM_DIST_TIMEOUT", "300")))
 
 
 def barrier() -> None:

@@ -12,6 +12,7 @@ exactly from there.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -23,6 +24,9 @@ import torch.distributed as dist
 
 # torch-free, so the command line catches a Preempted without importing torch
 from emanorm.errors import RESUMABLE_EXIT, Interrupted, Preempted  # noqa: F401 (re-exported)
+from emanorm.train.distributed import collective_timeout
+
+log = logging.getLogger("emanorm")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -54,7 +58,14 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if self.distributed and self.device.type != "cpu":
             # collective: every rank enters here at the same point of the run
-            self._group = dist.new_group(backend="gloo")
+            try:
+                self._group = dist.new_group(backend="gloo", timeout=collective_timeout())
+            except (RuntimeError, ValueError) as err:  # gloo cannot reach the peers (its interface)
+                log.warning(
+                    "stop signals: no CPU (gloo) process group (%s); the ranks agree on a stop through "
+                    "the device instead, which waits for its queue each step (set GLOO_SOCKET_IFNAME "
+                    "to the interface NCCL uses, docs/cluster.md)", str(err).splitlines()[0][:200],
+                )
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._note)
@@ -71,7 +82,9 @@ class StopSignals:
         """Whether this process, or under torchrun any rank, was signalled (same answer on all)."""
         if not self.distributed:
             return self.received is not None
-        flag = torch.tensor([1 if self.received else 0])  # a CPU tensor: its .item() waits for no GPU
+        on_cpu = self._group is not None or self.device.type == "cpu"
+        # on the CPU (the default gloo group, or ours beside NCCL) its .item() waits for no GPU
+        flag = torch.tensor([1 if self.received else 0], device="cpu" if on_cpu else self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         if flag.item() and self.received is None:
             self.received = "a stop signal on another rank"
