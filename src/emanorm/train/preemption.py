@@ -64,7 +64,8 @@ class StopSignals:
                 log.warning(
                     "stop signals: no CPU (gloo) process group (%s); the ranks agree on a stop through "
                     "the device instead, which waits for its queue each step (set GLOO_SOCKET_IFNAME "
-                    "to the interface NCCL uses, docs/cluster.md)", str(err).splitlines()[0][:200],
+                    "to the interface NCCL uses, docs/cluster.md)",
+                    (str(err).splitlines() or [type(err).__name__])[0][:200],
                 )
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
@@ -86,6 +87,7 @@ class StopSignals:
         # on the CPU (the default gloo group, or ours beside NCCL) its .item() waits for no GPU
         flag = torch.tensor([1 if self.received else 0], device="cpu" if on_cpu else self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        if flag.item() and self.received is None:
+        stop = bool(flag.item())
+        if stop and self.received is None:
             self.received = "a stop signal on another rank"
-        return bool(flag.item())
+        return stop
