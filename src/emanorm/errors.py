@@ -28,3 +28,12 @@ class Interrupted(KeyboardInterrupt):
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of ``err``'s message (its class name when it has none), cut at ``limit``
+    characters with "...": what torch, zipfile or the OS raise can run to paragraphs, and an
+    error of ours is one line."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if limit is None or len(line) <= limit else line[:limit] + "..."

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import resnet as tv_resnet
 
+from emanorm.errors import first_line
 from emanorm.norms import NORM_KINDS, convert_norm
 
 BACKBONES = (
@@ -202,11 +203,6 @@ def _torchvision_resnet(name: str, in_channels: int, cifar_stem: bool) -> nn.Mod
     return model
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 class MissingTimmError(ImportError, ValueError):
     """timm is not installed: an ImportError, and a ValueError so that the trainer, which turns
     a backbone's ValueError into a one-line user error, reports it without a traceback."""
@@ -235,7 +231,7 @@ def _timm_model(name: str, in_channels: int, image_size: int) -> nn.Module:
                 if not extra:
                     raise
     except Exception as err:  # an unknown name or an impossible configuration: one line
-        raise ValueError(f"backbone 'timm:{name}' cannot be built: {_first_line(err)}") from None
+        raise ValueError(f"backbone 'timm:{name}' cannot be built: {first_line(err)}") from None
     model.feature_dim = int(model.num_features)
     return model
 
@@ -289,7 +285,7 @@ def _torchvision_model(name: str, in_channels: int, image_size: int) -> nn.Modul
     except Exception as err:  # e.g. a ViT whose patch size does not divide the input: one line
         raise ValueError(
             f"backbone 'torchvision:{name}' cannot be built for {image_size}x{image_size} input: "
-            f"{_first_line(err)}"
+            f"{first_line(err)}"
         ) from None
     linears = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
@@ -308,7 +304,7 @@ def _runs_at(model: nn.Module, in_channels: int, size: int) -> tuple[Tensor | No
         with torch.no_grad():
             return model(torch.zeros(1, in_channels, size, size)), ""
     except Exception as err:
-        return None, _first_line(err)
+        return None, first_line(err)
 
 
 def _probe(model: nn.Module, name: str, in_channels: int, image_size: int) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from emanorm.errors import NonFiniteLossError, UserError
+from emanorm.errors import NonFiniteLossError, UserError, first_line
 from emanorm.train.config import config_changes, keep_recorded_start
 
 if TYPE_CHECKING:  # the recipe imports this module
@@ -166,6 +166,7 @@ def verify_checkpoint_integrity(path: Path) -> None:
     cannot be checked and are skipped. Old pickle-format files hold no checksum.
     """
     damaged = "is damaged (not the file that was written): "
+    zip_error: BaseException | None = None
     try:
         with zipfile.ZipFile(path) as archive:
             size = path.stat().st_size
@@ -178,31 +179,27 @@ def verify_checkpoint_integrity(path: Path) -> None:
                     while handle.read(1 << 20):
                         pass
     except zipfile.BadZipFile as err:
-        raise UserError(f"checkpoint {path} {damaged}{_first_line(err)}") from None
+        raise UserError(f"checkpoint {path} {damaged}{first_line(err, 200)}") from None
     except UnicodeDecodeError as err:
         raise UserError(f"checkpoint {path} {damaged}a member name in its zip records is not UTF-8 "
                         f"({err.reason} at byte {err.start})") from None
     except EOFError:
         raise UserError(f"checkpoint {path} {damaged}a member ends before its recorded size") from None
     except _DAMAGED_ZIP_ERRORS as err:
-        raise UserError(f"checkpoint {path} {damaged}{_error_name(err)}: {_first_line(err)}") from None
+        zip_error = err
     except OSError as err:
-        if err.errno is None:  # a decompressor's refusal (bz2: "Invalid data stream"), not the disk's
-            raise UserError(f"checkpoint {path} {damaged}{_error_name(err)}: {_first_line(err)}") from None
-        raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+        if err.errno is not None:  # the disk's; errno-less is a decompressor's (bz2: "Invalid data stream")
+            raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+        zip_error = err
+    if zip_error is not None:
+        detail = f"{_error_name(zip_error)}: {first_line(zip_error, 200)}"
+        raise UserError(f"checkpoint {path} {damaged}{detail}") from None
 
 
 def _error_name(err: BaseException) -> str:
     """``NotImplementedError``, ``zlib.error``: a module's class is named with its module."""
     kind = type(err)
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-
-
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    """The first line of ``err``, cut at ``limit`` characters (zipfile quotes damaged names whole)."""
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else type(err).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def refused_global(err: Exception) -> str:
@@ -238,8 +235,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
             "nothing of it was run; only load checkpoints you trust with other tools"
         ) from None
     except Exception as err:  # any other failure to parse: truncated, garbage, or an unknown format
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint {path} is truncated or corrupt: {detail}") from None
+        raise UserError(f"checkpoint {path} is truncated or corrupt: {first_line(err)}") from None
     if not isinstance(data, dict):
         raise UserError(f"checkpoint {path} does not hold a dict, got {type(data).__name__}")
     return data
@@ -317,7 +313,7 @@ def os_error_reason(err: BaseException) -> str:
     short_write = ("No space left", "file write failed", "unexpected pos")
     if getattr(err, "errno", None) == errno.ENOSPC or any(words in text for words in short_write):
         return "no space left on device"
-    return getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
+    return getattr(err, "strerror", None) or first_line(err)
 
 
 def write_checkpoint(state: dict[str, Any], path: Path) -> None:

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from emanorm.train.run_records import read_metrics_records
+from emanorm.train.run_records import is_integer, read_metrics_records
 
 log = logging.getLogger("emanorm")
 
@@ -42,10 +42,6 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], value) for r in records if (value := _number(r.get(key))) is not None]
     return [s for s, _ in points], [v for _, v in points]
@@ -67,8 +63,8 @@ def plot_run_curves(metrics_file: str | Path, path: str | Path) -> Path | None:
     if eval_keys:
         title = "evaluation (%)"
         # in step order; only integers (a damaged record's list or string is no bank size)
-        banks = list(dict.fromkeys(r["knn_bank"] for r in evals if _is_count(r.get("knn_bank"))))
-        ks = sorted({r["knn_k"] for r in evals if _is_count(r.get("knn_k"))})
+        banks = list(dict.fromkeys(r["knn_bank"] for r in evals if is_integer(r.get("knn_bank"))))
+        ks = sorted({r["knn_k"] for r in evals if is_integer(r.get("knn_k"))})
         if banks:
             shown = f"bank {banks[0]}"
             if len(banks) > 1:

@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from emanorm.errors import UserError
+from emanorm.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -131,5 +131,4 @@ def peer_failure_message(err: BaseException, dist_info: DistInfo) -> str | None:
         else f"ranks {', '.join(map(str, missing))}" if missing
         else "another rank (the rendezvous store is gone too)"
     )
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"lost {who} of {world_size}: the process died or became unreachable ({first[:160]})"
+    return f"lost {who} of {world_size}: the process died or became unreachable ({first_line(err)[:160]})"

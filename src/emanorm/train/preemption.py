@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 # torch-free, so the command line catches a Preempted without importing torch
-from emanorm.errors import RESUMABLE_EXIT, Interrupted, Preempted  # noqa: F401 (re-exported)
+from emanorm.errors import RESUMABLE_EXIT, Interrupted, Preempted, first_line  # noqa: F401 (re-exported)
 from emanorm.train.distributed import collective_timeout
 
 log = logging.getLogger("emanorm")
@@ -64,8 +64,7 @@ class StopSignals:
                 log.warning(
                     "stop signals: no CPU (gloo) process group (%s); the ranks agree on a stop through "
                     "the device instead, which waits for its queue each step (set GLOO_SOCKET_IFNAME "
-                    "to the interface NCCL uses, docs/cluster.md)",
-                    (str(err).splitlines() or [type(err).__name__])[0][:200],
+                    "to the interface NCCL uses, docs/cluster.md)", first_line(err, 200),
                 )
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:

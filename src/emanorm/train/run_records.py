@@ -24,7 +24,8 @@ def _json_object(line: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _is_step(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """An int and not a bool (JSON's ``true`` is one to Python): a step, a bank size, a k."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -33,7 +34,12 @@ def _record_step(line: bytes) -> int | None:
     object, a step that is not an integer)."""
     record = _json_object(line)
     step = record.get("step", 0) if record is not None else None
-    return step if _is_step(step) else None
+    return step if is_integer(step) else None
+
+
+def _numbered_lines(path: Path) -> list[tuple[int, bytes]]:
+    """The non-blank lines of a file with their line numbers (1-based, as an editor shows them)."""
+    return [(n, line) for n, line in enumerate(path.read_bytes().split(b"\n"), start=1) if line.strip()]
 
 
 def read_metrics_records(path: Path) -> list[dict[str, Any]]:
@@ -41,14 +47,14 @@ def read_metrics_records(path: Path) -> list[dict[str, Any]]:
     that draw or judge a run (``curves.png``, ``doctor``); damaged lines are skipped, with one line
     saying how many. A file that cannot be read gives no records (also said)."""
     try:
-        lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+        lines = _numbered_lines(path)
     except OSError as err:
         log.warning("warning: cannot read %s (%s); its records are left out", path, err.strerror or err)
         return []
     records, damaged, first_damaged = [], 0, None
-    for number, line in enumerate(lines, start=1):
+    for number, line in lines:
         record = _json_object(line)
-        if record is None or not _is_step(record.get("step")):
+        if record is None or not is_integer(record.get("step")):
             damaged += 1
             first_damaged = first_damaged or number
         else:
@@ -63,13 +69,13 @@ def keep_metrics_until(path: Path, resume_step: int) -> None:
     """Rewrite ``metrics.jsonl`` with its valid records up to ``resume_step`` (what a resumed run
     logs again comes after them); damaged lines are dropped, with one line saying how many."""
     try:
-        lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+        lines = _numbered_lines(path)
     except OSError as err:
         log.warning("warning: cannot read %s (%s); it starts again from step %d", path,
                     err.strerror or err, resume_step)
         lines = []
     kept, damaged, first_damaged = [], 0, None
-    for number, line in enumerate(lines, start=1):
+    for number, line in lines:
         step = _record_step(line)
         if step is None:
             damaged += 1
